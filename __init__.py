@@ -1,0 +1,30 @@
+"""ComfyUI DMD2: few-step DMD2 nodes and a DMD2 distillation trainer.
+
+ComfyUI imports this folder as a custom node pack and calls ``comfy_entrypoint``. The
+import of the node modules is deferred to that call so that this package stays importable
+outside ComfyUI (the trainer's command, tools, tests).
+"""
+
+NODE_MODULES = ("schedules", "sampler", "loaders", "adapter")
+
+
+async def comfy_entrypoint():
+    import importlib
+
+    from comfy_api.latest import ComfyExtension
+
+    node_classes = []
+    for name in NODE_MODULES:
+        module = importlib.import_module(f"{__name__}.nodes.{name}")
+        node_classes.extend(module.NODE_CLASSES)
+
+    class DMD2Extension(ComfyExtension):
+        async def get_node_list(self):
+            return list(node_classes)
+
+    return DMD2Extension()
+
+
+# Shipped workflows, for the ComfyUI frontend's template browser (it looks for a folder named
+# example_workflows in each custom node pack; see workflows/README.md).
+WEB_DIRECTORY = None

@@ -1,0 +1,239 @@
+"""Tiny SD1.5- and SDXL-architecture models built from ComfyUI's own classes.
+
+Same block structure as the real releases (levels, res blocks, attention placement,
+linear/conv transformer projections, SDXL's text_time embedding), tiny widths: they run a
+16x16 latent on a CPU in milliseconds. ``register()`` puts their model configs at the front
+of ``comfy.supported_models.models`` so that single-file checkpoints of them load through
+ComfyUI's stock loaders (CheckpointLoaderSimple, UNETLoader) in-process and in a server
+(see ``tests/tiny_node``). Call ``comfyui_dmd2.comfy_env.ensure_comfy()`` before importing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.sdxl_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import comfy.taesd.taesd
+import comfy.utils
+
+TINY_CLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 3,
+    "projection_dim": 32,
+}
+
+
+class TinySD1ClipModel(comfy.sd1_clip.SD1ClipModel):
+    def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+        model_options = {**model_options, "clip_l_model_config": dict(TINY_CLIP)}
+        super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
+
+
+class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        model_options = {
+            **model_options,
+            "clip_l_model_config": dict(TINY_CLIP),
+            "clip_g_model_config": dict(TINY_CLIP),
+        }
+        super().__init__(device=device, dtype=dtype, model_options=model_options)
+
+
+class TinySD15(comfy.supported_models.SD15):
+    """SD1.5 layout: 4 levels, 2 res blocks each, attention on the first 3, 8->2 heads."""
+
+    unet_config = {
+        "context_dim": 32,
+        "model_channels": 32,
+        "use_linear_in_transformer": False,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+    }
+    unet_extra_config = {"num_heads": 2, "num_head_channels": -1}
+
+    def clip_target(self, state_dict={}):
+        return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
+
+
+class TinySDXL(comfy.supported_models.SDXL):
+    """SDXL layout: 3 levels, 2 res blocks each, no attention on the first, linear projections,
+    text_time embedding (pooled text + 6 size embeddings of 256)."""
+
+    unet_config = {
+        "model_channels": 32,
+        "use_linear_in_transformer": True,
+        "transformer_depth": [0, 0, 1, 1, 2, 2],
+        "context_dim": 64,
+        "adm_in_channels": 32 + 6 * 256,
+        "use_temporal_attention": False,
+    }
+    unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+
+    def clip_target(self, state_dict={}):
+        return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+
+
+# Full UNet configs (what comfy.model_detection reads back from a state dict of these models).
+UNET_CONFIGS = {
+    "sd15": {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "transformer_depth_middle": 1,
+        "context_dim": 32,
+        "use_linear_in_transformer": False,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
+    "sdxl": {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [2, 2, 2],
+        "channel_mult": [1, 2, 4],
+        "transformer_depth": [0, 0, 1, 1, 2, 2],
+        "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+        "transformer_depth_middle": 2,
+        "context_dim": 64,
+        "use_linear_in_transformer": True,
+        "adm_in_channels": 32 + 6 * 256,
+        "num_classes": "sequential",
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
+}
+MODEL_CONFIG_CLASSES = {"sd15": TinySD15, "sdxl": TinySDXL}
+# Latent side must be a multiple of 2**(levels-1).
+LATENT_MULTIPLE = {"sd15": 8, "sdxl": 4}
+
+
+def register() -> None:
+    """Let ComfyUI's loaders recognise single-file checkpoints of the tiny models."""
+    models = comfy.supported_models.models
+    for cls in (TinySDXL, TinySD15):
+        if cls not in models:
+            models.insert(0, cls)
+
+
+def init_weights_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Deterministic init. ComfyUI's layers skip their own init (weights start empty)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() > 1:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            elif "norm" in name or name.endswith("ln_1.weight") or name.endswith("ln_2.weight"):
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        for name, b in module.named_buffers():
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                b.zero_()
+    return module
+
+
+def build_model(arch: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A ComfyUI MODEL (ModelPatcher) of the tiny architecture with random weights."""
+    register()
+    model_config = MODEL_CONFIG_CLASSES[arch](dict(UNET_CONFIGS[arch]))
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    init_weights_(base.diffusion_model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+
+
+def build_clip(arch: str, seed: int = 0) -> comfy.sd.CLIP:
+    target = MODEL_CONFIG_CLASSES[arch](dict(UNET_CONFIGS[arch])).clip_target()
+    clip = comfy.sd.CLIP(target, parameters=0)
+    init_weights_(clip.cond_stage_model, seed + 1)
+    return clip
+
+
+def build_vae(seed: int = 0) -> comfy.sd.VAE:
+    taesd = init_weights_(comfy.taesd.taesd.TAESD(latent_channels=4), seed + 2)
+    return comfy.sd.VAE(sd=taesd.state_dict())
+
+
+def save_checkpoint(arch: str, path: str | Path, seed: int = 0) -> Path:
+    """Write a single-file tiny checkpoint (UNet + text encoders + TAESD-shaped VAE), the way
+    ComfyUI's CheckpointSave does."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.sd.save_checkpoint(str(path), build_model(arch, seed), build_clip(arch, seed), build_vae(seed))
+    return path
+
+
+def unet_state_dict(model: comfy.model_patcher.ModelPatcher) -> dict[str, torch.Tensor]:
+    """The UNet's weights with ComfyUI's (LDM) key names, no prefix."""
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def diffusers_unet_state_dict(arch: str, ldm_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights under diffusers' UNet2DConditionModel key names."""
+    config = dict(UNET_CONFIGS[arch])
+    config.update(MODEL_CONFIG_CLASSES[arch].unet_extra_config)
+    mapping = comfy.utils.unet_to_diffusers(config)  # diffusers key -> ldm key
+    # ComfyUI maps label_emb to both diffusers names; SDXL files use add_embedding.
+    return {d: ldm_sd[l] for d, l in mapping.items() if l in ldm_sd and not d.startswith("class_embedding.")}
+
+
+def diffusers_unet_config(arch: str) -> dict:
+    """Keyword arguments for diffusers.UNet2DConditionModel matching the tiny architecture."""
+    if arch == "sd15":
+        return dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            attention_head_dim=2,  # diffusers' SD1.5 quirk: this is the number of heads
+            norm_num_groups=32,
+            use_linear_projection=False,
+        )
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4, 8),  # heads: channels / 16
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=32 + 6 * 256,
+    )
