@@ -25,6 +25,3 @@ async def comfy_entrypoint():
     return DMD2Extension()
 
 
-# Shipped workflows, for the ComfyUI frontend's template browser (it looks for a folder named
-# example_workflows in each custom node pack; see workflows/README.md).
-WEB_DIRECTORY = None

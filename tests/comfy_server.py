@@ -34,6 +34,7 @@ class ComfyServer:
     # -- life cycle -----------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> "ComfyServer":
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        env.setdefault("OMP_NUM_THREADS", "1")  # tiny models; spinning threads on shared cores
         env.pop("COMFYUI_PATH", None)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),

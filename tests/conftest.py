@@ -17,6 +17,13 @@ from comfyui_dmd2.comfy_env import ensure_comfy  # noqa: E402
 
 COMFYUI = ensure_comfy(cpu=True)
 
+import torch  # noqa: E402
+
+# One intra-op thread for the tiny models: with torch's default threads on a busy 2-core
+# machine, spinning OpenMP workers made tiny UNet calls up to 30x slower (measured: sampler +
+# schedule tests 171 s -> 7 s). Tests that train for minutes may raise it for themselves.
+torch.set_num_threads(1)
+
 import tiny_models  # noqa: E402
 from comfy_server import ComfyServer  # noqa: E402
 

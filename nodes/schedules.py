@@ -1,0 +1,195 @@
+"""DMD2 timestep schedules mapped onto the connected model's own sigma table.
+
+DMD2 generators are distilled at a handful of fixed integer timesteps of the training
+schedule (999,749,499,249 for 4 steps; 399 for 1 step). The sampler must hit exactly those
+entries of the model's discrete sigma table: a scheduler that interpolates or snaps to a
+coarser grid (ComfyUI's `ModelSamplingDiscrete` "lcm" option turns 749 into 739) feeds the
+generator timesteps it never saw.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_sampling
+
+FOUR_STEP = "4-step (999,749,499,249)"
+ONE_STEP = "1-step (399)"
+CUSTOM = "custom"
+
+# Preset name -> timesteps (None: read the custom string).
+PRESETS: dict[str, tuple[int, ...] | None] = {
+    FOUR_STEP: (999, 749, 499, 249),
+    ONE_STEP: (399,),
+    CUSTOM: None,
+}
+PRESET_NAMES = list(PRESETS)
+
+
+class ScheduleError(ValueError):
+    """A timestep list or model that a DMD2 schedule cannot be built from."""
+
+
+class UnsupportedModelError(ScheduleError):
+    """The model does not sample on a discrete timestep table with a DDPM forward process."""
+
+
+_SEPARATORS = re.compile(r"[\s,;]+")
+
+
+def parse_timesteps(text: str, table_size: int | None = None) -> list[int]:
+    """Parse "999,749,499,249" (commas, spaces or semicolons) into integer timesteps.
+
+    Raises ScheduleError for an empty list, non-integers, negatives, duplicates, an order
+    that is not strictly descending and, when ``table_size`` is given, timesteps past the
+    end of the model's table.
+    """
+    if not isinstance(text, str):
+        raise ScheduleError(f"custom timesteps must be text like '999,749,499,249', got {type(text).__name__}")
+    items = [item for item in _SEPARATORS.split(text.strip()) if item]
+    if not items:
+        raise ScheduleError("custom timesteps are empty: give integers like '999,749,499,249'")
+    timesteps = []
+    for item in items:
+        if not re.fullmatch(r"[+-]?\d+", item):
+            raise ScheduleError(f"custom timestep {item!r} is not an integer: give integers like '999,749,499,249'")
+        timesteps.append(int(item))
+    validate_timesteps(timesteps, table_size)
+    return timesteps
+
+
+def validate_timesteps(timesteps, table_size: int | None = None) -> list[int]:
+    """Check a timestep list (see parse_timesteps) and return it as a list of ints."""
+    timesteps = list(timesteps)
+    if not timesteps:
+        raise ScheduleError("the timestep list is empty")
+    for t in timesteps:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise ScheduleError(f"timestep {t!r} is not an integer")
+    last = None if table_size is None else table_size - 1
+    for t in timesteps:
+        if t < 0 or (last is not None and t > last):
+            bound = "the table's range" if last is None else f"0..{last} (the model's sigma table has {table_size} entries)"
+            raise ScheduleError(f"timestep {t} is outside {bound}")
+    seen = set()
+    for t in timesteps:
+        if t in seen:
+            raise ScheduleError(f"timestep {t} appears twice in {timesteps}: each step needs its own timestep")
+        seen.add(t)
+    for a, b in zip(timesteps, timesteps[1:]):
+        if b > a:
+            raise ScheduleError(f"timesteps must be strictly descending (noisiest first), but {a} is followed by {b} in {timesteps}")
+    return timesteps
+
+
+def check_model_sampling(model_sampling) -> None:
+    """Refuse models whose sampling a DMD2 schedule would get wrong.
+
+    Supported: a discrete sigma table indexed by timestep (ModelSamplingDiscrete, as SD1.5/SDXL
+    and their v-prediction / zero-terminal-SNR variants; not the 50-step "lcm" grid) with
+    ComfyUI's EPS-family forward process x = x0 + sigma * noise and input scaling. The DMD2 update works on the model's x0 prediction, which ComfyUI
+    derives for eps and v-prediction alike, so both are handled. Flow-matching, continuous
+    EDM/V and Stable Cascade samplings have no such table or another forward process.
+    """
+    name = type(model_sampling).__name__
+    bases = ", ".join(c.__name__ for c in type(model_sampling).__mro__[1:3])
+    discrete = isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)
+    if not discrete or type(model_sampling).sigma is not comfy.model_sampling.ModelSamplingDiscrete.sigma:
+        raise UnsupportedModelError(
+            f"DMD2 schedules need a model with a discrete timestep table (SD1.5/SDXL-style); "
+            f"this model samples with {name} ({bases})")
+    eps_family = isinstance(model_sampling, comfy.model_sampling.EPS)
+    if (not eps_family or type(model_sampling).noise_scaling is not comfy.model_sampling.EPS.noise_scaling
+            or type(model_sampling).calculate_input is not comfy.model_sampling.EPS.calculate_input):
+        raise UnsupportedModelError(
+            f"DMD2 sampling needs the DDPM forward process x = x0 + sigma*noise; this model samples with {name} ({bases})")
+    table = getattr(model_sampling, "sigmas", None)
+    if table is None or table.ndim != 1 or len(table) < 2:
+        raise UnsupportedModelError("the model's sigma table is missing or too short")
+
+
+def sigmas_for_timesteps(model_sampling, timesteps) -> torch.Tensor:
+    """The model's own sigmas at the given integer timesteps, then a final 0 (float32, CPU)."""
+    check_model_sampling(model_sampling)
+    table = model_sampling.sigmas.detach().float().cpu()
+    timesteps = validate_timesteps(timesteps, len(table))
+    sigmas = table[torch.tensor(timesteps, dtype=torch.long)]
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def timesteps_for_preset(preset: str, custom: str = "", table_size: int | None = None) -> list[int]:
+    if preset not in PRESETS:
+        raise ScheduleError(f"unknown preset {preset!r}; choose one of {PRESET_NAMES}")
+    fixed = PRESETS[preset]
+    if fixed is None:
+        return parse_timesteps(custom, table_size)
+    return validate_timesteps(fixed, table_size)
+
+
+def schedule_sigmas(model, preset: str, custom: str = "") -> torch.Tensor:
+    """SIGMAS for a preset (or the custom list) on a ComfyUI MODEL's sigma table."""
+    model_sampling = model.get_model_object("model_sampling")
+    check_model_sampling(model_sampling)
+    timesteps = timesteps_for_preset(preset, custom, len(model_sampling.sigmas))
+    return sigmas_for_timesteps(model_sampling, timesteps)
+
+
+# -- nodes ----------------------------------------------------------------------------------
+
+PRESET_TOOLTIP = ("DMD2 timesteps: the 4-step schedule the DMD2 4-step models were distilled on, the "
+                  "1-step schedule (conditioning timestep 399) of the 1-step models, or 'custom'.")
+CUSTOM_TOOLTIP = ("Used only when preset is 'custom': integer timesteps of the model's training schedule, "
+                  "strictly descending, e.g. '999,749,499,249'.")
+
+
+def preset_input() -> io.Combo.Input:
+    return io.Combo.Input("preset", options=PRESET_NAMES, default=FOUR_STEP, tooltip=PRESET_TOOLTIP)
+
+
+def custom_timesteps_input() -> io.String.Input:
+    return io.String.Input("custom_timesteps", default="999,749,499,249", tooltip=CUSTOM_TOOLTIP)
+
+
+def validate_custom_text(preset, custom_timesteps) -> bool | str:
+    """Submit-time check of the custom string (the range check needs the model: run time)."""
+    if preset != CUSTOM or not isinstance(custom_timesteps, str):
+        return True
+    try:
+        parse_timesteps(custom_timesteps)
+    except ScheduleError as e:
+        return str(e)
+    return True
+
+
+class DMD2Schedule(io.ComfyNode):
+    """SIGMAS at DMD2's distillation timesteps, read from the model's own sigma table."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DMD2Schedule",
+            display_name="DMD2 Schedule",
+            category="DMD2/sampling",
+            description="Sigmas at DMD2's exact distillation timesteps (from the model's own table), ending in 0. "
+                        "Use with DMD2Sampler in SamplerCustom at cfg 1.0.",
+            inputs=[
+                io.Model.Input("model", tooltip="The DMD2 model: its sigma table gives the sigmas."),
+                preset_input(),
+                custom_timesteps_input(),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, preset, custom_timesteps) -> bool | str:
+        return validate_custom_text(preset, custom_timesteps)
+
+    @classmethod
+    def execute(cls, model, preset, custom_timesteps) -> io.NodeOutput:
+        return io.NodeOutput(schedule_sigmas(model, preset, custom_timesteps))
+
+
+NODE_CLASSES = [DMD2Schedule]
