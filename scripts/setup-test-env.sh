@@ -56,6 +56,18 @@ if [ ! -f "$VENV/.comfy-reqs-ok" ]; then
   touch "$VENV/.comfy-reqs-ok"
 fi
 
+# Headless Chromium for tests/test_frontend.py (the real ComfyUI frontend loads the shipped
+# workflows); that test skips, saying why, where no Chromium can be had.
+if [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium (apt) for the frontend tests"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null \
+      || echo "[setup] note: chromium install failed; tests/test_frontend.py will be skipped"
+  else
+    echo "[setup] note: no chromium (apt-get install chromium, or set CHROMIUM=/path/to/chrome); tests/test_frontend.py will be skipped"
+  fi
+fi
+
 echo "[setup] installing comfyui-dmd2 with test extras"
 $PIP install -e ".[test]"
 echo "[setup] ready: $VENV (ComfyUI at $(cat "$VENV/comfyui_path.txt"))"

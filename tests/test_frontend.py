@@ -1,0 +1,343 @@
+"""The shipped UI workflows (workflows/*.json) in the real ComfyUI frontend, in headless
+Chromium: each graph loads with no missing node types and every widget value accepted, and
+the frontend's own ``app.graphToPrompt()`` produces the API twin shipped in workflows/api/.
+
+The page is the frontend package the test server serves at /, driven over the Chrome
+DevTools Protocol (tests/browser.py). With DMD2_WRITE_SCREENSHOTS=1 the loaded graphs are
+also saved as docs/images/<workflow>.png for the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("websocket", reason="websocket-client not installed (the test extras bring it via comfy-cli)")
+from browser import Chromium, find_chromium
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / "workflows"
+API = WORKFLOWS / "api"
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+IMAGES = REPO / "docs" / "images"
+CHROMIUM = find_chromium()
+WRITE_SCREENSHOTS = os.environ.get("DMD2_WRITE_SCREENSHOTS", "") not in ("", "0")
+
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: set $CHROMIUM or install it "
+                       "(Debian: apt-get install chromium; scripts/setup-test-env.sh does this as root)"),
+]
+
+# Base checkpoints the workflows name -> the tiny checkpoint standing in for it.
+BASE_CHECKPOINTS = {"sd_xl_base_1.0.safetensors": "sdxl", "v1-5-pruned-emaonly.safetensors": "sd15"}
+ADAPTER = "t2i-adapter-canny-sdxl-1.0.safetensors"
+INPUT_IMAGE = "example.png"
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def place(path: Path, write) -> None:
+    """Write a stand-in under a workflow's file name unless another test already placed one
+    (the server is shared: the files must stay loadable for the tests that run them)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+
+
+@pytest.fixture(scope="module")
+def installed(comfy_server, tiny_checkpoints):
+    """Tiny but loadable files under every name the workflows' combo widgets use, so that the
+    frontend's combo lists (from /object_info at page load) contain them."""
+    import tiny_adapters
+    import tiny_releases
+    import torch
+    from comfyui_dmd2.nodes.releases import RELEASES
+    from PIL import Image, ImageDraw
+
+    models = comfy_server.base / "models"
+    for name, arch in BASE_CHECKPOINTS.items():
+        place(models / "checkpoints" / name, lambda p, arch=arch: shutil.copy(tiny_checkpoints[arch], p))
+    for seed, release in enumerate(RELEASES):  # same seeds as tests/test_workflows.py
+        place(models / release.folder / release.file_name,
+              lambda p, release=release, seed=seed: tiny_releases.write_release(release, p.parent, seed=seed))
+    place(models / "controlnet" / ADAPTER, lambda p: tiny_adapters.save_adapter("sdxl", p, dtype=torch.float16))
+
+    def picture(path: Path) -> None:  # something with edges, for the node's preview
+        image = Image.new("RGB", (160, 120), (40, 70, 110))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((45, 25, 115, 95), fill=(235, 200, 90))
+        draw.rectangle((10, 10, 22, 110), fill=(230, 230, 230))
+        image.save(path)
+
+    place(comfy_server.base / "input" / INPUT_IMAGE, picture)
+    return comfy_server
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+APP_READY = """(() => {
+  const app = window.app;
+  return !!(window.comfyAPI && app && app.vueAppReady && app.graph && app.canvas && app.extensionManager
+            && app.extensionManager.workflow && app.extensionManager.workflow.activeWorkflow)
+})()"""
+
+# Settings that keep a fresh profile's first-run UI (template browser) out of the way, and
+# ones that make the screenshots show the graph alone and legibly.
+FIRST_RUN_SETTINGS = {"Comfy.TutorialCompleted": True}
+SCREENSHOT_SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
+                       "Comfy.Graph.CanvasMenu": False, "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
+
+
+@pytest.fixture(scope="module")
+def page(installed):
+    """One headless Chromium for the module, on the server's frontend, app ready."""
+    server = installed
+    request = urllib.request.Request(server.url + "/settings", data=json.dumps(FIRST_RUN_SETTINGS).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+    browser = Chromium.launch(CHROMIUM, width=1400, height=900)
+    try:
+        # The "Nodes 2.0" banner is dismissed in localStorage, before any page script runs.
+        browser.send("Page.addScriptToEvaluateOnNewDocument",
+                     {"source": "try { localStorage.setItem('vueNodesBannerDismissed', 'true') } catch (e) {}"})
+        browser.navigate(server.url + "/")
+        browser.wait_for(APP_READY, timeout=90)
+        browser.startup_errors = browser.page_errors()
+        yield browser
+    finally:
+        browser.close()
+
+
+# Load a workflow the way the UI does (app.loadGraphData), catching the frontend's own
+# missing-node report, then describe what the frontend made of it and convert it with
+# app.graphToPrompt(). Runs as one script so nothing can interleave.
+LOAD_AND_CONVERT = """(async (workflow, name) => {
+  const app = window.app;
+  const missing = [];
+  const report = app.showMissingNodesError;
+  app.showMissingNodesError = (types) => { missing.push(...types.map(t => typeof t === 'string' ? t : t.type)); };
+  try {
+    await app.loadGraphData(workflow, true, true, name, {showMissingModelsDialog: false});
+  } finally {
+    app.showMissingNodesError = report;
+  }
+  const nodes = app.graph.nodes.map(n => ({
+    id: n.id, type: n.type,
+    registered: Object.prototype.hasOwnProperty.call(LiteGraph.registered_node_types, n.type),
+    comfyClass: n.comfyClass ?? null,
+    virtual: !!n.isVirtualNode,
+    hasErrors: !!n.has_errors,
+    widgets: (n.widgets || []).map(w => {
+      let values = w.options ? w.options.values : undefined;
+      if (typeof values === 'function') values = values(w, n);
+      return {name: w.name, type: w.type, value: w.value ?? null,
+              options: Array.isArray(values) ? values : null,
+              min: w.options?.min ?? null, max: w.options?.max ?? null};
+    }),
+  }));
+  const saved = app.graph.serialize();
+  const prompt = await app.graphToPrompt();
+  return {missing, nodes,
+          saved: {nodes: saved.nodes.map(n => ({id: n.id, type: n.type, widgets_values: n.widgets_values ?? null,
+                                                 pos: n.pos, size: n.size})),
+                  links: saved.links},
+          output: prompt.output,
+          titleHeight: LiteGraph.NODE_TITLE_HEIGHT};
+})"""
+
+
+def load_in_frontend(browser: Chromium, workflow: dict, name: str) -> dict:
+    errors_before = len(browser.page_errors())
+    result = browser.evaluate(f"{LOAD_AND_CONVERT}({json.dumps(workflow)}, {json.dumps(name)})")
+    result["page_errors"] = browser.page_errors()[errors_before:]
+    return result
+
+
+def problems_loading(result: dict) -> list[str]:
+    """Everything the frontend did not accept: missing or unregistered node types, nodes
+    without a server definition (frontend-only nodes such as notes excepted), nodes it
+    flagged, combo values not among the options, numbers out of range, page errors."""
+    problems = [f"frontend reports missing node type {t!r}" for t in result["missing"]]
+    for node in result["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        if not node["registered"]:
+            problems.append(f"{where}: type not registered in LiteGraph")
+        if not node["virtual"] and node["comfyClass"] != node["type"]:
+            problems.append(f"{where}: no ComfyUI node definition (comfyClass {node['comfyClass']!r})")
+        if node["hasErrors"]:
+            problems.append(f"{where}: flagged has_errors by the frontend")
+        for w in node["widgets"]:
+            if w["type"] == "combo" and w["options"] is not None and w["value"] not in w["options"]:
+                problems.append(f"{where}: {w['name']}={w['value']!r} not among {w['options'][:8]}")
+            number = isinstance(w["value"], (int, float)) and not isinstance(w["value"], bool)
+            if number and (w["min"] is not None and w["value"] < w["min"] or w["max"] is not None and w["value"] > w["max"]):
+                problems.append(f"{where}: {w['name']}={w['value']} outside [{w['min']}, {w['max']}]")
+    problems += [f"page error while loading: {e[:500]}" for e in result["page_errors"]]
+    return problems
+
+
+def prompt_differences(frontend: dict, twin: dict) -> list[str]:
+    """Exact differences between the frontend's prompt and the twin (node ids, class_type,
+    inputs incl. links and widget values); metadata such as _meta is not compared."""
+    diffs = []
+    for node_id in sorted(set(frontend) | set(twin), key=lambda k: (len(k), k)):
+        if node_id not in twin:
+            diffs.append(f"node {node_id} ({frontend[node_id]['class_type']}): in the frontend's prompt, not in the twin")
+            continue
+        if node_id not in frontend:
+            diffs.append(f"node {node_id} ({twin[node_id]['class_type']}): in the twin, not in the frontend's prompt")
+            continue
+        f, t = frontend[node_id], twin[node_id]
+        if f["class_type"] != t["class_type"]:
+            diffs.append(f"node {node_id}: class_type {f['class_type']!r} (frontend) != {t['class_type']!r} (twin)")
+        for name in sorted(set(f["inputs"]) | set(t["inputs"])):
+            fv, tv = f["inputs"].get(name, "<absent>"), t["inputs"].get(name, "<absent>")
+            if not same_value(fv, tv):
+                diffs.append(f"node {node_id} ({t['class_type']}).{name}: frontend {fv!r} != twin {tv!r}")
+    return diffs
+
+
+def same_value(a, b) -> bool:
+    """Equal as JSON values. JavaScript has one number type (1.0 comes back as 1), so int and
+    float compare by value; a bool is not a number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def overlapping_nodes(result: dict) -> list[str]:
+    """Pairs of nodes whose boxes (title bar included) overlap as laid out in the frontend."""
+    th = result["titleHeight"]
+    boxes = [(n["id"], n["type"], n["pos"][0], n["pos"][1] - th, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in result["saved"]["nodes"]]
+    pairs = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            w, h = min(a[4], b[4]) - max(a[2], b[2]), min(a[5], b[5]) - max(a[3], b[3])
+            if w > 0 and h > 0:
+                pairs.append(f"{a[0]}:{a[1]} and {b[0]}:{b[1]} overlap by {w:.0f}x{h:.0f}")
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def loaded(page):
+    """Each workflow loaded once (lazily), then converted: {stem: result}."""
+    cache = {}
+
+    def get(path: Path) -> dict:
+        if path.stem not in cache:
+            cache[path.stem] = load_in_frontend(page, load(path), path.stem)
+            if WRITE_SCREENSHOTS:
+                write_screenshot(page, IMAGES / f"{path.stem}.png")
+        return cache[path.stem]
+
+    return get
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+
+def test_frontend_page_serves_this_pack(page):
+    """The frontend in the page knows this pack's node types (from the server's /object_info)."""
+    types = page.evaluate("Object.keys(LiteGraph.registered_node_types).filter(t => t.startsWith('DMD2'))")
+    for node_type in ("DMD2Generate", "DMD2Schedule", "DMD2Sampler", "DMD2UNetLoader", "DMD2LoraLoader",
+                      "DMD2ApplyT2IAdapter", "DMD2T2IAdapterLoader", "DMD2CannyEdgeMap"):
+        assert node_type in types, f"{node_type} not registered in the frontend; page errors: {page.startup_errors}"
+
+
+def test_missing_node_types_are_detected(page):
+    """The check itself: a graph with an unknown node type is reported, not silently loaded."""
+    workflow = load(WORKFLOWS / "sdxl_4step_unet.json")
+    workflow["nodes"][1]["type"] = "DMD2NoSuchNode"
+    result = load_in_frontend(page, workflow, "broken")
+    assert "DMD2NoSuchNode" in result["missing"]
+    assert any("DMD2NoSuchNode" in p for p in problems_loading(result))
+
+
+def test_bad_combo_values_are_detected(page):
+    """The check itself: a file name the server does not list is flagged."""
+    workflow = load(WORKFLOWS / "sdxl_4step_unet.json")
+    loader = next(n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    loader["widgets_values"] = ["no_such_checkpoint.safetensors"]
+    problems = problems_loading(load_in_frontend(page, workflow, "bad-combo"))
+    assert any("no_such_checkpoint.safetensors" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_ui_workflow_loads_in_the_frontend(path, loaded):
+    result = loaded(path)
+    problems = problems_loading(result)
+    assert not problems, "\n".join(problems)
+    ui = load(path)
+    assert sorted(n["id"] for n in result["saved"]["nodes"]) == sorted(n["id"] for n in ui["nodes"])
+    # The frontend kept every widget value as saved (none replaced by a default or dropped) ...
+    saved_values = {n["id"]: n["widgets_values"] for n in result["saved"]["nodes"]}
+    for node in ui["nodes"]:
+        assert saved_values[node["id"]] == node.get("widgets_values"), f"node {node['id']} ({node['type']})"
+    # ... and every link.
+    assert sorted(map(tuple, result["saved"]["links"])) == sorted(map(tuple, ui["links"]))
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_frontend_prompt_is_the_api_twin(path, loaded):
+    result = loaded(path)
+    twin = load(API / path.name)
+    diffs = prompt_differences(result["output"], twin)
+    assert not diffs, "\n".join(diffs)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_nodes_do_not_overlap_in_the_frontend(path, loaded):
+    """At the sizes the frontend gives the nodes (at least what their widgets need), the
+    saved layout keeps them apart: overlapping nodes hide each other's widgets."""
+    pairs = overlapping_nodes(loaded(path))
+    assert not pairs, "; ".join(pairs)
+
+
+# -- screenshots ------------------------------------------------------------------------------
+
+FIT_AND_DRAW = """(async () => {
+  const app = window.app, th = LiteGraph.NODE_TITLE_HEIGHT;
+  for (const b of document.querySelectorAll('.p-dialog-close-button')) b.click();
+  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+  for (const n of app.graph.nodes) {
+    x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - th);
+    x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+  }
+  app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom: 0.95});
+  app.canvas.setDirty(true, true);
+  const deadline = Date.now() + 5000;  // image previews (LoadImage) load asynchronously
+  while (Date.now() < deadline && !app.graph.nodes.every(n => !n.imgs || n.imgs.every(i => i.complete))) {
+    await new Promise(r => setTimeout(r, 100));
+  }
+  app.canvas.setDirty(true, true);
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  return app.canvas.ds.scale;
+})()"""
+
+
+def write_screenshot(browser: Chromium, path: Path) -> None:
+    if not getattr(browser, "screenshot_mode", False):
+        settings = json.dumps(SCREENSHOT_SETTINGS)
+        browser.evaluate(f"""(async () => {{
+            const s = window.app.extensionManager.setting;
+            for (const [k, v] of Object.entries({settings})) await s.set(k, v);
+            await window.app.extensionManager.command.execute('Workspace.ToggleFocusMode');
+        }})()""")
+        browser.screenshot_mode = True
+    browser.evaluate(FIT_AND_DRAW)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(browser.screenshot())
