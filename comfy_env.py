@@ -50,7 +50,8 @@ def ensure_comfy(cpu: bool | None = None) -> Path:
     try:
         import comfy  # noqa: F401
 
-        root = Path(comfy.__file__).resolve().parent.parent
+        # ComfyUI's comfy is a namespace package (no __init__.py): its __file__ is None
+        root = Path(next(iter(comfy.__path__))).resolve().parent
     except ImportError:
         root = find_comfyui()
         sys.path.insert(0, str(root))
