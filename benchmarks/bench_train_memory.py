@@ -74,7 +74,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
 class ReferenceBackend:
     """The reference layout over the same protocol: three UNets, the fake one fully trained."""
 
-    def __init__(self, shared, fake_full_copy=True):
+    def __init__(self, shared, gradient_checkpointing: bool):
         from comfyui_dmd2.training.lora import UNetLoRA
 
         self.s = shared  # reuse data, schedule, head construction and autocast of a shared backend
@@ -90,7 +90,7 @@ class ReferenceBackend:
         self._features, self._stop = None, False
         if self.head is not None:
             self.fake.middle_block[-1].register_forward_hook(self._capture)
-        if shared.gradient_checkpointing:
+        if gradient_checkpointing:
             from comfyui_dmd2.training.backend import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(self.generator, self.gen_lora.switch)
@@ -168,12 +168,13 @@ def run_one(args) -> dict:
     )
     latent = args.resolution // 8
     loaded = B.LoadedCheckpoint(path=None, arch=arch, model=patcher, clip=None, vae=None)
+    checkpointing = {"auto": on_gpu, "on": True, "off": False}[args.gradient_checkpointing]
     shared = B.ComfyDMD2Backend(
         loaded, [cond() for _ in range(4)], cond(), args.resolution, batch_size=args.batch_size,
         real_latents=torch.randn(4, 4, latent, latent, generator=gen), lora_rank=args.rank, lora_alpha=8.0,
-        device=device, gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
+        device=device, gradient_checkpointing=checkpointing and args.layout == "shared",  # reference: on its copies
     )
-    backend = shared if args.layout == "shared" else ReferenceBackend(shared)
+    backend = shared if args.layout == "shared" else ReferenceBackend(shared, checkpointing)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

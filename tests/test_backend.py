@@ -1,0 +1,210 @@
+"""The ComfyUI model backend: checkpoint loading and refusals, encodings, forwards, one step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from comfyui_dmd2.training import backend as B
+from comfyui_dmd2.training import losses
+from comfyui_dmd2.training.config import DMD2Config
+from comfyui_dmd2.training.trainer import DMD2Trainer
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+RES = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models run far faster on one thread on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints):
+    return {arch: B.load_checkpoint(path) for arch, path in tiny_checkpoints.items()}
+
+
+def _backend(loaded, arch, images=None, **kwargs):
+    ck = loaded[arch]
+    # Each backend gets its own UNet: adapters are injected into the module tree.
+    ck = B.LoadedCheckpoint(ck.path, ck.arch, ck.model.clone(), ck.clip, ck.vae)
+    ck.model.model = copy.deepcopy(loaded[arch].model.model)
+    prompts = B.encode_prompts(ck, ["a red cube", "a tree by the sea, long prompt " * 12], RES)
+    uncond = B.encode_prompts(ck, [""], RES)[0]
+    kwargs.setdefault("lora_rank", 4)
+    return B.ComfyDMD2Backend(ck, prompts, uncond, RES, batch_size=2, real_latents=images, **kwargs)
+
+
+def test_loads_tiny_checkpoints_and_detects_arch(loaded):
+    assert loaded["sd15"].arch == "sd15"
+    assert loaded["sdxl"].arch == "sdxl"
+
+
+def test_missing_corrupt_and_unsupported_checkpoints(tmp_path, tiny_checkpoints):
+    with pytest.raises(B.CheckpointError, match="not found"):
+        B.load_checkpoint(tmp_path / "nope.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01garbage" * 100)
+    with pytest.raises(B.CheckpointError, match="corrupt"):
+        B.load_checkpoint(corrupt)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_checkpoints["sd15"].read_bytes()[:5000])
+    with pytest.raises(B.CheckpointError):
+        B.load_checkpoint(truncated)
+    other = tmp_path / "other.safetensors"
+    save_file({"encoder.layer.0.weight": torch.zeros(4, 4)}, str(other))
+    with pytest.raises(B.UnsupportedModel, match="does not recognise"):
+        B.load_checkpoint(other)
+    vpred = tmp_path / "vpred.safetensors"
+    save_file({**load_file(str(tiny_checkpoints["sdxl"])), "v_pred": torch.tensor([])}, str(vpred))
+    with pytest.raises(B.UnsupportedModel, match="v-prediction"):
+        B.load_checkpoint(vpred)
+
+
+def test_prompt_encodings_have_sdxl_size_conditioning(loaded):
+    sd15 = B.encode_prompts(loaded["sd15"], ["a cat"], RES)[0]
+    assert sd15.context.shape == (1, 77, 32) and sd15.y is None
+    sdxl = B.encode_prompts(loaded["sdxl"], ["a cat"], RES)[0]
+    assert sdxl.context.shape == (1, 77, 64)
+    assert sdxl.y.shape == (1, 32 + 6 * 256)
+    other_size = B.encode_prompts(loaded["sdxl"], ["a cat"], 2 * RES)[0]
+    torch.testing.assert_close(other_size.y[:, :32], sdxl.y[:, :32])  # same pooled text
+    assert not torch.equal(other_size.y[:, 32:], sdxl.y[:, 32:])  # different size embedding
+
+
+def test_images_encode_and_decode(loaded, tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (160 + 20 * i, 140), (40 * i, 100, 200)).save(p)
+        paths.append(p)
+    latents = B.encode_images(loaded["sd15"], paths, RES, batch_size=2)
+    assert latents.shape == (3, 4, RES // 8, RES // 8)
+    images = B.decode_latents(loaded["sd15"], latents[:1])
+    assert images.shape == (1, RES, RES, 3)
+    assert 0 <= images.min() and images.max() <= 1
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_three_networks_share_one_frozen_unet(loaded, arch):
+    backend = _backend(loaded, arch)
+    batch = backend.sample_batch()
+    assert batch.shape == (2, 4, RES // 8, RES // 8)
+    assert batch.cond.context.shape[1] == 154  # prompts of 77 and 154 tokens batched at their lcm
+    x_t = torch.randn(batch.shape)
+    t = torch.tensor([999, 500])
+    with torch.no_grad():
+        real1 = backend.real_x0(x_t, t, batch.cond, batch.uncond, 1.0)
+        gen = backend.generator_x0(x_t, t, batch.cond)
+        real = backend.real_x0(x_t, t, batch.cond, batch.uncond, 3.0)
+        eps_c = backend.eps(x_t, t, batch.cond, None)
+        eps_u = backend.eps(x_t, t, batch.uncond, None)
+    torch.testing.assert_close(gen, real1)  # fresh adapters: generator == base
+    expected = losses.x0_from_eps(x_t, eps_u + 3.0 * (eps_c - eps_u), t, backend.alphas_cumprod)
+    torch.testing.assert_close(real, expected, rtol=1e-4, atol=1e-4)
+    # Only adapters are trainable; the base is shared and frozen.
+    base_params = [p for n, p in backend.unet.named_parameters() if ".adapters." not in n]
+    assert base_params and not any(p.requires_grad for p in base_params)
+
+
+def test_gan_head_logits_and_gradients(loaded):
+    real = torch.randn(4, 4, RES // 8, RES // 8)
+    backend = _backend(loaded, "sd15", images=real)
+    assert backend.has_gan_head
+    batch = backend.sample_batch()
+    assert batch.real_x0.shape == batch.shape
+    x_t = torch.randn(batch.shape, requires_grad=True)
+    logits = backend.fake_logits(x_t, torch.tensor([500, 100]), batch.cond)
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert x_t.grad is not None and x_t.grad.abs().sum() > 0
+    assert all(p.grad is not None for n, p in backend.fake_score_parameters() if n.startswith("gan_head."))
+    assert all(p.grad is None for _, p in backend.generator_parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(loaded):
+    grads = []
+    for checkpointing in (False, True):
+        backend = _backend(loaded, "sdxl", gradient_checkpointing=checkpointing)
+        assert backend.gradient_checkpointing == checkpointing
+        with torch.no_grad():
+            for _, p in backend.generator_parameters():
+                p.add_(0.01)  # make up weights non-zero: down and up both get gradients
+        batch = backend.sample_batch()
+        x_t = torch.randn(batch.shape, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([999, 249])
+        gen = backend.generator_x0(x_t, t, batch.cond)
+        with torch.no_grad():
+            fake = backend.fake_x0(x_t, t, batch.cond)  # another adapter in between
+        (gen - fake).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for _, p in backend.generator_parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_checkpointed_unet_deep_copies_with_its_own_weights(loaded):
+    backend = _backend(loaded, "sd15", gradient_checkpointing=True)
+    twin = copy.deepcopy(backend.unet)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    x_t, t = torch.randn(1, 4, RES // 8, RES // 8), torch.tensor([500.0])
+    context = backend.prompts[0].context
+    plain_twin = copy.deepcopy(twin)
+    for m in plain_twin.modules():
+        m.__dict__.pop("forward", None)  # back to the class's own forward: no checkpointing
+    with torch.enable_grad():  # the checkpointed path
+        out = backend.unet(x_t, t, context=context)
+        out_twin = twin(x_t, t, context=context)
+        expected = plain_twin(x_t, t, context=context)
+    assert (out - out_twin).abs().max() > 1e-3
+    torch.testing.assert_close(out_twin, expected)
+
+
+def test_gradient_checkpointing_trains_like_without(loaded):
+    """Whole DMD2 iterations with the GAN (frozen groups around some forwards): same updates."""
+    results = []
+    for checkpointing in (False, True):
+        real = torch.randn(3, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(4))
+        backend = _backend(loaded, "sd15", images=real, gradient_checkpointing=checkpointing)
+        config = DMD2Config.for_arch("sd15", fake_updates_per_generator_update=1, warmup_steps=0, lr_generator=1e-3, lr_fake_score=1e-3)
+        trainer = DMD2Trainer(config, backend)
+        for _ in range(2):
+            trainer.step()
+        results.append({n: p.detach().clone() for n, p in [*backend.generator_parameters(), *backend.fake_score_parameters()]})
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_steps_update_only_the_adapters_and_head(loaded):
+    backend = _backend(loaded, "sd15", images=torch.randn(3, 4, RES // 8, RES // 8))
+    base_before = {n: p.detach().clone() for n, p in backend.unet.named_parameters() if ".adapters." not in n}
+    gen_before = {n: p.detach().clone() for n, p in backend.generator_parameters()}
+    fake_before = {n: p.detach().clone() for n, p in backend.fake_score_parameters()}
+    config = DMD2Config.for_arch("sd15", fake_updates_per_generator_update=2, warmup_steps=0, lr_generator=1e-3, lr_fake_score=1e-3)
+    trainer = DMD2Trainer(config, backend)
+    metrics = [trainer.step() for _ in range(3)]
+    assert "loss_gan_discriminator" in metrics[0] and "loss_gan_generator" in metrics[0]
+    assert all(torch.isfinite(torch.tensor(v)) for m in metrics for v in m.values())
+    for n, p in backend.unet.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), n
+    assert any(not torch.equal(p, gen_before[n]) for n, p in backend.generator_parameters())
+    assert any(not torch.equal(p, fake_before[n]) for n, p in backend.fake_score_parameters() if n.startswith("gan_head."))
+    assert any(not torch.equal(p, fake_before[n]) for n, p in backend.fake_score_parameters() if n.startswith("fake_score."))
+
+
+def test_sample_is_deterministic_per_seed(loaded):
+    backend = _backend(loaded, "sd15")
+    cond = backend.prompts[0]
+    a = backend.sample([cond, cond], [1, 2], [999, 499])
+    b = backend.sample([cond], [1], [999, 499])
+    assert a.shape == (2, 4, RES // 8, RES // 8)
+    torch.testing.assert_close(a[:1], b)
+    assert not torch.equal(a[0], a[1])

@@ -1,0 +1,275 @@
+"""The ``dmd2-train`` command: a full tiny run, its outputs, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import comfy.sd
+import pytest
+import torch
+from comfyui_dmd2.training import cli
+from comfyui_dmd2.training.backend import Conditioning
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FAST = ["--resolution", "128", "--lora-rank", "4", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models run far faster on one thread on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a red cube\n\n# a comment\na tree by the sea\nblue sky\n")
+    images = folder / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (150 + 10 * i, 128), (60 * i, 90, 160)).save(images / f"{i}.png")
+    (images / "0.txt").write_text("caption sidecars are allowed")
+    return {"prompts": prompts, "images": images, "folder": folder}
+
+
+def _args(ckpt, inputs, output, steps, *extra):
+    return ["--checkpoint", str(ckpt), "--prompts", str(inputs["prompts"]), "--output", str(output), "--steps", str(steps), *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_checkpoints, inputs, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "out"
+    args = _args(tiny_checkpoints["sd15"], inputs, output, 4, "--images", str(inputs["images"]), "--save-every", "2", "--sample-every", "2")
+    trainer, backend, _ = cli.train(args)
+    return trainer, backend, output
+
+
+def test_run_writes_every_output(finished):
+    trainer, backend, output = finished
+    assert trainer.step_count == 4
+    lora = output / "dmd2_tiny_sd15_lora.safetensors"
+    assert lora.is_file()
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all("loss_fake" in r and "loss_gan_discriminator" in r for r in rows)
+    assert "loss_dm" in rows[0] and "loss_dm" not in rows[1]  # 2 fake updates per generator update
+    assert (output / "metrics.csv").read_text().splitlines()[0].startswith("step,")
+    assert len((output / "metrics.csv").read_text().splitlines()) == 5
+    with Image.open(output / "loss_curve.png") as im:
+        assert im.width > 100 and im.height > 100
+    with Image.open(output / "samples" / "step_0000004.png") as im:
+        assert im.size == (3 * 128, 128)  # three sample prompts, one row
+    assert (output / "samples" / "step_0000002.png").is_file()
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    with safe_open(str(lora), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["dmd2_steps"] == "4" and meta["dmd2_timesteps"] == "999,749,499,249"
+    assert len(meta["dmd2_base_model_sha256"]) == 64 and float(meta["dmd2_guidance"]) == 1.75
+    assert json.loads(meta["dmd2_config"])["run"]["lora_rank"] == 4
+    graph = json.loads((output / "workflow_api.json").read_text())
+    nodes = {n["class_type"]: n["inputs"] for n in graph.values()}
+    assert nodes["LoraLoaderModelOnly"]["lora_name"] == lora.name
+    assert nodes["DMD2Generate"]["preset"] == "4-step (999,749,499,249)"
+    assert nodes["CheckpointLoaderSimple"]["ckpt_name"] == "tiny_sd15.safetensors"
+    ui = json.loads((output / "workflow.json").read_text())
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    assert {n["type"] for n in ui["nodes"]} == set(nodes)
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:  # links agree on both ends
+        assert link_id in by_id[src]["outputs"][src_slot]["links"] and by_id[src]["outputs"][src_slot]["type"] == kind
+        assert by_id[dst]["inputs"][dst_slot]["link"] == link_id and by_id[dst]["inputs"][dst_slot]["type"] == kind
+    ui_lora = next(n for n in ui["nodes"] if n["type"] == "LoraLoaderModelOnly")
+    assert ui_lora["widgets_values"] == [lora.name, 1.0]
+    # The exported LoRA is the trained generator adapter, rounded to fp16.
+    exported = load_file(str(lora))
+    for d_path, layer in backend.adapters.layers.items():
+        key = "lora_unet_" + d_path.replace(".", "_")
+        torch.testing.assert_close(exported[f"{key}.lora_up.weight"].float(), layer.adapters["generator"].up.weight.detach(), rtol=1e-3, atol=1e-6)
+    assert any(layer.adapters["generator"].up.weight.abs().sum() > 0 for layer in backend.adapters.layers.values())
+
+
+@pytest.mark.parametrize("loader", ["stock", "dmd2"])
+def test_exported_lora_reproduces_the_generator_in_comfyui(finished, tiny_checkpoints, loader, caplog):
+    _, backend, output = finished
+    lora_path = output / "dmd2_tiny_sd15_lora.safetensors"
+    model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoints["sd15"]), output_vae=False, output_clip=False)[0]
+    with caplog.at_level(logging.WARNING):
+        if loader == "stock":
+            lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+            patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+        else:
+            from comfyui_dmd2.nodes.loaders import load_dmd2_lora
+
+            patched = load_dmd2_lora(model, lora_path, 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(patched.patches) == len(backend.adapters.layers)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    t = torch.tensor([999, 499])
+    cond = Conditioning(torch.randn(2, 77, 32, generator=gen))
+    with torch.no_grad():
+        ours = backend.eps(x, t, cond, "generator")
+        base = backend.eps(x, t, cond, None)
+        patched.patch_model()
+        try:
+            stock = patched.model.diffusion_model(x, t.float(), context=cond.context)
+        finally:
+            patched.unpatch_model()
+    assert (ours - base).abs().max() > 0  # training moved the generator
+    assert (stock - ours).abs().max() / ours.abs().max() < 1e-3
+
+
+def test_more_steps_continue_and_no_resume_starts_over(finished, tiny_checkpoints, inputs, tmp_path):
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(finished[2], output)
+
+    def args(steps, *extra):
+        return _args(tiny_checkpoints["sd15"], inputs, output, steps, "--images", str(inputs["images"]), "--save-every", "2", "--sample-every", "0", *extra)
+
+    trainer, _, _ = cli.train(args(6))  # resumes at 4
+    assert trainer.step_count == 6
+    assert [json.loads(l)["step"] for l in (output / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    trainer, _, _ = cli.train(args(2, "--no-resume"))
+    assert trainer.step_count == 2
+    assert [json.loads(l)["step"] for l in (output / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step_0000002"]
+
+
+def _entry(args, env_extra=None, **kwargs):
+    env = {**os.environ, **(env_extra or {})}
+    return [sys.executable, str(TESTS / "train_entry.py"), *args], env
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoints, inputs, tmp_path):
+    args = lambda out: _args(tiny_checkpoints["sdxl"], inputs, out, 6, "--save-every", "2", "--sample-every", "0")
+    reference = tmp_path / "reference"
+    cli.train(args(reference))
+
+    killed = tmp_path / "killed"
+    cmd, env = _entry(args(killed), {"DMD2_TEST_STEP_DELAY": "1.5"})
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step_0000002").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (killed / "checkpoints" / "step_0000006").exists()
+    assert not list(killed.glob("*.safetensors"))  # no LoRA from a run that did not finish
+    lines_before = len((killed / "metrics.jsonl").read_text().splitlines())
+    assert lines_before >= 2
+
+    cmd, env = _entry(args(killed))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming at step 2" in done.stderr
+
+    ref = load_file(str(reference / "checkpoints" / "step_0000006" / "adapters.safetensors"))
+    got = load_file(str(killed / "checkpoints" / "step_0000006" / "adapters.safetensors"))
+    assert set(ref) == set(got)
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in path.read_text().splitlines()]
+    assert strip(killed / "metrics.jsonl") == strip(reference / "metrics.jsonl")
+    assert load_file(str(killed / "dmd2_tiny_sdxl_lora.safetensors")).keys() == load_file(str(reference / "dmd2_tiny_sdxl_lora.safetensors")).keys()
+
+
+def _bad(argv, capsys, match):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "dmd2-train: error:" in err and match in err, err
+    return err
+
+
+def test_bad_input_fails_clearly_and_writes_nothing(tiny_checkpoints, inputs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    ck = tiny_checkpoints["sd15"]
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a model" * 50)
+    other = tmp_path / "other.safetensors"
+    save_file({"text_model.weight": torch.zeros(2, 2)}, str(other))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only comments\n\n")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (64, 64)).save(mixed / "ok.png")
+    (mixed / "notes.pdf").write_bytes(b"%PDF-1.4")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    toml = tmp_path / "bad.toml"
+    toml.write_text("learning_rate = 3\n")
+
+    _bad(["--checkpoint", str(tmp_path / "missing.safetensors"), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "checkpoint not found")
+    _bad(["--checkpoint", str(corrupt), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "corrupt")
+    _bad(["--checkpoint", str(other), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "unsupported architecture")
+    _bad(["--checkpoint", str(ck), "--prompts", str(empty), "--output", str(out)], capsys, "holds no prompts")
+    _bad(["--checkpoint", str(ck), "--prompts", str(tmp_path / "nope.txt"), "--output", str(out)], capsys, "prompts file not found")
+    _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--images", str(mixed), "--output", str(out)], capsys, "notes.pdf")
+    _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--images", str(broken), "--output", str(out)], capsys, "cut.png")
+    _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--output", str(out), "--resolution", "100"], capsys, "multiple of 8")
+    _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--output", str(out), "--config", str(toml)], capsys, "unknown key 'learning_rate'")
+    _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--output", str(out), "--set", "arch=sdxl"], capsys, "sd15 checkpoint")
+    _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--output", str(out), "--set", "real_guidance_scale=abc"], capsys, "real_guidance_scale")
+    _bad(["--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "checkpoint is required")
+    assert not out.exists()
+
+
+def test_toml_then_set_then_flags(tmp_path, inputs):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'checkpoint = "model.safetensors"\nprompts = "p.txt"\noutput = "out"\nresolution = 256\n'
+        "[run]\nlora_rank = 16\nsample_seeds = [5, 6]\n[dmd2]\nsteps = 100\nreal_guidance_scale = 4.5\n"
+    )
+    args = cli.build_parser().parse_args(["--config", str(toml), "--set", "lora_rank=8", "--set", "steps=50", "--steps", "70", "--resolution", "512"])
+    run, dmd2 = cli.resolve_settings(args)
+    assert run.checkpoint == str(tmp_path / "model.safetensors")
+    assert (run.lora_rank, run.resolution, run.sample_seeds) == (8, 512, (5, 6))
+    assert dmd2 == {"steps": 70, "real_guidance_scale": 4.5}
+
+
+def test_module_entry_point_help():
+    env = dict(os.environ)
+    done = subprocess.run([sys.executable, "-m", "comfyui_dmd2.training", "--help"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--checkpoint" in done.stdout and "--set KEY=VALUE" in done.stdout
+
+
+@pytest.mark.server
+def test_written_workflow_runs_in_a_real_comfyui(finished, comfy_server):
+    """The exported LoRA + workflow_api.json, queued as they are on a ComfyUI server."""
+    import shutil
+
+    from comfy_server import execution_error, output_images
+
+    _, _, output = finished
+    shutil.copy(output / "dmd2_tiny_sd15_lora.safetensors", comfy_server.base / "models" / "loras")
+    graph = json.loads((output / "workflow_api.json").read_text())
+    entry = comfy_server.run(graph)
+    assert execution_error(entry) is None, execution_error(entry)
+    images = output_images(comfy_server, entry)
+    assert len(images) == 1
+    with Image.open(images[0]) as im:
+        assert im.size == (128, 128)
+    assert "lora key not loaded" not in comfy_server.log()

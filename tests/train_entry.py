@@ -1,0 +1,61 @@
+"""Run ``dmd2-train`` in a subprocess with the tiny test models registered.
+
+    python tests/train_entry.py <dmd2-train arguments>
+
+ComfyUI only recognises the tiny checkpoints after ``tiny_models.register()``. Test-only
+knobs (environment): ``DMD2_TEST_STEP_DELAY`` seconds of sleep after each iteration (so a
+test can kill the run between checkpoints), ``DMD2_TEST_DUMP`` a folder where each process
+writes its final adapter weights as ``adapters_rank{r}.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from comfyui_dmd2.comfy_env import ensure_comfy
+
+ensure_comfy(cpu=True)
+
+import tiny_models
+import torch
+
+tiny_models.register()
+torch.set_num_threads(int(os.environ.get("DMD2_TEST_THREADS", "1")))
+
+from comfyui_dmd2.training import cli, trainer
+
+
+def main() -> int:
+    delay = float(os.environ.get("DMD2_TEST_STEP_DELAY", "0"))
+    if delay:
+        plain_step = trainer.DMD2Trainer.step
+
+        def slow_step(self):
+            metrics = plain_step(self)
+            time.sleep(delay)
+            return metrics
+
+        trainer.DMD2Trainer.step = slow_step
+    dump = os.environ.get("DMD2_TEST_DUMP")
+    if not dump:
+        return cli.main(sys.argv[1:])
+    from safetensors.torch import save_file
+
+    trained, _, _ = cli.train(sys.argv[1:])
+    rank = int(os.environ.get("RANK", "0"))
+    params = dict(trained.generator_named) | dict(trained.fake_named)
+    save_file({k: v.detach().contiguous() for k, v in params.items()}, str(Path(dump) / f"adapters_rank{rank}.safetensors"))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

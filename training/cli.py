@@ -1,0 +1,672 @@
+"""``dmd2-train``: distil a community SD1.5/SDXL checkpoint into a few-step DMD2 LoRA.
+
+    dmd2-train --checkpoint model.safetensors --prompts prompts.txt --output runs/mine \\
+        [--images real/] [--config run.toml] [--set key=value ...]
+
+Settings come from the per-architecture defaults (the architecture is read from the
+checkpoint), then the TOML file, then the command line. The algorithm's keys are those of
+``training.config.DMD2Config``; the run's keys (files, resolution, LoRA size, how often to
+save...) are those of ``RunConfig`` below. Both may be set in the TOML file (top level, or
+``[run]`` / ``[dmd2]`` tables) and with ``--set key=value``.
+
+All input is checked before anything is written. Checkpoints are written atomically and the
+run resumes from the newest one when started again with the same output folder. Under
+``torchrun`` each process trains on its own batches and the adapters' gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+
+log = logging.getLogger("dmd2-train")
+
+CHECKPOINT_DIR = re.compile(r"^step_(\d{7,})$")
+PRESETS = {(999, 749, 499, 249): "4-step (999,749,499,249)", (399,): "1-step (399)"}
+PLOTTED = ("loss_dm", "loss_fake", "loss_gan_generator", "loss_gan_discriminator")
+
+
+@dataclass
+class RunConfig:
+    """What the command needs besides the algorithm: inputs, outputs, sizes, cadence."""
+
+    checkpoint: str = ""
+    prompts: str = ""
+    output: str = ""
+    images: str = ""  # optional folder of real images: enables the GAN loss
+    resolution: int = 0  # 0: 1024 for SDXL, 512 for SD1.5
+    batch_size: int = 1
+    lora_rank: int = 64
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = ()  # empty: the DMD2 defaults (training.lora.DEFAULT_TARGETS)
+    lora_name: str = ""  # file name of the exported LoRA; empty: dmd2_<checkpoint stem>_lora
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # 0: only at the end
+    sample_prompts: tuple[str, ...] = ()  # empty: the first four training prompts
+    sample_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    device: str = ""  # empty: cuda if available, else cpu
+    mixed_precision: str = ""  # "bf16" | "fp16" | "no"; empty: bf16 on GPU, no on CPU
+    gradient_checkpointing: str = "auto"  # "auto" (on for GPU) | "on" | "off"
+    resume: bool = True
+
+    def validate(self) -> None:
+        from .config import ConfigError
+
+        for key in ("checkpoint", "prompts", "output"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is required (--{key} or `{key} = ...` in the config file)")
+        if self.batch_size < 1 or self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ConfigError("batch_size and lora_rank must be >= 1, lora_alpha > 0")
+        if self.save_every < 1 or self.sample_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("save_every and keep_checkpoints must be >= 1, sample_every >= 0")
+        if self.gradient_checkpointing not in ("auto", "on", "off"):
+            raise ConfigError("gradient_checkpointing must be auto, on or off")
+        if self.mixed_precision not in ("", "bf16", "fp16", "no"):
+            raise ConfigError("mixed_precision must be bf16, fp16 or no")
+        if not self.sample_seeds:
+            raise ConfigError("sample_seeds must hold at least one seed")
+
+
+def _coerce_run(name: str, value: Any) -> Any:
+    """TOML/CLI value -> the RunConfig field's type."""
+    from .config import ConfigError
+
+    kind = {f.name: f.type for f in dataclasses.fields(RunConfig)}[name]
+    try:
+        if kind.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [str(v).strip() for v in items if str(v).strip()]
+            return tuple(int(v) for v in items) if "int" in kind else tuple(items)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if name == "gradient_checkpointing" and isinstance(value, bool):
+            return "on" if value else "off"
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key {name!r}: cannot read {value!r} as {kind}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dmd2-train",
+        description="Distil an SD1.5/SDXL single-file checkpoint into a few-step DMD2 LoRA for ComfyUI.",
+    )
+    p.add_argument("--config", help="TOML file with run and dmd2 keys")
+    p.add_argument("--checkpoint", help="single-file SD1.5/SDXL checkpoint (.safetensors)")
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--images", help="folder of real images (enables the GAN loss)")
+    p.add_argument("--output", help="output folder (resumed if it holds checkpoints)")
+    p.add_argument("--steps", type=int, help="training iterations (dmd2 key 'steps')")
+    p.add_argument("--seed", type=int, help="random seed (dmd2 key 'seed')")
+    p.add_argument("--resolution", type=int, help="image side in pixels, a multiple of 8")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lora-rank", type=int, dest="lora_rank")
+    p.add_argument("--lora-alpha", type=float, dest="lora_alpha")
+    p.add_argument("--save-every", type=int, dest="save_every")
+    p.add_argument("--sample-every", type=int, dest="sample_every")
+    p.add_argument("--device")
+    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["bf16", "fp16", "no"])
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", choices=["auto", "on", "off"])
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None, help="start over even if checkpoints exist")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any run or dmd2 key (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
+    """RunConfig and the dmd2 keys (applied later on the checkpoint's arch defaults):
+    TOML file, then ``--set`` overrides, then the dedicated flags."""
+    from .config import ConfigError, DMD2Config, parse_overrides
+
+    run_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    dmd2_keys = {f.name for f in dataclasses.fields(DMD2Config)}
+    run_values: dict[str, Any] = {}
+    dmd2_values: dict[str, Any] = {}
+
+    def route(values: dict[str, Any], where: str) -> None:
+        for key, value in values.items():
+            if key in run_keys:
+                run_values[key] = value
+            elif key in dmd2_keys:
+                dmd2_values[key] = value
+            else:
+                raise ConfigError(f"unknown key {key!r} in {where}")
+
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        tables = {k: data.pop(k) for k in ("run", "dmd2") if isinstance(data.get(k), dict)}
+        route(data, str(path))
+        for name, table in tables.items():
+            route(table, f"[{name}] of {path}")
+        # Paths in the file are relative to the file.
+        for key in ("checkpoint", "prompts", "images", "output"):
+            if run_values.get(key) and not Path(run_values[key]).is_absolute():
+                run_values[key] = str(path.parent / run_values[key])
+    route(parse_overrides(args.overrides), "--set")
+    for key in run_keys | {"steps", "seed"}:
+        value = getattr(args, key, None)
+        if value is not None:
+            (run_values if key in run_keys else dmd2_values)[key] = value
+    run = RunConfig(**{k: _coerce_run(k, v) for k, v in run_values.items()})
+    run.validate()
+    return run, dmd2_values
+
+
+# --- distributed -------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist
+
+
+class GradientAverager:
+    """Averages the gradients of ``params`` over all processes at the end of each backward,
+    in one flat all-reduce (what DDP does, without wrapping modules: the three networks
+    share one UNet and are selected per forward, which DDP's one-forward-one-backward
+    bookkeeping does not fit)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], world_size: int):
+        self.params, self.world_size = list(params), world_size
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        self.ready: set[int] = set()
+        self.queued = False
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        self.ready.add(self.index[id(p)])
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._all_reduce)
+
+    def _all_reduce(self) -> None:
+        grads = [self.params[i].grad for i in sorted(self.ready)]
+        self.ready, self.queued = set(), False
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
+    with torch.no_grad():
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
+def parameter_checksum(params: Sequence[torch.nn.Parameter]) -> float:
+    return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in params))
+
+
+def check_in_sync(params: Sequence[torch.nn.Parameter], dist: Dist) -> float:
+    """All processes must hold the same adapters; raise if they drifted apart."""
+    checksum = parameter_checksum(params)
+    if dist.world_size > 1:
+        sums = [None] * dist.world_size
+        torch.distributed.all_gather_object(sums, checksum)
+        if any(abs(s - checksum) > 1e-6 * max(1.0, abs(checksum)) for s in sums):
+            raise RuntimeError(f"adapters differ between processes: checksums {sums}")
+    return checksum
+
+
+# --- outputs -------------------------------------------------------------------------------
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None):
+    """(B, H, W, 3) in [0, 1] -> one PIL image."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    columns = columns or min(n, 4)
+    rows = math.ceil(n / columns)
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, img in enumerate(images):
+        tile = Image.fromarray((img.numpy() * 255).round().clip(0, 255).astype("uint8"))
+        grid.paste(tile, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def save_png_atomic(image, path: Path) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def draw_loss_curves(rows: Sequence[dict[str, float]], keys: Sequence[str] = PLOTTED, size: tuple[int, int] = (640, 170)):
+    """One panel per loss (step on x, value on y, min/max written at the side), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    keys = [k for k in keys if any(k in r for r in rows)]
+    width, panel = size
+    image = Image.new("RGB", (width, max(1, len(keys)) * panel), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, pad = 70, 10, 18
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for i, key in enumerate(keys):
+        points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        top = i * panel
+        box = (left, top + pad, width - right, top + panel - pad)
+        draw.rectangle(box, outline=(160, 160, 160))
+        draw.text((left, top + 2), key, fill=(0, 0, 0))
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1e-12
+        draw.text((4, box[1]), f"{max(ys):.3g}", fill=(0, 0, 0))
+        draw.text((4, box[3] - 10), f"{min(ys):.3g}", fill=(0, 0, 0))
+        draw.text((box[2] - 60, box[3] + 2), f"step {max(xs)}", fill=(0, 0, 0))
+        scaled = [
+            (box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - (y - y0) / (y1 - y0) * (box[3] - box[1]))
+            for x, y in points
+        ]
+        if len(scaled) == 1:
+            draw.ellipse([scaled[0][0] - 2, scaled[0][1] - 2, scaled[0][0] + 2, scaled[0][1] + 2], fill=colours[i % 4])
+        else:
+            draw.line(scaled, fill=colours[i % 4], width=2)
+    return image
+
+
+def workflow_api(checkpoint_name: str, lora_name: str, prompt: str, resolution: int, timesteps: Sequence[int], seed: int = 0) -> dict:
+    """A ComfyUI API-format graph: checkpoint -> the LoRA -> DMD2Generate -> decode -> save."""
+    preset = PRESETS.get(tuple(timesteps), "custom")
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name}},
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": prompt}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": resolution, "height": resolution, "batch_size": 1}},
+        "5": {
+            "class_type": "DMD2Generate",
+            "inputs": {
+                "model": ["2", 0], "positive": ["3", 0], "latent_image": ["4", 0], "seed": seed,
+                "preset": preset, "custom_timesteps": ",".join(str(t) for t in timesteps),
+            },
+        },
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "dmd2"}},
+    }
+
+
+def workflow_ui(checkpoint_name: str, lora_name: str, prompt: str, resolution: int, timesteps: Sequence[int], seed: int = 0) -> dict:
+    """The same graph in the UI (litegraph) format, to open in ComfyUI's editor."""
+    preset = PRESETS.get(tuple(timesteps), "custom")
+    # (id, type, widget values, [(input name, type)], [(output name, type)], x, y)
+    specs = [
+        (1, "CheckpointLoaderSimple", [checkpoint_name], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], 40, 160),
+        (2, "LoraLoaderModelOnly", [lora_name, 1.0], [("model", "MODEL")], [("MODEL", "MODEL")], 420, 40),
+        (3, "CLIPTextEncode", [prompt], [("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], 420, 200),
+        (4, "EmptyLatentImage", [resolution, resolution, 1], [], [("LATENT", "LATENT")], 420, 440),
+        (5, "DMD2Generate", [seed, "fixed", preset, ",".join(str(t) for t in timesteps)],
+         [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")], [("LATENT", "LATENT")], 860, 160),
+        (6, "VAEDecode", [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")], 1200, 160),
+        (7, "SaveImage", ["dmd2"], [("images", "IMAGE")], [], 1440, 160),
+    ]
+    # [link id, from node, from slot, to node, to slot, type]
+    links = [[1, 1, 0, 2, 0, "MODEL"], [2, 1, 1, 3, 0, "CLIP"], [3, 2, 0, 5, 0, "MODEL"], [4, 3, 0, 5, 1, "CONDITIONING"],
+             [5, 4, 0, 5, 2, "LATENT"], [6, 5, 0, 6, 0, "LATENT"], [7, 1, 2, 6, 1, "VAE"], [8, 6, 0, 7, 0, "IMAGE"]]
+    nodes = []
+    for order, (node_id, kind, widgets, inputs, outputs, x, y) in enumerate(specs):
+        nodes.append({
+            "id": node_id, "type": kind, "pos": [x, y], "size": [320, 100], "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": t, "link": next(l[0] for l in links if l[3] == node_id and l[4] == slot)}
+                       for slot, (name, t) in enumerate(inputs)],
+            "outputs": [{"name": name, "type": t, "links": [l[0] for l in links if l[1] == node_id and l[2] == slot], "slot_index": slot}
+                        for slot, (name, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": kind},
+            "widgets_values": widgets,
+        })
+    return {"last_node_id": 7, "last_link_id": 8, "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per iteration, appended) and metrics.csv (rewritten)."""
+
+    def __init__(self, folder: Path, resume_step: int):
+        self.jsonl, self.csv = folder / "metrics.jsonl", folder / "metrics.csv"
+        self.rows: list[dict[str, float]] = []
+        if self.jsonl.is_file():
+            for line in self.jsonl.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if row.get("step", math.inf) < resume_step:
+                    self.rows.append(row)
+        # Iterations after the checkpoint we resume from are redone: drop their lines.
+        from .data import write_text_atomic
+
+        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.handle = self.jsonl.open("a", encoding="utf-8")
+
+    def append(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+
+    def write_csv(self) -> None:
+        from .data import write_text_atomic
+
+        keys: list[str] = []
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.csv, buf.getvalue())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def find_latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (temp folders of an interrupted save are ignored)."""
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Dist, keep: int) -> Path:
+    """checkpoints/step_N/: adapters.safetensors (+ head) and state_rank{r}.pt per process,
+    written into a temp folder that is renamed into place once every process is done."""
+    from .lora import save_safetensors_atomic
+
+    final = folder / f"step_{step:07d}"
+    tmp = folder / f".step_{step:07d}.tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    params = dict(trainer.generator_named) | dict(trainer.fake_named)
+    if dist.main:
+        save_safetensors_atomic({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, tmp / "adapters.safetensors")
+    state = {"trainer": trainer.state_dict(include_parameters=False), "backend": backend.state_dict(), "world_size": dist.world_size}
+    torch.save(state, tmp / f"state_rank{dist.rank}.pt")
+    dist.barrier()
+    if dist.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        old = sorted(p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name))
+        for path in old[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_training_checkpoint(path: Path, trainer, backend, dist: Dist) -> int:
+    from safetensors.torch import load_file
+
+    state_file = path / f"state_rank{dist.rank}.pt"
+    if not state_file.is_file():
+        raise RuntimeError(f"{path} was written by a run with another number of processes; resume with the same number")
+    state = torch.load(str(state_file), map_location="cpu", weights_only=True)
+    params = load_file(str(path / "adapters.safetensors"))
+    own = dict(trainer.generator_named) | dict(trainer.fake_named)
+    if set(params) != set(own) or any(tuple(params[k].shape) != tuple(p.shape) for k, p in own.items()):
+        raise RuntimeError(f"checkpoint {path} does not match this run's adapters (other model, LoRA rank or targets?)")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(params[k])
+    trainer.load_state_dict(state["trainer"])
+    backend.load_state_dict(state["backend"])
+    return trainer.step_count
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def train(argv: Sequence[str] | None = None):
+    """Run the command; returns (trainer, backend, output folder). Raises on bad input."""
+    from . import backend as B
+    from .config import ConfigError, DMD2Config
+    from .data import (
+        cache_key,
+        check_resolution,
+        file_sha256,
+        list_images,
+        load_cached,
+        read_prompts,
+        save_cached,
+        write_text_atomic,
+    )
+    from .lora import DEFAULT_TARGETS
+    from .trainer import DMD2Trainer
+
+    args = build_parser().parse_args(argv)
+    run, dmd2_values = resolve_settings(args)
+
+    # 1. Check every input before writing anything.
+    if run.resolution:
+        check_resolution(run.resolution)
+    prompts = read_prompts(run.prompts)
+    image_paths = list_images(run.images) if run.images else []
+    device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist = init_distributed(device)
+    if dist.world_size > 1 and device == "cuda":
+        device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(dist.local_rank)
+    on_gpu = device.startswith("cuda")
+    # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.
+    base_dtype = {"": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[run.mixed_precision] if on_gpu else torch.float32
+    loaded = B.load_checkpoint(run.checkpoint, weight_dtype=base_dtype)
+    arch = loaded.arch
+    if "arch" in dmd2_values and dmd2_values["arch"] != arch:
+        raise ConfigError(f"config says arch={dmd2_values['arch']!r} but {run.checkpoint} is an {arch} checkpoint")
+    config = DMD2Config.for_arch(arch, **{k: v for k, v in dmd2_values.items() if k != "arch"})
+    resolution = run.resolution or (1024 if arch == "sdxl" else 512)
+    check_resolution(resolution)
+    sample_prompts = list(run.sample_prompts) or prompts[:4]
+
+    output = Path(run.output)
+    checkpoints = output / "checkpoints"
+    cache = output / "cache"
+    if dist.main:
+        cache.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints.glob(".step_*.tmp"):  # a save cut short by a kill
+            shutil.rmtree(stale, ignore_errors=True)
+        if not run.resume:  # starting over: older checkpoints must not be resumed later
+            for old in checkpoints.glob("step_*"):
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+    # 2. Encode once (cached by checkpoint hash and inputs), then drop the encoders.
+    ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
+    text_file = cache / f"text-{cache_key(ckpt_hash, prompts, sample_prompts, resolution)}.safetensors"
+    cached = load_cached(text_file)
+    all_prompts = [""] + prompts + sample_prompts
+    if cached is None:
+        encoded = B.encode_prompts(loaded, all_prompts, resolution)
+        cached = {f"{i}.context": c.context for i, c in enumerate(encoded)} | {f"{i}.y": c.y for i, c in enumerate(encoded) if c.y is not None}
+        if dist.main:
+            save_cached(text_file, cached)
+    conds = [B.Conditioning(cached[f"{i}.context"], cached.get(f"{i}.y")) for i in range(len(all_prompts))]
+    uncond, train_conds, sample_conds = conds[0], conds[1 : 1 + len(prompts)], conds[1 + len(prompts) :]
+    real_latents = None
+    if image_paths:
+        stats = [(p.name, p.stat().st_size, p.stat().st_mtime) for p in image_paths]
+        latent_file = cache / f"latents-{cache_key(ckpt_hash, stats, resolution)}.safetensors"
+        cached_latents = load_cached(latent_file)
+        if cached_latents is None:
+            cached_latents = {"latents": B.encode_images(loaded, image_paths, resolution)}
+            if dist.main:
+                save_cached(latent_file, cached_latents)
+        real_latents = cached_latents["latents"]
+    loaded.clip = None  # the text encoders are not needed any more
+
+    # 3. Backend and trainer; resume from the newest checkpoint.
+    backend = B.ComfyDMD2Backend(
+        loaded, train_conds, uncond, resolution,
+        batch_size=run.batch_size, real_latents=real_latents,
+        lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=run.lora_targets or DEFAULT_TARGETS,
+        device=device, mixed_precision=run.mixed_precision or None,
+        gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
+        seed=config.seed, rank=dist.rank,
+    )
+    trainer = DMD2Trainer(config, backend, rank=dist.rank)
+    trainable = trainer.generator_params + trainer.fake_params
+    if dist.world_size > 1:
+        broadcast_parameters(trainable)
+        GradientAverager(trainable, dist.world_size)
+    latest = find_latest_checkpoint(checkpoints) if run.resume else None
+    start = load_training_checkpoint(latest, trainer, backend, dist) if latest is not None else 0
+    if dist.main:
+        settings = {"run": dataclasses.asdict(run), "dmd2": config.to_dict(), "arch": arch, "resolution": resolution, "base_model_sha256": ckpt_hash}
+        write_text_atomic(output / "run_config.json", json.dumps(settings, indent=2))
+        log.info("%s %s, %d prompts, %d real images, %s, resuming at step %d", arch, run.checkpoint, len(prompts), len(image_paths), device, start)
+
+    # 4. The loop.
+    metrics_log = MetricsLog(output, start) if dist.main else None
+    samples = output / "samples"
+    lora_name = (run.lora_name or f"dmd2_{Path(run.checkpoint).stem}_lora").removesuffix(".safetensors") + ".safetensors"
+
+    def write_samples(step: int) -> None:
+        if not dist.main:
+            return
+        latents = backend.sample(sample_conds, [run.sample_seeds[i % len(run.sample_seeds)] for i in range(len(sample_conds))], config.generator_timesteps)
+        samples.mkdir(exist_ok=True)
+        save_png_atomic(image_grid(B.decode_latents(loaded, latents)), samples / f"step_{step:07d}.png")
+
+    def write_checkpoint(step: int) -> None:
+        check_in_sync(trainable, dist)
+        save_training_checkpoint(checkpoints, step, trainer, backend, dist, run.keep_checkpoints)
+        if dist.main:
+            metrics_log.write_csv()
+            save_png_atomic(draw_loss_curves(metrics_log.rows), output / "loss_curve.png")
+
+    bar = None
+    if dist.main and not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc="DMD2", unit="it", dynamic_ncols=True)
+    started = time.perf_counter()
+    try:
+        while trainer.step_count < config.steps:
+            metrics = trainer.step()
+            step = trainer.step_count
+            if dist.main:
+                metrics_log.append({**metrics, "time": round(time.perf_counter() - started, 4)})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss_dm", "loss_fake", "loss_gan_discriminator") if k in metrics})
+            if step % run.save_every == 0 and step < config.steps:
+                write_checkpoint(step)
+            if run.sample_every and step % run.sample_every == 0:
+                write_samples(step)
+        latest = find_latest_checkpoint(checkpoints)
+        if latest is None or latest.name != f"step_{config.steps:07d}":
+            write_checkpoint(config.steps)
+        if not (run.sample_every and config.steps % run.sample_every == 0) and config.steps > 0:
+            write_samples(config.steps)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_log is not None:
+            metrics_log.close()
+
+    # 5. The LoRA and a workflow that uses it.
+    if dist.main:
+        metadata = {
+            "dmd2_base_model": Path(run.checkpoint).name,
+            "dmd2_base_model_sha256": ckpt_hash,
+            "dmd2_arch": arch,
+            "dmd2_steps": trainer.step_count,
+            "dmd2_timesteps": ",".join(str(t) for t in config.generator_timesteps),
+            "dmd2_guidance": config.real_guidance_scale,
+            "dmd2_resolution": resolution,
+            "dmd2_config": json.dumps({"run": dataclasses.asdict(run), "dmd2": config.to_dict()}),
+            "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
+        }
+        backend.adapters.export(output / lora_name, "generator", metadata)
+        graph = workflow_api(Path(run.checkpoint).name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
+        write_text_atomic(output / "workflow_api.json", json.dumps(graph, indent=2))
+        ui = workflow_ui(Path(run.checkpoint).name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
+        write_text_atomic(output / "workflow.json", json.dumps(ui, indent=2))
+        log.info("wrote %s", output / lora_name)
+    dist.barrier()
+    return trainer, backend, output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Exit status 0 on success, 2 on bad input or settings."""
+    from ..comfy_env import ComfyUINotFound
+    from .backend import CheckpointError, UnsupportedModel
+    from .config import ConfigError
+    from .data import DataError
+    from .lora import LoRAError
+
+    if not log.handlers:  # ComfyUI configures the root logger at WARNING: use our own handler
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("dmd2-train: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    try:
+        train(argv)
+    except (ConfigError, DataError, CheckpointError, UnsupportedModel, LoRAError, ComfyUINotFound) as exc:
+        print(f"dmd2-train: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0

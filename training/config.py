@@ -1,0 +1,220 @@
+"""One configuration object for DMD2 distillation.
+
+``DMD2Config`` holds every knob of the algorithm and of the optimisers. Per-architecture
+defaults follow the DMD2 experiment scripts (SDXL 4-step LoRA and SD1.5); a TOML file and
+``key=value`` overrides are applied on top, in that order::
+
+    config = load_config("run.toml", overrides=["lr_generator=1e-5", "steps=2000"])
+
+Fields that describe the model, the data or where files go (checkpoint paths, LoRA rank,
+prompts, ...) belong to the command that builds the backend; this object only carries what
+the training loop itself reads, plus a free ``extra`` table that is passed through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+# The DMD2 experiment scripts' settings that differ between architectures.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sdxl": {
+        "real_guidance_scale": 8.0,
+        "fake_updates_per_generator_update": 5,
+        "lr_generator": 5e-5,
+        "lr_fake_score": 5e-5,
+        "gan_generator_weight": 5e-3,
+        "gan_discriminator_weight": 1e-2,
+        "generator_timesteps": (999, 749, 499, 249),
+    },
+    "sd15": {
+        "real_guidance_scale": 1.75,
+        "fake_updates_per_generator_update": 10,
+        "lr_generator": 1e-5,
+        "lr_fake_score": 1e-5,
+        "gan_generator_weight": 5e-3,
+        "gan_discriminator_weight": 1e-2,
+        "generator_timesteps": (999, 749, 499, 249),
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class DMD2Config:
+    """What the DMD2 loop reads. Timesteps are integer DDPM indices in [0, num_train_timesteps)."""
+
+    arch: str = "sdxl"
+    steps: int = 10_000  # generator-or-fake iterations the trainer runs (``trainer.step`` calls)
+    seed: int = 0
+    num_train_timesteps: int = 1000
+
+    # Generator: multi-step students use backward simulation over these timesteps; a
+    # 1-element tuple is a 1-step student fed unit-variance noise at that timestep.
+    generator_timesteps: tuple[int, ...] = (999, 749, 499, 249)
+    backward_simulation: bool = True
+
+    # Distribution matching.
+    real_guidance_scale: float = 8.0  # real score = uncond + s * (cond - uncond)
+    dm_min_timestep: int = 20
+    dm_max_timestep: int = 980
+
+    # Fake score: trained every iteration with a denoising loss on generated samples.
+    # Its loss is weighted like the eps-prediction MSE ("eps") or plain x0 MSE ("x0").
+    fake_loss_weighting: str = "eps"
+    fake_min_timestep: int = 0
+    fake_max_timestep: int = 999
+
+    # Two time-scale update rule: this many fake-score updates per generator update.
+    fake_updates_per_generator_update: int = 5
+
+    # GAN (used only when the backend gives real latents and a classifier head).
+    gan_generator_weight: float = 5e-3
+    gan_discriminator_weight: float = 1e-2
+    gan_min_timestep: int = 20
+    gan_max_timestep: int = 980
+
+    # Optimisers: AdamW for both, linear warmup then constant.
+    lr_generator: float = 5e-5
+    lr_fake_score: float = 5e-5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    warmup_steps: int = 500  # counted in optimiser updates of each optimiser
+    max_grad_norm: float = 10.0  # 0 or less: no clipping
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_arch(cls, arch: str, **overrides: Any) -> DMD2Config:
+        """The reference defaults for ``arch`` ('sdxl' or 'sd15'), then ``overrides``."""
+        if arch not in ARCH_DEFAULTS:
+            raise ConfigError(f"unknown arch {arch!r}; expected one of {sorted(ARCH_DEFAULTS)}")
+        values = {**ARCH_DEFAULTS[arch], "arch": arch, **overrides}
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DMD2Config:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        coerced = {name: _coerce(known[name], value) for name, value in values.items()}
+        config = cls(**coerced)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @property
+    def one_step(self) -> bool:
+        return len(self.generator_timesteps) == 1
+
+    def validate(self) -> None:
+        n = self.num_train_timesteps
+        if not self.generator_timesteps:
+            raise ConfigError("generator_timesteps must hold at least one timestep")
+        for t in self.generator_timesteps:
+            if not 0 <= t < n:
+                raise ConfigError(f"generator timestep {t} is outside [0, {n - 1}]")
+        if list(self.generator_timesteps) != sorted(self.generator_timesteps, reverse=True) or len(
+            set(self.generator_timesteps)
+        ) != len(self.generator_timesteps):
+            raise ConfigError(f"generator_timesteps must strictly decrease, got {list(self.generator_timesteps)}")
+        for lo, hi, what in (
+            (self.dm_min_timestep, self.dm_max_timestep, "dm"),
+            (self.fake_min_timestep, self.fake_max_timestep, "fake"),
+            (self.gan_min_timestep, self.gan_max_timestep, "gan"),
+        ):
+            if not 0 <= lo <= hi < n:
+                raise ConfigError(f"{what}_min_timestep/{what}_max_timestep must satisfy 0 <= min <= max < {n}")
+        if self.fake_loss_weighting not in ("eps", "x0"):
+            raise ConfigError(f"fake_loss_weighting must be 'eps' or 'x0', got {self.fake_loss_weighting!r}")
+        if self.fake_updates_per_generator_update < 1:
+            raise ConfigError("fake_updates_per_generator_update must be >= 1")
+        if self.lr_generator <= 0 or self.lr_fake_score <= 0:
+            raise ConfigError("learning rates must be positive")
+        if self.steps < 0 or self.warmup_steps < 0:
+            raise ConfigError("steps and warmup_steps must be >= 0")
+        if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0:
+            raise ConfigError("GAN weights must be >= 0")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn TOML/CLI values into the field's type (lists -> tuples, strings -> numbers)."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            item = float if "float" in kind else int
+            return tuple(item(v) for v in value)
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "str":
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key {f.name!r}: cannot read {value!r} as {kind}") from exc
+    return value
+
+
+def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``["lr_generator=1e-5", "generator_timesteps=999,749"]`` -> dict (values stay strings)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+    arch: str | None = None,
+) -> DMD2Config:
+    """Defaults for the arch (from ``arch``, the overrides, the file, else 'sdxl'), then the
+    TOML file's top-level keys (a ``[dmd2]`` table is read instead if present), then overrides."""
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+        file_values = dict(data.get("dmd2", data))
+    override_values = parse_overrides(overrides)
+    values = {**file_values, **override_values}
+    arch = override_values.get("arch") or arch or file_values.get("arch") or "sdxl"
+    values.pop("arch", None)
+    return DMD2Config.for_arch(str(arch), **values)

@@ -1,0 +1,155 @@
+"""Training data for the command: prompts, real images, and caches of what they encode to.
+
+Everything here is validated before the first output file is written, so that bad input
+fails fast with a message naming the file, and leaves nothing half-written behind.
+Text embeddings and image latents are computed once and cached as safetensors files keyed
+by the checkpoint's hash and the inputs (a re-run or a resume does not encode again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Files allowed next to images without being images (kohya-style captions, notes).
+SIDECAR_SUFFIXES = {".txt", ".caption", ".json", ".md"}
+
+
+class DataError(ValueError):
+    """Bad training input: missing or empty prompts, unreadable images, bad resolution."""
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompts file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"prompts file {path} is not UTF-8 text: {exc}") from exc
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise DataError(f"prompts file {path} holds no prompts (one prompt per line expected)")
+    return prompts
+
+
+def check_resolution(resolution: int, multiple: int = 8) -> int:
+    """Image side in pixels: positive and a multiple of ``multiple`` (8: one latent pixel)."""
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % multiple:
+        raise DataError(f"resolution must be a positive multiple of {multiple} pixels, got {resolution!r}")
+    return resolution
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files of a folder (sorted), checked to open as images.
+
+    Caption sidecars (.txt, .caption, .json, .md) and hidden files are skipped; any other
+    file is an error, and so is an image file that does not decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"images folder not found: {folder}")
+    images, bad = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir() or path.suffix.lower() in SIDECAR_SUFFIXES:
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            bad.append(f"{path.name} (not an image file type)")
+            continue
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            bad.append(f"{path.name} ({type(exc).__name__}: {exc})")
+            continue
+        images.append(path)
+    if bad:
+        raise DataError(f"images folder {folder} holds files that are not readable images: " + "; ".join(bad[:10]))
+    if not images:
+        raise DataError(f"images folder {folder} holds no images")
+    return images
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """RGB image resized (shorter side) and centre-cropped to a square: (H, W, 3) in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = resolution / min(im.size)
+        size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
+        im = im.resize(size, Image.Resampling.LANCZOS)
+        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+
+
+def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """sha256 of a (possibly multi-GB) file, remembered in ``cache_dir`` by size and mtime."""
+    path = Path(path)
+    stat = path.stat()
+    memo = None
+    if cache_dir is not None:
+        memo = Path(cache_dir) / "file_hashes.json"
+        known = json.loads(memo.read_text()) if memo.is_file() else {}
+        entry = known.get(str(path.resolve()))
+        if entry and entry["size"] == stat.st_size and entry["mtime"] == stat.st_mtime:
+            return entry["sha256"]
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if memo is not None:
+        known = json.loads(memo.read_text()) if memo.is_file() else {}
+        known[str(path.resolve())] = {"size": stat.st_size, "mtime": stat.st_mtime, "sha256": value}
+        write_text_atomic(memo, json.dumps(known, indent=1))
+    return value
+
+
+def cache_key(*parts: object) -> str:
+    """A short stable hash of whatever decides a cache's content."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_cached(path: Path) -> dict[str, torch.Tensor] | None:
+    """A cache file's tensors, or None when absent or unreadable (then it is rebuilt)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception:  # noqa: BLE001 (a damaged cache is only a cache: rebuild it)
+        return None
+
+
+def save_cached(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    from .lora import save_safetensors_atomic
+
+    save_safetensors_atomic({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
