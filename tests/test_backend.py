@@ -16,15 +16,6 @@ from safetensors.torch import load_file, save_file
 RES = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run far faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoints):
     return {arch: B.load_checkpoint(path) for arch, path in tiny_checkpoints.items()}

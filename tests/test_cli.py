@@ -25,15 +25,6 @@ ROOT = TESTS.parent
 FAST = ["--resolution", "128", "--lora-rank", "4", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run far faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")

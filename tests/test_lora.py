@@ -15,15 +15,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run far faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _inputs(arch: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     cfg = tiny_models.UNET_CONFIGS[arch]

@@ -21,16 +21,6 @@ CONTEXT_TOKENS = 77
 POOLED_DIM = 32  # tiny SDXL's pooled text embedding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One CPU thread: on a 2-core machine shared with other jobs torch's spinning OpenMP
-    threads make the tiny UNet calls up to 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     return {arch: tiny_models.build_model(arch) for arch in ("sd15", "sdxl")}

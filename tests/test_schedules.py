@@ -16,16 +16,6 @@ from comfyui_dmd2.nodes.schedules import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One CPU thread: on a 2-core machine shared with other jobs torch's spinning OpenMP
-    threads make the tiny UNet calls up to 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd15():
     return tiny_models.build_model("sd15")
