@@ -371,7 +371,7 @@ class DigitsBackend:
 class FeatureSpace(torch.nn.Module):
     """A small MLP classifier; its penultimate layer is the feature space of the distance."""
 
-    def __init__(self, features: int = 32):
+    def __init__(self, features: int = 16):
         super().__init__()
         self.body = torch.nn.Sequential(
             torch.nn.Flatten(), torch.nn.Linear(SIDE * SIDE, 128), torch.nn.SiLU(), torch.nn.Dropout(0.2),
@@ -424,6 +424,18 @@ def classifier_accuracy(space: FeatureSpace, x: torch.Tensor, y: torch.Tensor) -
     with torch.no_grad():
         space.eval()
         return float((space(x.clamp(-1, 1)).argmax(1) == y).float().mean())
+
+
+def reference_split(data: DigitsData, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distance's real images: every digit the feature classifier did not see (``train`` +
+    ``unseen``), shuffled and cut into two halves of (almost) equal size: a fixed ``reference``
+    that every row is compared to, and a ``probe`` half of real images for the real-vs-real
+    floor. Model rows use as many samples per seed as the probe holds, so the floor has the
+    same sample sizes (and the same estimator bias) as every model row."""
+    pool = torch.cat([data.train_x, data.unseen_x])
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + seed))
+    half = len(pool) // 2
+    return pool[order[half:]], pool[order[:half]]
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
