@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..comfy_env import ensure_comfy
 from . import losses
 from .data import DataError, load_image
 from .lora import DEFAULT_TARGETS, UNetLoRA
@@ -47,16 +48,6 @@ class LoadedCheckpoint:
     model: Any
     clip: Any
     vae: Any
-
-
-def _ensure_comfy():
-    import sys
-
-    if "comfy" in sys.modules:  # already set up (ComfyUI's comfy is a namespace package: no __file__)
-        return
-    from ..comfy_env import ensure_comfy
-
-    ensure_comfy()
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -104,7 +95,7 @@ def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None) -
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    _ensure_comfy()
+    ensure_comfy()
     import comfy.sd
 
     state_dict, metadata = _read_state_dict(path)
