@@ -48,3 +48,37 @@ def comfy_server(tmp_path_factory, tiny_checkpoints):
     server.start()
     yield server
     server.stop()
+
+
+# Names the shipped workflows use (workflows/*.json); tiny stand-ins are installed under them.
+WORKFLOW_BASE_CHECKPOINTS = {"sd_xl_base_1.0.safetensors": "sdxl", "v1-5-pruned-emaonly.safetensors": "sd15"}
+WORKFLOW_ADAPTER = "t2i-adapter-canny-sdxl-1.0.safetensors"
+WORKFLOW_INPUT_IMAGE = "example.png"
+
+
+@pytest.fixture(scope="session")
+def workflow_files(comfy_server, tiny_checkpoints):
+    """The shared server with a tiny, loadable file under every name the shipped workflows use:
+    the base checkpoints, every DMD2 release (seed = its index in RELEASES), the canny
+    T2I-Adapter and the input image. One place, so every test sees the same files."""
+    import tiny_adapters
+    import tiny_releases
+    from PIL import Image
+
+    from comfyui_dmd2.nodes.releases import RELEASES
+
+    models = comfy_server.base / "models"
+    for name, arch in WORKFLOW_BASE_CHECKPOINTS.items():
+        shutil.copy(tiny_checkpoints[arch], models / "checkpoints" / name)
+    for seed, release in enumerate(RELEASES):
+        tiny_releases.write_release(release, models / release.folder, seed=seed)
+    tiny_adapters.save_adapter("sdxl", models / "controlnet" / WORKFLOW_ADAPTER, dtype=torch.float16)
+    # A photo-like input: a bright disc and a bar on a gradient, not square (the edge node crops).
+    x = torch.linspace(0, 1, 120)
+    y = torch.linspace(0, 1, 90)
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    pixels = 0.3 * xx + 0.6 * (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.06).float()
+    pixels[:, 20:26] = 1.0
+    rgb = (pixels.clamp(0, 1)[..., None].expand(-1, -1, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(rgb).save(comfy_server.base / "input" / WORKFLOW_INPUT_IMAGE)
+    return comfy_server

@@ -5,13 +5,10 @@ other and with /object_info; bad adapters fail clearly and the server keeps serv
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import tiny_adapters
-import tiny_releases
-import torch
 from comfy_server import execution_error, output_images
 from PIL import Image
 
@@ -23,31 +20,11 @@ API_WORKFLOW = REPO / "workflows" / "api" / "sdxl_4step_canny_t2i_adapter.json"
 SMALL = 96  # generation size for the tiny models (a multiple of the SDXL adapter's 32)
 
 
-def place(path: Path, write) -> None:
-    """Write a tiny stand-in under a workflow file name unless a test already placed one."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
-
-
 @pytest.fixture(scope="module")
-def server(comfy_server, tiny_checkpoints):
-    models = comfy_server.base / "models"
-    place(models / "checkpoints" / "sd_xl_base_1.0.safetensors", lambda p: shutil.copy(tiny_checkpoints["sdxl"], p))
-    place(models / "diffusion_models" / "dmd2_sdxl_4step_unet_fp16.bin",
-          lambda p: tiny_releases.write_unet_release(p, "sdxl"))
-    place(models / "controlnet" / "t2i-adapter-canny-sdxl-1.0.safetensors",
-          lambda p: tiny_adapters.save_adapter("sdxl", p, dtype=torch.float16))
-    place(models / "controlnet" / "tiny-t2i-adapter-sd15.safetensors", lambda p: tiny_adapters.save_adapter("sd15", p))
-    # A photo-like input: a bright disc and a bar on a gradient, not square (the edge node crops).
-    x = torch.linspace(0, 1, 120)
-    y = torch.linspace(0, 1, 90)
-    yy, xx = torch.meshgrid(y, x, indexing="ij")
-    pixels = 0.3 * xx + 0.6 * (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.06).float()
-    pixels[:, 20:26] = 1.0
-    rgb = (pixels.clamp(0, 1)[..., None].expand(-1, -1, 3) * 255).to(torch.uint8).numpy()
-    Image.fromarray(rgb).save(comfy_server.base / "input" / "example.png")
-    return comfy_server
+def server(workflow_files):
+    """The shared server with the workflow's files (conftest) and an SD1.5 adapter beside them."""
+    tiny_adapters.save_adapter("sd15", workflow_files.base / "models" / "controlnet" / "tiny-t2i-adapter-sd15.safetensors")
+    return workflow_files
 
 
 def small_api_graph(prefix="dmd2_adapter"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import urllib.request
 from pathlib import Path
 
@@ -35,50 +34,8 @@ pytestmark = [
 ]
 
 # Base checkpoints the workflows name -> the tiny checkpoint standing in for it.
-BASE_CHECKPOINTS = {"sd_xl_base_1.0.safetensors": "sdxl", "v1-5-pruned-emaonly.safetensors": "sd15"}
-ADAPTER = "t2i-adapter-canny-sdxl-1.0.safetensors"
-INPUT_IMAGE = "example.png"
-
-
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def place(path: Path, write) -> None:
-    """Write a stand-in under a workflow's file name unless another test already placed one
-    (the server is shared: the files must stay loadable for the tests that run them)."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(path)
-
-
-@pytest.fixture(scope="module")
-def installed(comfy_server, tiny_checkpoints):
-    """Tiny but loadable files under every name the workflows' combo widgets use, so that the
-    frontend's combo lists (from /object_info at page load) contain them."""
-    import tiny_adapters
-    import tiny_releases
-    import torch
-    from comfyui_dmd2.nodes.releases import RELEASES
-    from PIL import Image, ImageDraw
-
-    models = comfy_server.base / "models"
-    for name, arch in BASE_CHECKPOINTS.items():
-        place(models / "checkpoints" / name, lambda p, arch=arch: shutil.copy(tiny_checkpoints[arch], p))
-    for seed, release in enumerate(RELEASES):  # same seeds as tests/test_workflows.py
-        place(models / release.folder / release.file_name,
-              lambda p, release=release, seed=seed: tiny_releases.write_release(release, p.parent, seed=seed))
-    place(models / "controlnet" / ADAPTER, lambda p: tiny_adapters.save_adapter("sdxl", p, dtype=torch.float16))
-
-    def picture(path: Path) -> None:  # something with edges, for the node's preview
-        image = Image.new("RGB", (160, 120), (40, 70, 110))
-        draw = ImageDraw.Draw(image)
-        draw.ellipse((45, 25, 115, 95), fill=(235, 200, 90))
-        draw.rectangle((10, 10, 22, 110), fill=(230, 230, 230))
-        image.save(path)
-
-    place(comfy_server.base / "input" / INPUT_IMAGE, picture)
-    return comfy_server
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -97,9 +54,9 @@ SCREENSHOT_SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo":
 
 
 @pytest.fixture(scope="module")
-def page(installed):
+def page(workflow_files):
     """One headless Chromium for the module, on the server's frontend, app ready."""
-    server = installed
+    server = workflow_files
     request = urllib.request.Request(server.url + "/settings", data=json.dumps(FIRST_RUN_SETTINGS).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:

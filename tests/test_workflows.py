@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
-import tiny_releases
 from comfy_server import execution_error, output_images
-from comfyui_dmd2.nodes.releases import RELEASES
 
 pytestmark = pytest.mark.server
 
@@ -23,7 +20,6 @@ API = WORKFLOWS / "api"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted(API.glob("*.json"))
 # Base checkpoints the workflows name -> the tiny checkpoint standing in for it.
-BASE_CHECKPOINTS = {"sd_xl_base_1.0.safetensors": "sdxl", "v1-5-pruned-emaonly.safetensors": "sd15"}
 # Workflows whose inputs this file cannot provide; run by their own tests.
 NOT_RUN_HERE = {
     "sdxl_4step_canny_t2i_adapter": "needs a T2I-Adapter file and an input image; tests/test_adapter_server.py runs it",
@@ -83,8 +79,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def object_info(comfy_server, installed_models):
-    return comfy_server.object_info()
+def object_info(workflow_files):
+    return workflow_files.object_info()
 
 
 def test_every_ui_workflow_has_an_api_twin():
@@ -142,18 +138,6 @@ def test_api_workflow_nodes_and_widget_values_are_valid(path, object_info):
                 assert isinstance(value, str), where
 
 
-@pytest.fixture(scope="module")
-def installed_models(comfy_server, tiny_checkpoints):
-    """Tiny stand-ins under the names the workflows use."""
-    models = comfy_server.base / "models"
-    for name, arch in BASE_CHECKPOINTS.items():
-        shutil.copy(tiny_checkpoints[arch], models / "checkpoints" / name)
-    for seed, release in enumerate(RELEASES):
-        if not (models / release.folder / release.file_name).exists():
-            tiny_releases.write_release(release, models / release.folder, seed=seed)
-    return models
-
-
 def test_template_browser_lists_the_workflows(comfy_server):
     listing = comfy_server.get("/workflow_templates")
     assert sorted(listing["comfyui-dmd2"]) == sorted(p.stem for p in UI_FILES)
@@ -165,7 +149,7 @@ RUNNABLE = [p for p in API_FILES if p.stem not in NOT_RUN_HERE]
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=[p.stem for p in RUNNABLE])
-def test_api_workflow_renders_on_tiny_models(path, comfy_server, installed_models):
+def test_api_workflow_renders_on_tiny_models(path, comfy_server, workflow_files):
     prompt = load(path)
     for node in prompt.values():
         if node["class_type"] == "EmptyLatentImage":
