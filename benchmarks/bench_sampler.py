@@ -77,13 +77,17 @@ def main(argv=None) -> int:
     steps = len(sigmas) - 1
     seed = 1
 
-    paths = {
-        "DMD2Generate": lambda: DMD2Generate.execute(model, positive, latent, seed, args.preset, ""),
-        "SamplerCustom+DMD2Sampler": lambda: SamplerCustom.execute(
-            model, True, seed, 1.0, positive, positive, dmd2_ksampler(), sigmas, latent),
-        "SamplerCustom+lcm (stock)": lambda: SamplerCustom.execute(
-            model, True, seed, 1.0, positive, positive, comfy.samplers.sampler_object("lcm"), sigmas, latent),
-    }
+    def sampling_paths(m):
+        """The three ways to sample the same model, sigmas and seed, measured side by side."""
+        return {
+            "DMD2Generate": lambda: DMD2Generate.execute(m, positive, latent, seed, args.preset, ""),
+            "SamplerCustom+DMD2Sampler": lambda: SamplerCustom.execute(
+                m, True, seed, 1.0, positive, positive, dmd2_ksampler(), sigmas, latent),
+            "SamplerCustom+lcm (stock)": lambda: SamplerCustom.execute(
+                m, True, seed, 1.0, positive, positive, comfy.samplers.sampler_object("lcm"), sigmas, latent),
+        }
+
+    paths = sampling_paths(model)
 
     forwards = {"n": 0}
     hook = base.diffusion_model.register_forward_hook(lambda *a: forwards.__setitem__("n", forwards["n"] + 1))
@@ -136,13 +140,7 @@ def main(argv=None) -> int:
 
     unet_free = model.clone()
     unet_free.set_model_unet_function_wrapper(no_unet)
-    overhead_paths = {
-        "DMD2Generate": lambda: DMD2Generate.execute(unet_free, positive, latent, seed, args.preset, ""),
-        "SamplerCustom+DMD2Sampler": lambda: SamplerCustom.execute(
-            unet_free, True, seed, 1.0, positive, positive, dmd2_ksampler(), sigmas, latent),
-        "SamplerCustom+lcm (stock)": lambda: SamplerCustom.execute(
-            unet_free, True, seed, 1.0, positive, positive, comfy.samplers.sampler_object("lcm"), sigmas, latent),
-    }
+    overhead_paths = sampling_paths(unet_free)
     overhead = {name: [] for name in overhead_paths}
     for r in range(10 * args.repeats + 1):
         for name in names[r % len(names):] + names[:r % len(names)]:
