@@ -101,6 +101,44 @@ def test_frechet_distance_by_hand():
     assert digits.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_real_floor_predicts_the_distance_at_other_sample_sizes():
+    """The floor at the model rows' sizes is extrapolated from disjoint real subsets; on a
+    Gaussian we can draw at any size, so check the extrapolation against direct draws."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    draw = lambda n: torch.randn(n, 4, generator=g, dtype=torch.float64) * scale
+    floor = digits.real_floor(draw(1400), model_samples=3000, seed=0)
+    direct = sum(digits.frechet_distance(draw(3000), draw(1400)) for _ in range(40)) / 40
+    assert floor["matched"] == pytest.approx(direct, rel=0.2)
+    assert floor["half_size"] == 700
+    halves = sum(digits.frechet_distance(draw(700), draw(700)) for _ in range(40)) / 40
+    assert floor["halves"] == pytest.approx(halves, rel=0.35)  # one seed: 8 splits only
+    assert floor["matched"] < floor["halves"] / 2  # larger samples, less bias
+
+
+def test_students_train_side_by_side_exactly_as_one_after_the_other(data, monkeypatch):
+    """With two cores the demo trains its two students in two spawned processes; that must
+    give the very weights of the one-process path (same seeds, one thread each)."""
+    teacher = digits.new_teacher(seed=2)
+    settings = demo.DemoSettings(
+        one_step=demo.StudentSettings(iterations=4, lr_generator=8e-4, ema_decay=0.9),
+        four_step=demo.StudentSettings(iterations=4, lr_generator=1e-4, ema_decay=0.9),
+        student_batch=8,
+    )
+    torch.set_num_threads(1)
+    one_after_the_other = demo._distill_students(teacher, data, settings)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # what the demo sees on 2 cores
+    side_by_side = demo._distill_students(teacher, data, settings)
+    assert set(side_by_side) == {"1-step", "4-step"}
+    for name, (model, timesteps) in side_by_side.items():
+        reference, reference_timesteps = one_after_the_other[name]
+        assert timesteps == reference_timesteps
+        state, expected = digits.denoiser_state_dict(model), digits.denoiser_state_dict(reference)
+        assert any(not torch.equal(v, digits.denoiser_state_dict(teacher)[k]) for k, v in state.items())  # it trained
+        for key, value in expected.items():
+            assert torch.equal(state[key], value), key
+
+
 @pytest.mark.slow
 def test_quick_demo_student_beats_teacher_one_step(tmp_path):
     metrics = demo.run_demo(tmp_path, demo.QUICK, cache_dir=None)
@@ -116,8 +154,10 @@ def test_quick_demo_student_beats_teacher_one_step(tmp_path):
     assert student_1 < teacher_1 / 2
     assert rows["DMD2 1-step"]["accuracy"] > 0.6  # samples look like their class
     assert rows["DMD2 1-step"]["sampler"].startswith("ComfyUI graph")  # sampled by ComfyUI's executor
-    # the floor is a floor: real-vs-real at the same sample sizes beats every model row
-    assert rows["real data (floor)"]["fd"]["mean"] < min(teacher_50, student_1)
+    # the floor is a floor: real-vs-real at the model rows' sample sizes beats the model rows
+    assert rows["real data (floor, matched)"]["fd"]["mean"] < min(teacher_50, student_1)
+    assert rows["DMD2 1-step"]["fd"]["values"] and len(rows["DMD2 1-step"]["fd"]["values"]) == demo.QUICK.seeds
+    assert [t["target"] for t in metrics["targets"]][:2] == ["1-step student <= teacher 4-step", "1-step student >= 8x closer than teacher 1-step"]
     assert (tmp_path / "grid.png").stat().st_size > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["rows"]["DMD2 1-step"]["fd"]["mean"] == pytest.approx(student_1)

@@ -59,8 +59,9 @@ UNET_CONFIG = {
 @dataclass
 class DigitsData:
     """Images in [-1, 1], shape (N, 1, 8, 8); labels (N,), in three disjoint splits:
-    ``train`` (the teacher's data and the distance's reference set), ``heldout`` (trains the
-    feature classifier) and ``unseen`` (real images no model saw: the real-vs-real floor)."""
+    ``train`` (the teacher's data), ``heldout`` (trains the feature classifier, nothing else)
+    and ``unseen`` (real images no model trained on). ``train`` + ``unseen`` is the distance's
+    real reference (``reference_pool``)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -426,16 +427,33 @@ def classifier_accuracy(space: FeatureSpace, x: torch.Tensor, y: torch.Tensor) -
         return float((space(x.clamp(-1, 1)).argmax(1) == y).float().mean())
 
 
-def reference_split(data: DigitsData, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distance's real images: every digit the feature classifier did not see (``train`` +
-    ``unseen``), shuffled and cut into two halves of (almost) equal size: a fixed ``reference``
-    that every row is compared to, and a ``probe`` half of real images for the real-vs-real
-    floor. Model rows use as many samples per seed as the probe holds, so the floor has the
-    same sample sizes (and the same estimator bias) as every model row."""
-    pool = torch.cat([data.train_x, data.unseen_x])
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + seed))
-    half = len(pool) // 2
-    return pool[order[half:]], pool[order[:half]]
+def reference_pool(data: DigitsData) -> torch.Tensor:
+    """The distance's real images: every digit the feature classifier did not see (``train``
+    + ``unseen``, 1397 images). Every model row is compared to all of them."""
+    return torch.cat([data.train_x, data.unseen_x])
+
+
+def real_floor(pool_features: torch.Tensor, model_samples: int, seed: int = 0, splits: int = 8) -> dict[str, float]:
+    """The real-vs-real floor, from disjoint subsets of the pool.
+
+    Two disjoint real sets cannot both be as large as a model row (``model_samples`` against
+    the whole pool), so the floor is measured on halves (``halves``: n/2 vs n/2) and brought to
+    the model rows' sample sizes (``matched``). Between two samples of one distribution the
+    Fréchet distance is pure estimator bias, to first order c (1/n1 + 1/n2); c is fitted by
+    least squares over ``splits`` random disjoint pairs at each of four sizes."""
+    n = len(pool_features)
+    g = torch.Generator().manual_seed(2000 + seed)
+    h, fd, halves = [], [], []
+    for m in (n // 8, n // 4, 3 * n // 8, n // 2):
+        for _ in range(splits):
+            order = torch.randperm(n, generator=g)
+            value = frechet_distance(pool_features[order[:m]], pool_features[order[m : 2 * m]])
+            h.append(2 / m)
+            fd.append(value)
+            if m == n // 2:
+                halves.append(value)
+    c = float(np.dot(h, fd) / np.dot(h, h))
+    return {"halves": float(np.mean(halves)), "half_size": n // 2, "c": c, "matched": c * (1 / model_samples + 1 / n)}
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
