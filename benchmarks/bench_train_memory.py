@@ -82,7 +82,7 @@ class ReferenceBackend:
         shared.adapters.remove()  # back to the plain frozen UNet: this is the real score
         self.real = shared.unet
         self.generator = copy.deepcopy(self.real)
-        self.gen_lora = UNetLoRA(self.generator, shared.loaded.model.model.model_config.unet_config,
+        self.gen_lora = UNetLoRA(self.generator, shared.unet_config,
                                  rank=shared.adapters.rank, alpha=shared.adapters.alpha, adapters=("generator",))
         self.gen_lora.switch.active = "generator"
         self.fake = copy.deepcopy(self.real).float().requires_grad_(True)  # full fine-tuning: fp32 master weights
@@ -96,8 +96,8 @@ class ReferenceBackend:
             enable_gradient_checkpointing(self.generator, self.gen_lora.switch)
             enable_gradient_checkpointing(self.fake, self.gen_lora.switch)
 
-    def sample_batch(self):
-        return self.s.sample_batch()
+    def sample_batch(self, n):
+        return self.s.sample_batch(n)
 
     def _eps(self, unet, x_t, t, cond):
         with self.s._autocast():
@@ -167,11 +167,10 @@ def run_one(args) -> dict:
         torch.randn(1, unet_config["adm_in_channels"], generator=gen) if unet_config["adm_in_channels"] else None,
     )
     latent = args.resolution // 8
-    loaded = B.LoadedCheckpoint(path=None, arch=arch, model=patcher, clip=None, vae=None)
     checkpointing = {"auto": on_gpu, "on": True, "off": False}[args.gradient_checkpointing]
-    shared = B.ComfyDMD2Backend(
-        loaded, [cond() for _ in range(4)], cond(), args.resolution, batch_size=args.batch_size,
-        real_latents=torch.randn(4, 4, latent, latent, generator=gen), lora_rank=args.rank, lora_alpha=8.0,
+    data = B.TrainingData([cond() for _ in range(4)], cond(), real_latents=torch.randn(4, 4, latent, latent, generator=gen))
+    shared = B.SharedBaseBackend(
+        patcher.model, data, (4, latent, latent), lora_rank=args.rank, lora_alpha=8.0,
         device=device, gradient_checkpointing=checkpointing and args.layout == "shared",  # reference: on its copies
     )
     backend = shared if args.layout == "shared" else ReferenceBackend(shared, checkpointing)
@@ -180,7 +179,7 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()
     rss_model = peak_rss_mib()
-    config = DMD2Config.for_arch(arch, fake_updates_per_generator_update=1, warmup_steps=0, steps=args.steps)
+    config = DMD2Config.for_arch(arch, fake_updates_per_generator_update=1, warmup_steps=0, steps=args.steps, batch_size=args.batch_size)
     trainer = DMD2Trainer(config, backend)
     trainer.step()  # warm-up (allocations, optimiser state)
     if on_gpu:

@@ -2,10 +2,11 @@
 
     python benchmarks/digits_quality.py [--quick] [--out DIR] [--threads N]
 
-Runs the digits demo (teacher, 1-step and 4-step students, sampled through the pack's
-DMD2Generate node) and prints the Fréchet-distance table and the ratios the issue's
-targets are judged on (``demo.targets``): each student vs the teacher's 4 and 50 steps,
-the teacher's 1 step vs the 1-step student.
+Runs the digits demo (teacher; 1-step and 4-step students trained as LoRAs by the product's
+path, exported as kohya LoRA files and sampled in a ComfyUI graph through the stock LoRA
+loader and the pack's DMD2Generate node) and prints the Fréchet-distance table and the ratios
+the targets are judged on (``demo.targets``): each student vs the teacher's 4 and 50 steps,
+the teacher's 1 step vs the 1-step student. The ablations are ``digits_study.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from comfyui_dmd2.training import demo
+    from comfyui_dmd2.training.digits import demo
 
     metrics = demo.run_demo(args.out, demo.QUICK if args.quick else demo.FULL, args.cache)
     print(demo._markdown(metrics))

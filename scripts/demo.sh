@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-test-env.sh
-exec .venv/bin/python -m comfyui_dmd2.training.demo --out output/demo "$@"
+exec .venv/bin/python -m comfyui_dmd2.training.digits --out output/demo "$@"

@@ -1,4 +1,5 @@
-"""The ComfyUI model backend: checkpoint loading and refusals, encodings, forwards, one step."""
+"""The shared-base backend on ComfyUI checkpoints: loading and refusals, encodings, forwards,
+data pairing for the discriminator, full iterations (accumulation, checkpointing)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import pytest
 import torch
 from comfyui_dmd2.training import backend as B
+from comfyui_dmd2.training import checkpoint as C
 from comfyui_dmd2.training import losses
 from comfyui_dmd2.training.config import DMD2Config
 from comfyui_dmd2.training.trainer import DMD2Trainer
@@ -18,18 +20,17 @@ RES = 128
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoints):
-    return {arch: B.load_checkpoint(path) for arch, path in tiny_checkpoints.items()}
+    return {arch: C.load_checkpoint(path) for arch, path in tiny_checkpoints.items()}
 
 
-def _backend(loaded, arch, images=None, **kwargs):
-    ck = loaded[arch]
+def _backend(loaded, arch, images=None, captions=None, **kwargs):
     # Each backend gets its own UNet: adapters are injected into the module tree.
-    ck = B.LoadedCheckpoint(ck.path, ck.arch, ck.model.clone(), ck.clip, ck.vae)
-    ck.model.model = copy.deepcopy(loaded[arch].model.model)
-    prompts = B.encode_prompts(ck, ["a red cube", "a tree by the sea, long prompt " * 12], RES)
-    uncond = B.encode_prompts(ck, [""], RES)[0]
+    model = copy.deepcopy(loaded[arch].model.model)
+    prompts = C.encode_prompts(loaded[arch], ["a red cube", "a tree by the sea, long prompt " * 12], RES)
+    uncond = C.encode_prompts(loaded[arch], [""], RES)[0]
     kwargs.setdefault("lora_rank", 4)
-    return B.ComfyDMD2Backend(ck, prompts, uncond, RES, batch_size=2, real_latents=images, **kwargs)
+    data = B.TrainingData(prompts, uncond, images, captions)
+    return B.SharedBaseBackend(model, data, (4, RES // 8, RES // 8), **kwargs)
 
 
 def test_loads_tiny_checkpoints_and_detects_arch(loaded):
@@ -38,33 +39,33 @@ def test_loads_tiny_checkpoints_and_detects_arch(loaded):
 
 
 def test_missing_corrupt_and_unsupported_checkpoints(tmp_path, tiny_checkpoints):
-    with pytest.raises(B.CheckpointError, match="not found"):
-        B.load_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(C.CheckpointError, match="not found"):
+        C.load_checkpoint(tmp_path / "nope.safetensors")
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00\x01garbage" * 100)
-    with pytest.raises(B.CheckpointError, match="corrupt"):
-        B.load_checkpoint(corrupt)
+    with pytest.raises(C.CheckpointError, match="corrupt"):
+        C.load_checkpoint(corrupt)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(tiny_checkpoints["sd15"].read_bytes()[:5000])
-    with pytest.raises(B.CheckpointError):
-        B.load_checkpoint(truncated)
+    with pytest.raises(C.CheckpointError):
+        C.load_checkpoint(truncated)
     other = tmp_path / "other.safetensors"
     save_file({"encoder.layer.0.weight": torch.zeros(4, 4)}, str(other))
-    with pytest.raises(B.UnsupportedModel, match="does not recognise"):
-        B.load_checkpoint(other)
+    with pytest.raises(C.UnsupportedModel, match="does not recognise"):
+        C.load_checkpoint(other)
     vpred = tmp_path / "vpred.safetensors"
     save_file({**load_file(str(tiny_checkpoints["sdxl"])), "v_pred": torch.tensor([])}, str(vpred))
-    with pytest.raises(B.UnsupportedModel, match="v-prediction"):
-        B.load_checkpoint(vpred)
+    with pytest.raises(C.UnsupportedModel, match="v-prediction"):
+        C.load_checkpoint(vpred)
 
 
 def test_prompt_encodings_have_sdxl_size_conditioning(loaded):
-    sd15 = B.encode_prompts(loaded["sd15"], ["a cat"], RES)[0]
+    sd15 = C.encode_prompts(loaded["sd15"], ["a cat"], RES)[0]
     assert sd15.context.shape == (1, 77, 32) and sd15.y is None
-    sdxl = B.encode_prompts(loaded["sdxl"], ["a cat"], RES)[0]
+    sdxl = C.encode_prompts(loaded["sdxl"], ["a cat"], RES)[0]
     assert sdxl.context.shape == (1, 77, 64)
     assert sdxl.y.shape == (1, 32 + 6 * 256)
-    other_size = B.encode_prompts(loaded["sdxl"], ["a cat"], 2 * RES)[0]
+    other_size = C.encode_prompts(loaded["sdxl"], ["a cat"], 2 * RES)[0]
     torch.testing.assert_close(other_size.y[:, :32], sdxl.y[:, :32])  # same pooled text
     assert not torch.equal(other_size.y[:, 32:], sdxl.y[:, 32:])  # different size embedding
 
@@ -75,9 +76,9 @@ def test_images_encode_and_decode(loaded, tmp_path):
         p = tmp_path / f"{i}.png"
         Image.new("RGB", (160 + 20 * i, 140), (40 * i, 100, 200)).save(p)
         paths.append(p)
-    latents = B.encode_images(loaded["sd15"], paths, RES, batch_size=2)
+    latents = C.encode_images(loaded["sd15"], paths, RES, batch_size=2)
     assert latents.shape == (3, 4, RES // 8, RES // 8)
-    images = B.decode_latents(loaded["sd15"], latents[:1])
+    images = C.decode_latents(loaded["sd15"], latents[:1])
     assert images.shape == (1, RES, RES, 3)
     assert 0 <= images.min() and images.max() <= 1
 
@@ -85,7 +86,7 @@ def test_images_encode_and_decode(loaded, tmp_path):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_three_networks_share_one_frozen_unet(loaded, arch):
     backend = _backend(loaded, arch)
-    batch = backend.sample_batch()
+    batch = backend.sample_batch(2)
     assert batch.shape == (2, 4, RES // 8, RES // 8)
     assert batch.cond.context.shape[1] == 154  # prompts of 77 and 154 tokens batched at their lcm
     x_t = torch.randn(batch.shape)
@@ -108,7 +109,7 @@ def test_gan_head_logits_and_gradients(loaded):
     real = torch.randn(4, 4, RES // 8, RES // 8)
     backend = _backend(loaded, "sd15", images=real)
     assert backend.has_gan_head
-    batch = backend.sample_batch()
+    batch = backend.sample_batch(2)
     assert batch.real_x0.shape == batch.shape
     x_t = torch.randn(batch.shape, requires_grad=True)
     logits = backend.fake_logits(x_t, torch.tensor([500, 100]), batch.cond)
@@ -127,7 +128,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(loaded):
         with torch.no_grad():
             for _, p in backend.generator_parameters():
                 p.add_(0.01)  # make up weights non-zero: down and up both get gradients
-        batch = backend.sample_batch()
+        batch = backend.sample_batch(2)
         x_t = torch.randn(batch.shape, generator=torch.Generator().manual_seed(0))
         t = torch.tensor([999, 249])
         gen = backend.generator_x0(x_t, t, batch.cond)
@@ -146,7 +147,7 @@ def test_checkpointed_unet_deep_copies_with_its_own_weights(loaded):
         for p in twin.parameters():
             p.mul_(0.5)
     x_t, t = torch.randn(1, 4, RES // 8, RES // 8), torch.tensor([500.0])
-    context = backend.prompts[0].context
+    context = backend.data.prompts[0].context
     plain_twin = copy.deepcopy(twin)
     for m in plain_twin.modules():
         m.__dict__.pop("forward", None)  # back to the class's own forward: no checkpointing
@@ -164,7 +165,7 @@ def test_gradient_checkpointing_trains_like_without(loaded):
     for checkpointing in (False, True):
         real = torch.randn(3, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(4))
         backend = _backend(loaded, "sd15", images=real, gradient_checkpointing=checkpointing)
-        config = DMD2Config.for_arch("sd15", fake_updates_per_generator_update=1, warmup_steps=0, lr_generator=1e-3, lr_fake_score=1e-3)
+        config = DMD2Config.for_arch("sd15", fake_updates_per_generator_update=1, warmup_steps=0, lr_generator=1e-3, lr_fake_score=1e-3, batch_size=2, grad_accum=1)
         trainer = DMD2Trainer(config, backend)
         for _ in range(2):
             trainer.step()
@@ -178,7 +179,7 @@ def test_trainer_steps_update_only_the_adapters_and_head(loaded):
     base_before = {n: p.detach().clone() for n, p in backend.unet.named_parameters() if ".adapters." not in n}
     gen_before = {n: p.detach().clone() for n, p in backend.generator_parameters()}
     fake_before = {n: p.detach().clone() for n, p in backend.fake_score_parameters()}
-    config = DMD2Config.for_arch("sd15", fake_updates_per_generator_update=2, warmup_steps=0, lr_generator=1e-3, lr_fake_score=1e-3)
+    config = DMD2Config.for_arch("sd15", fake_updates_per_generator_update=2, warmup_steps=0, lr_generator=1e-3, lr_fake_score=1e-3, batch_size=2, grad_accum=1)
     trainer = DMD2Trainer(config, backend)
     metrics = [trainer.step() for _ in range(3)]
     assert "loss_gan_discriminator" in metrics[0] and "loss_gan_generator" in metrics[0]
@@ -193,9 +194,92 @@ def test_trainer_steps_update_only_the_adapters_and_head(loaded):
 
 def test_sample_is_deterministic_per_seed(loaded):
     backend = _backend(loaded, "sd15")
-    cond = backend.prompts[0]
+    cond = backend.data.prompts[0]
     a = backend.sample([cond, cond], [1, 2], [999, 499])
     b = backend.sample([cond], [1], [999, 499])
     assert a.shape == (2, 4, RES // 8, RES // 8)
     torch.testing.assert_close(a[:1], b)
     assert not torch.equal(a[0], a[1])
+
+
+def test_real_images_are_scored_under_their_own_captions(loaded):
+    """A real latent's discriminator conditioning is its own caption's encoding, or the
+    unconditional one when it has none; its generated partner is scored under its own prompt,
+    or unconditionally when the real image has no caption."""
+    ck = loaded["sd15"]
+    captions = C.encode_prompts(ck, ["a photo of a cat", "a drawing of a boat"], RES)
+    real = torch.stack([torch.full((4, RES // 8, RES // 8), float(i)) for i in range(3)])  # image i is all i
+    backend = _backend(loaded, "sd15", images=real, captions=[captions[0], None, captions[1]])
+    uncond, prompts = backend.data.uncond, backend.data.prompts
+    batch = backend.sample_batch(40)
+    seen = set()
+    for row in range(40):
+        image = int(batch.real_x0[row, 0, 0, 0])
+        seen.add(image)
+        caption = {0: captions[0], 1: None, 2: captions[1]}[image]
+        expected_real = uncond if caption is None else caption
+        torch.testing.assert_close(batch.real_cond.context[row], expected_real.context[0].repeat(batch.real_cond.context.shape[1] // 77, 1))
+        generated = batch.gan_cond.context[row]
+        if caption is None:
+            torch.testing.assert_close(generated, uncond.context[0].repeat(generated.shape[0] // 77, 1))
+        else:  # the generated sample keeps its own prompt
+            torch.testing.assert_close(generated, batch.cond.context[row])
+            assert any(torch.equal(generated, p.context[0].repeat(generated.shape[0] // p.context.shape[1], 1)) for p in prompts)
+    assert seen == {0, 1, 2}
+
+
+def test_gradient_accumulation_equals_one_batch_on_a_tiny_unet(loaded):
+    """One iteration of batch 4 vs 4 accumulated micro-batches of 1 (4-step student with
+    backward simulation, DM + GAN, captions): the same gradients to float tolerance."""
+    captions = C.encode_prompts(loaded["sdxl"], ["a red house"], RES)
+    real = torch.randn(3, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for batch_size, accum in ((4, 1), (1, 4)):
+        backend = _backend(loaded, "sdxl", images=real, captions=[captions[0], None, captions[0]])
+        with torch.no_grad():
+            for _, p in backend.generator_parameters():
+                p.add_(0.01)  # non-zero up weights: both LoRA factors get gradients
+        config = DMD2Config.for_arch("sdxl", batch_size=batch_size, grad_accum=accum, warmup_steps=0, seed=3, real_guidance_scale=2.0)
+        trainer = DMD2Trainer(config, backend)
+        seen = []
+        clip = trainer._clip
+        trainer._clip = lambda params: (seen.append(torch.cat([p.grad.flatten() for p in params])), clip(params))[1]
+        while not seen or len(seen) < 2:
+            trainer.step()
+        grads.append(seen)
+    for one, accumulated in zip(*grads):
+        assert one.abs().sum() > 0
+        torch.testing.assert_close(accumulated, one, rtol=2e-3, atol=1e-6)
+
+
+def test_gan_head_sits_on_the_mid_block_map(loaded):
+    for arch in ("sd15", "sdxl"):
+        backend = _backend(loaded, arch, images=torch.randn(2, 4, RES // 8, RES // 8))
+        h, w = B.mid_block_size(backend_config(loaded, arch), (4, RES // 8, RES // 8))
+        assert backend.head.size == (h, w)
+        with pytest.raises(ValueError, match="another resolution"):
+            backend.head(torch.randn(1, backend.head.net[0].in_channels, h + 2, w + 2))
+
+
+def backend_config(loaded, arch):
+    return loaded[arch].model.model.model_config.unet_config
+
+
+def test_full_copy_fake_score(loaded):
+    """The reference's layout for one network: a fully trained copy, the base still shared."""
+    backend = _backend(loaded, "sd15", full_copies=("fake_score",))
+    base = dict(backend.unet.named_parameters())
+    fake = backend.fake_score_parameters()
+    assert len(fake) == len(list(backend.copies["fake_score"].parameters()))
+    assert not {id(p) for _, p in fake} & {id(p) for p in base.values()}
+    assert all(".adapters.fake_score." not in n for n in base)  # no LoRA F in the base
+    batch = backend.sample_batch(2)
+    x_t, t = torch.randn(batch.shape), torch.tensor([999, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(backend.fake_x0(x_t, t, batch.cond), backend.real_x0(x_t, t, batch.cond, batch.uncond, 1.0))
+    trainer = DMD2Trainer(DMD2Config.for_arch("sd15", warmup_steps=0, lr_fake_score=1e-3, batch_size=2, grad_accum=1), backend)
+    before = {n: p.detach().clone() for n, p in fake}
+    trainer.step()
+    assert any(not torch.equal(p, before[n]) for n, p in fake)
+    with pytest.raises(ValueError, match="full_copies"):
+        _backend(loaded, "sd15", full_copies=("teacher",))

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-FAST = ["--resolution", "128", "--lora-rank", "4", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2", "--quiet"]
+FAST = ["--resolution", "128", "--lora-rank", "4", "--grad-accum", "1", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def inputs(tmp_path_factory):
     images.mkdir()
     for i in range(3):
         Image.new("RGB", (150 + 10 * i, 128), (60 * i, 90, 160)).save(images / f"{i}.png")
-    (images / "0.txt").write_text("caption sidecars are allowed")
+    (images / "0.txt").write_text("a blue square, caption sidecars are allowed")
+    (images / "2.caption").write_text("a purple square")
     return {"prompts": prompts, "images": images, "folder": folder}
 
 
@@ -45,7 +46,7 @@ def _args(ckpt, inputs, output, steps, *extra):
 @pytest.fixture(scope="module")
 def finished(tiny_checkpoints, inputs, tmp_path_factory):
     output = tmp_path_factory.mktemp("run") / "out"
-    args = _args(tiny_checkpoints["sd15"], inputs, output, 4, "--images", str(inputs["images"]), "--save-every", "2", "--sample-every", "2")
+    args = _args(tiny_checkpoints["sd15"], inputs, output, 4, "--images", str(inputs["images"]), "--save-every", "2", "--sample-every", "2", "--export-raw")
     trainer, backend, _ = cli.train(args)
     return trainer, backend, output
 
@@ -72,6 +73,7 @@ def test_run_writes_every_output(finished):
     assert meta["dmd2_steps"] == "4" and meta["dmd2_timesteps"] == "999,749,499,249"
     assert len(meta["dmd2_base_model_sha256"]) == 64 and float(meta["dmd2_guidance"]) == 1.75
     assert json.loads(meta["dmd2_config"])["run"]["lora_rank"] == 4
+    assert meta["dmd2_generator_weights"] == "moving average"
     graph = json.loads((output / "workflow_api.json").read_text())
     nodes = {n["class_type"]: n["inputs"] for n in graph.values()}
     assert nodes["LoraLoaderModelOnly"]["lora_name"] == lora.name
@@ -85,17 +87,24 @@ def test_run_writes_every_output(finished):
         assert by_id[dst]["inputs"][dst_slot]["link"] == link_id and by_id[dst]["inputs"][dst_slot]["type"] == kind
     ui_lora = next(n for n in ui["nodes"] if n["type"] == "LoraLoaderModelOnly")
     assert ui_lora["widgets_values"] == [lora.name, 1.0]
-    # The exported LoRA is the trained generator adapter, rounded to fp16.
-    exported = load_file(str(lora))
+    # The exported LoRA is the generator's moving average, rounded to fp16; the raw adapter
+    # goes to <name>_raw only when asked for.
+    exported, raw = load_file(str(lora)), load_file(str(lora.with_name(lora.stem + "_raw.safetensors")))
+    assert set(exported) == set(raw)
+    moved = False
     for d_path, layer in backend.adapters.layers.items():
         key = "lora_unet_" + d_path.replace(".", "_")
-        torch.testing.assert_close(exported[f"{key}.lora_up.weight"].float(), layer.adapters["generator"].up.weight.detach(), rtol=1e-3, atol=1e-6)
+        average = trainer.generator_ema[f"generator.{d_path}.lora_up.weight"]
+        torch.testing.assert_close(exported[f"{key}.lora_up.weight"].float(), average, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(raw[f"{key}.lora_up.weight"].float(), layer.adapters["generator"].up.weight.detach(), rtol=1e-3, atol=1e-6)
+        moved |= not torch.equal(average, layer.adapters["generator"].up.weight.detach())
+    assert moved  # the average is not the raw adapter
     assert any(layer.adapters["generator"].up.weight.abs().sum() > 0 for layer in backend.adapters.layers.values())
 
 
 @pytest.mark.parametrize("loader", ["stock", "dmd2"])
 def test_exported_lora_reproduces_the_generator_in_comfyui(finished, tiny_checkpoints, loader, caplog):
-    _, backend, output = finished
+    trainer, backend, output = finished
     lora_path = output / "dmd2_tiny_sd15_lora.safetensors"
     model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoints["sd15"]), output_vae=False, output_clip=False)[0]
     with caplog.at_level(logging.WARNING):
@@ -112,7 +121,7 @@ def test_exported_lora_reproduces_the_generator_in_comfyui(finished, tiny_checkp
     x = torch.randn(2, 4, 16, 16, generator=gen)
     t = torch.tensor([999, 499])
     cond = Conditioning(torch.randn(2, 77, 32, generator=gen))
-    with torch.no_grad():
+    with torch.no_grad(), trainer.averaged_generator():
         ours = backend.eps(x, t, cond, "generator")
         base = backend.eps(x, t, cond, None)
         patched.patch_model()
@@ -174,8 +183,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoints, inp
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming at step 2" in done.stderr
 
-    ref = load_file(str(reference / "checkpoints" / "step_0000006" / "adapters.safetensors"))
-    got = load_file(str(killed / "checkpoints" / "step_0000006" / "adapters.safetensors"))
+    ref = load_file(str(reference / "checkpoints" / "step_0000006" / "tensors.safetensors"))
+    got = load_file(str(killed / "checkpoints" / "step_0000006" / "tensors.safetensors"))
+    assert any(k.startswith("generator_ema/") for k in ref)
     assert set(ref) == set(got)
     for key in ref:
         assert torch.equal(ref[key], got[key]), key
@@ -224,7 +234,44 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_checkpoints, inputs, tm
     _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--output", str(out), "--set", "arch=sdxl"], capsys, "sd15 checkpoint")
     _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--output", str(out), "--set", "real_guidance_scale=abc"], capsys, "real_guidance_scale")
     _bad(["--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "checkpoint is required")
+    common = ["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--output", str(out)]
+    _bad([*common, "--grad-accum", "0"], capsys, "grad_accum must be >= 1, got 0")
+    _bad([*common, "--batch-size", "0"], capsys, "batch_size must be >= 1, got 0")
+    _bad([*common, "--ema-decay", "1"], capsys, "ema_decay must be in [0, 1)")
+    _bad([*common, "--regression-steps", "-3"], capsys, "regression_steps must be >= 0, got -3")
+    _bad([*common, "--timesteps", "fast"], capsys, "--timesteps: expected 4-step, 1-step")
+    _bad([*common, "--timesteps", "249,999"], capsys, "strictly decrease")
+    captioned = tmp_path / "captioned"
+    captioned.mkdir()
+    Image.new("RGB", (64, 64)).save(captioned / "ok.png")
+    (captioned / "ok.txt").write_bytes(b"\xff\xfe caption in another encoding \xe9")
+    _bad([*common, "--images", str(captioned)], capsys, "ok.txt is not UTF-8 text")
     assert not out.exists()
+
+
+def test_resume_with_other_settings_is_refused_naming_the_key(finished, tiny_checkpoints, inputs, tmp_path, capsys):
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(finished[2], output)
+    before = sorted(p.name for p in (output / "checkpoints").iterdir())
+    args = lambda *extra: _args(tiny_checkpoints["sd15"], inputs, output, 6, "--images", str(inputs["images"]), *extra)
+    err = _bad(args("--lora-rank", "8"), capsys, "lora_rank is 8 now but the saved run used 4")
+    assert "--no-resume" in err and "Traceback" not in err
+    _bad(args("--grad-accum", "2"), capsys, "grad_accum is 2 now but the saved run used 1")
+    _bad(args("--ema-decay", "0.5"), capsys, "ema_decay is 0.5 now but the saved run used 0.99")
+    _bad(args("--resolution", "64"), capsys, "resolution is 64 now but the saved run used 128")
+    _bad(args("--timesteps", "1-step"), capsys, "generator_timesteps is [999] now but the saved run used [999, 749, 499, 249]")  # SD1.5: 999
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_one_step_preset_flag_trains_a_399_student(tiny_checkpoints, inputs, tmp_path):
+    trainer, _, output = cli.train(_args(tiny_checkpoints["sdxl"], inputs, tmp_path / "one", 2, "--timesteps", "1-step", "--grad-accum", "2", "--sample-every", "0"))
+    assert trainer.config.generator_timesteps == (399,) and trainer.config.grad_accum == 2
+    with safe_open(str(output / "dmd2_tiny_sdxl_lora.safetensors"), "pt") as fh:
+        assert fh.metadata()["dmd2_timesteps"] == "399"
+    graph = json.loads((output / "workflow_api.json").read_text())
+    assert {n["class_type"]: n["inputs"] for n in graph.values()}["DMD2Generate"]["preset"] == "1-step (399)"
 
 
 def test_toml_then_set_then_flags(tmp_path, inputs):
@@ -233,11 +280,14 @@ def test_toml_then_set_then_flags(tmp_path, inputs):
         'checkpoint = "model.safetensors"\nprompts = "p.txt"\noutput = "out"\nresolution = 256\n'
         "[run]\nlora_rank = 16\nsample_seeds = [5, 6]\n[dmd2]\nsteps = 100\nreal_guidance_scale = 4.5\n"
     )
-    args = cli.build_parser().parse_args(["--config", str(toml), "--set", "lora_rank=8", "--set", "steps=50", "--steps", "70", "--resolution", "512"])
+    args = cli.build_parser().parse_args(
+        ["--config", str(toml), "--set", "lora_rank=8", "--set", "steps=50", "--steps", "70", "--resolution", "512",
+         "--grad-accum", "4", "--batch-size", "2", "--timesteps", "999,499"]
+    )
     run, dmd2 = cli.resolve_settings(args)
     assert run.checkpoint == str(tmp_path / "model.safetensors")
     assert (run.lora_rank, run.resolution, run.sample_seeds) == (8, 512, (5, 6))
-    assert dmd2 == {"steps": 70, "real_guidance_scale": 4.5}
+    assert dmd2 == {"steps": 70, "real_guidance_scale": 4.5, "grad_accum": 4, "batch_size": 2, "generator_timesteps": (999, 499)}
 
 
 def test_module_entry_point_help():

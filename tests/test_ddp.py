@@ -75,7 +75,7 @@ def test_torchrun_two_gloo_processes_keep_adapters_in_sync(tiny_checkpoints, tmp
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TESTS / "train_entry.py"),
         "--checkpoint", str(tiny_checkpoints["sd15"]), "--prompts", str(prompts), "--images", str(images),
         "--output", str(output), "--steps", "3", "--resolution", "128", "--lora-rank", "4", "--save-every", "2",
-        "--sample-every", "0", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2",
+        "--sample-every", "0", "--grad-accum", "1", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2",
         "--set", "lr_generator=1e-3", "--set", "lr_fake_score=1e-3", "--quiet",
     ]
     env = {**os.environ, "DMD2_TEST_DUMP": str(dump), "OMP_NUM_THREADS": "1"}
@@ -86,12 +86,13 @@ def test_torchrun_two_gloo_processes_keep_adapters_in_sync(tiny_checkpoints, tmp
     assert set(rank0) == set(rank1)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    ups = [v for k, v in rank0.items() if k.startswith("generator.") and "lora_up" in k]
+    ups = [v for k, v in rank0.items() if k.startswith("generator/") and "lora_up" in k]
     assert any(v.abs().sum() > 0 for v in ups)  # the generator was trained
-    assert any(k.startswith("gan_head.") for k in rank0)
+    assert any(k.startswith("fake_score/gan_head.") for k in rank0)
+    assert any(k.startswith("generator_ema/") for k in rank0)  # the moving average, in sync too
     # One set of outputs, written by rank 0.
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
-    assert {p.name for p in (output / "checkpoints" / "step_0000003").iterdir()} == {"adapters.safetensors", "state_rank0.pt", "state_rank1.pt"}
+    assert {p.name for p in (output / "checkpoints" / "step_0000003").iterdir()} == {"tensors.safetensors", "settings.json", "state_rank0.pt", "state_rank1.pt"}
     assert (output / "dmd2_tiny_sd15_lora.safetensors").is_file()

@@ -1,8 +1,10 @@
-"""DMD2 on real data (scikit-learn digits): the same trainer, the pack's sampler node.
+"""DMD2 on real data (scikit-learn digits): the product's trainer and backend, the pack's nodes.
 
 Fast tests check the pieces (the node samples the digits model exactly like the trainer's
-1-step convention, the backend's GAN head, the distance); the slow test runs the demo's
-``--quick`` variant end to end and checks that distillation beats the teacher's 1 step.
+1-step convention; the students are LoRAs on the frozen teacher with each real digit paired
+with its own label; the exported LoRA, loaded by ComfyUI's stock loader, is the student; the
+distance); the slow test runs the demo's ``--quick`` variant end to end through exported
+LoRA files in a ComfyUI graph and checks that distillation beats the teacher's 1 step.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from comfyui_dmd2.training import demo, digits, losses
+from comfyui_dmd2.training import losses
+from comfyui_dmd2.training.digits import data as D
+from comfyui_dmd2.training.digits import demo, metric, students
+from comfyui_dmd2.training.digits import teacher as T
 from comfyui_dmd2.training.trainer import DMD2Backend
 
 
 @pytest.fixture(scope="module")
 def data():
-    return digits.load_digits_data()
+    return D.load_digits_data()
 
 
 def test_splits_are_disjoint_and_scaled(data):
@@ -36,10 +41,10 @@ def test_node_one_step_equals_trainer_convention():
     """DMD2Generate at 1 step (399) feeds the UNet unit noise, as the trainer trains it: the
     node's output equals the plain-torch DMD2 sampler on the same start noise."""
     torch.manual_seed(0)
-    model = digits.new_teacher(seed=3)
-    labels = digits.balanced_labels(20)
+    model = T.new_teacher(seed=3)
+    labels = D.balanced_labels(20)
     via_node = demo.sample_with_nodes(model, labels, (399,), seed=11)
-    plain = digits.sample_student(model, labels, (399,), seed=11)
+    plain = T.sample_student(model, labels, (399,), seed=11)
     assert via_node.shape == (20, 1, 8, 8)
     assert torch.allclose(via_node, plain, atol=1e-4), (via_node - plain).abs().max()
     # 4 steps runs through the node too (fresh re-noise: not comparable sample by sample)
@@ -47,44 +52,78 @@ def test_node_one_step_equals_trainer_convention():
     assert four.shape == (20, 1, 8, 8) and torch.isfinite(four).all()
 
 
-def test_backend_protocol_and_gan_head(data):
-    teacher = digits.new_teacher(seed=1)
-    backend = digits.DigitsBackend(teacher, data, batch_size=8, gan=True)
+def test_students_are_loras_on_the_frozen_teacher_with_paired_real_digits(data):
+    teacher = T.new_teacher(seed=1)
+    backend = students.student_backend(teacher, data, students.StudentSettings(lora_rank=8), seed=0)
     assert isinstance(backend, DMD2Backend)
-    batch = backend.sample_batch()
-    assert batch.shape == (8, 1, 8, 8) and batch.real_x0.shape == batch.shape
+    # LoRA G and F at rank 8, below the 32-channel widths: a low-rank update
+    assert backend.adapters.rank == 8 and not backend.copies
+    assert all(layer.adapters["generator"].down.weight.shape[0] == 8 for layer in backend.adapters.layers.values())
+    base = [p for n, p in backend.unet.named_parameters() if ".adapters." not in n]
+    assert base and not any(p.requires_grad for p in base)
+    # every real digit comes with its own label, for the generator and the discriminator
+    batch = backend.sample_batch(64)
+    assert batch.shape == (64, 1, 8, 8) and batch.real_x0.shape == batch.shape
+    assert batch.real_cond is None and batch.gan_cond is None  # both: the batch's own labels
+    labels = batch.cond.y.argmax(1)
+    for row in range(64):
+        matches = (data.train_x == batch.real_x0[row]).flatten(1).all(1).nonzero().flatten()
+        assert len(matches) and labels[row] in data.train_y[matches]
+    assert torch.equal(batch.uncond.y.argmax(1), torch.full((64,), D.NULL_CLASS))
+    # the head sits on the fake score's mid-block: gradients reach x_t and the head
     x_t = torch.randn(batch.shape, requires_grad=True)
-    t = torch.full((8,), 500)
+    t = torch.full((64,), 500)
     logits = backend.fake_logits(x_t, t, batch.cond)
-    assert logits.shape == (8,)
+    assert logits.shape == (64,)
     logits.sum().backward()
     assert x_t.grad is not None and x_t.grad.abs().sum() > 0
-    # the head stops after the middle block, and the fake score still runs whole afterwards
     assert backend.fake_x0(x_t.detach(), t, batch.cond).shape == batch.shape
-    # real score with guidance: uncond + s (cond - uncond)
+    # the real score is the teacher, with guidance uncond + s (cond - uncond)
     with torch.no_grad():
         cond = backend.real_x0(x_t, t, batch.cond, batch.uncond, 1.0)
-        uncond = backend.real.x0(x_t, t, batch.uncond)
+        torch.testing.assert_close(cond, teacher.x0(x_t, t, labels), rtol=1e-4, atol=1e-5)
+        uncond = teacher.x0(x_t, t, torch.full_like(labels, D.NULL_CLASS))
         guided = backend.real_x0(x_t, t, batch.cond, batch.uncond, 3.0)
-    assert torch.allclose(guided, losses.classifier_free_guidance(cond, uncond, 3.0), atol=1e-5)
-    # trainable groups: generator and fake UNets (+ head), never the frozen real score
-    real_ids = {id(p) for p in backend.real.parameters()}
-    assert not real_ids & {id(p) for _, p in backend.generator_parameters()}
-    assert not real_ids & {id(p) for _, p in backend.fake_score_parameters()}
-    assert any(n.startswith("head.") for n, _ in backend.fake_score_parameters())
+    torch.testing.assert_close(guided, losses.classifier_free_guidance(cond, uncond, 3.0), rtol=1e-4, atol=1e-4)
+
+
+def test_exported_lora_on_the_teacher_in_comfyui_is_the_student(data, tmp_path):
+    """The file the demo samples: the kohya LoRA from the export dmd2-train uses, put on the
+    teacher by ComfyUI's stock LoRA loader, samples exactly like the averaged student."""
+    import comfy.sd
+    import comfy.utils
+
+    from comfyui_dmd2.nodes.sampler import DMD2Generate
+
+    teacher = T.new_teacher(seed=2)
+    settings = students.StudentSettings(iterations=6, batch_size=8, fake_updates_per_generator_update=2, ema_decay=0.5, warmup_steps=0)
+    student = students.distill(teacher, data, settings)
+    path = student.export(tmp_path / "student.safetensors")
+    labels = D.balanced_labels(30)
+    with student.trainer.averaged_generator():
+        expected = T.sample_student(student.denoiser(), labels, (399,), seed=5)
+    raw = T.sample_student(student.denoiser(), labels, (399,), seed=5)
+    assert (raw - expected).abs().max() > 1e-5  # the export is the average, not the raw adapter
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    model, _ = comfy.sd.load_lora_for_models(T.comfy_model(teacher), None, lora, 1.0, 0.0)
+    assert len(model.patches) == len(student.backend.adapters.layers)  # every key loaded
+    latent = {"samples": torch.zeros(30, 1, 8, 8)}
+    out = DMD2Generate.execute(model=model, positive=T.comfy_conditioning(labels), latent_image=latent, seed=5, preset="1-step (399)", custom_timesteps="")
+    got = out.result[0]["samples"].float()
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-3)  # fp16 LoRA file
 
 
 def test_load_denoiser_validates(data):
-    state = digits.denoiser_state_dict(digits.new_teacher())
-    assert digits.load_denoiser(state) is not None
+    state = T.denoiser_state_dict(T.new_teacher())
+    assert T.load_denoiser(state) is not None
     bad = dict(state)
     bad.pop(next(iter(bad)))
     with pytest.raises(ValueError, match="missing"):
-        digits.load_denoiser(bad)
+        T.load_denoiser(bad)
     bad = dict(state)
     bad["out.2.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="shape"):
-        digits.load_denoiser(bad)
+        T.load_denoiser(bad)
 
 
 def test_frechet_distance_by_hand():
@@ -92,13 +131,13 @@ def test_frechet_distance_by_hand():
     # b = {1, 5} (mean 3, var 8): 9 + (sqrt 2 - sqrt 8)^2 = 9 + 2 = 11
     a = torch.tensor([[-1.0], [1.0]])
     b = torch.tensor([[1.0], [5.0]])
-    assert digits.frechet_distance(a, b) == pytest.approx(11.0, abs=1e-9)
+    assert metric.frechet_distance(a, b) == pytest.approx(11.0, abs=1e-9)
     # 2-D with independent coordinates: sums of the 1-D terms
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5000, 2, generator=g)
     y = torch.randn(5000, 2, generator=g) * torch.tensor([1.0, 3.0]) + torch.tensor([2.0, 0.0])
-    assert digits.frechet_distance(x, y) == pytest.approx(4.0 + 4.0, rel=0.05)
-    assert digits.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert metric.frechet_distance(x, y) == pytest.approx(4.0 + 4.0, rel=0.05)
+    assert metric.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_real_floor_predicts_the_distance_at_other_sample_sizes():
@@ -107,37 +146,40 @@ def test_real_floor_predicts_the_distance_at_other_sample_sizes():
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([1.0, 2.0, 0.5, 1.5])
     draw = lambda n: torch.randn(n, 4, generator=g, dtype=torch.float64) * scale
-    floor = digits.real_floor(draw(1400), model_samples=3000, seed=0)
-    direct = sum(digits.frechet_distance(draw(3000), draw(1400)) for _ in range(40)) / 40
+    floor = metric.real_floor(draw(1400), model_samples=3000, seed=0)
+    direct = sum(metric.frechet_distance(draw(3000), draw(1400)) for _ in range(40)) / 40
     assert floor["matched"] == pytest.approx(direct, rel=0.2)
     assert floor["half_size"] == 700
-    halves = sum(digits.frechet_distance(draw(700), draw(700)) for _ in range(40)) / 40
+    halves = sum(metric.frechet_distance(draw(700), draw(700)) for _ in range(40)) / 40
     assert floor["halves"] == pytest.approx(halves, rel=0.35)  # one seed: 8 splits only
     assert floor["matched"] < floor["halves"] / 2  # larger samples, less bias
 
 
-def test_students_train_side_by_side_exactly_as_one_after_the_other(data, monkeypatch):
+def test_students_train_side_by_side_exactly_as_one_after_the_other(data, monkeypatch, tmp_path):
     """With two cores the demo trains its two students in two spawned processes; that must
-    give the very weights of the one-process path (same seeds, one thread each)."""
-    teacher = digits.new_teacher(seed=2)
-    settings = demo.DemoSettings(
-        one_step=demo.StudentSettings(iterations=4, lr_generator=8e-4, ema_decay=0.9),
-        four_step=demo.StudentSettings(iterations=4, lr_generator=1e-4, ema_decay=0.9),
-        student_batch=8,
-    )
+    give the very files of the one-process path (same seeds, one thread each)."""
+    from safetensors.torch import load_file
+
+    teacher = T.new_teacher(seed=2)
+    settings = {
+        "1-step": students.StudentSettings(iterations=4, batch_size=8, ema_decay=0.9),
+        "4-step": students.StudentSettings(timesteps=demo.FOUR_STEP, iterations=4, batch_size=8, ema_decay=0.9),
+    }
     torch.set_num_threads(1)
-    one_after_the_other = demo._distill_students(teacher, data, settings)
+    (tmp_path / "seq").mkdir()
+    (tmp_path / "par").mkdir()
+    one_after_the_other = demo.train_students(teacher, settings, tmp_path / "seq")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # what the demo sees on 2 cores
-    side_by_side = demo._distill_students(teacher, data, settings)
+    side_by_side = demo.train_students(teacher, settings, tmp_path / "par")
     assert set(side_by_side) == {"1-step", "4-step"}
-    start = digits.denoiser_state_dict(teacher)
-    for name, (model, timesteps) in side_by_side.items():
-        reference, reference_timesteps = one_after_the_other[name]
-        assert timesteps == reference_timesteps
-        state, expected = digits.denoiser_state_dict(model), digits.denoiser_state_dict(reference)
-        assert any(not torch.equal(v, start[k]) for k, v in state.items())  # it trained
+    for name, result in side_by_side.items():
+        reference = one_after_the_other[name]
+        assert len(result["history"]) == 4 and result["history"] == reference["history"]
+        got, expected = load_file(result["file"]), load_file(reference["file"])
+        assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in got.items())  # it trained
+        assert set(got) == set(expected)
         for key, value in expected.items():
-            assert torch.equal(state[key], value), key
+            assert torch.equal(got[key], value), key
 
 
 @pytest.mark.slow
@@ -154,13 +196,16 @@ def test_quick_demo_student_beats_teacher_one_step(tmp_path):
     # (short run; the full demo goes several times further)
     assert student_1 < teacher_1 / 2
     assert rows["DMD2 1-step"]["accuracy"] > 0.6  # samples look like their class
-    assert rows["DMD2 1-step"]["sampler"].startswith("ComfyUI graph")  # sampled by ComfyUI's executor
+    assert rows["DMD2 1-step"]["sampler"].startswith("ComfyUI graph: teacher + LoRA rank 8 (LoraLoaderModelOnly)")
     # the floor is a floor: real-vs-real at the model rows' sample sizes beats the model rows
     assert rows["real data (floor, matched)"]["fd"]["mean"] < min(teacher_50, student_1)
     assert rows["DMD2 1-step"]["fd"]["values"] and len(rows["DMD2 1-step"]["fd"]["values"]) == demo.QUICK.seeds
     assert [t["target"] for t in metrics["targets"]][:2] == ["1-step student <= teacher 4-step", "1-step student >= 8x closer than teacher 1-step"]
     assert metrics["targets"][1]["ratio"] == pytest.approx(teacher_1 / student_1)
     assert (tmp_path / "grid.png").stat().st_size > 0
+    assert (tmp_path / "training.png").stat().st_size > 0
+    assert (tmp_path / "digits_dmd2_1-step.safetensors").is_file()  # the exported student
+    assert set(metrics["training"]["1-step"]) >= {"logits_real", "logits_fake", "discriminator_accuracy"}
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["rows"]["DMD2 1-step"]["fd"]["mean"] == pytest.approx(student_1)
     assert "| DMD2 1-step |" in (tmp_path / "metrics.md").read_text()

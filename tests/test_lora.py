@@ -81,6 +81,43 @@ def test_switch_selects_base_generator_or_fake(trained):
     assert adapters.switch.active is None
 
 
+def test_merged_state_dict_is_the_plain_unet_with_the_adapter_folded_in(trained):
+    arch, model, unet, adapters, _ = trained
+    plain = copy.deepcopy(model.model.diffusion_model)
+    merged = adapters.merged_state_dict("generator")
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
+    x, t, context, y = _inputs(arch, seed=4)
+    with torch.no_grad(), adapters.switch.use("generator"):
+        expected = unet(x, t, context=context, y=y)
+    with torch.no_grad():
+        got = plain(x, t, context=context, y=y)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_merged_forward_gives_the_low_rank_outputs_and_gradients(arch):
+    model = tiny_models.build_model(arch, seed=0)
+    unet = copy.deepcopy(model.model.diffusion_model).requires_grad_(False)
+    adapters = lora_mod.UNetLoRA(unet, model.model.model_config.unet_config, rank=3, alpha=6.0, seed=1)
+    _randomise_(adapters, "generator", 2)
+    x, t, context, y = _inputs(arch, seed=5)
+    results = []
+    for merged in (False, True):
+        adapters.switch.merged = merged
+        for p in adapters.parameters("generator"):
+            p.grad = None
+        with adapters.switch.use("generator"):
+            out = unet(x, t, context=context, y=y)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in adapters.parameters("generator")]))
+    (low, low_grads), (merged_out, merged_grads) = results
+    torch.testing.assert_close(merged_out, low, rtol=1e-4, atol=1e-5)
+    for a, b in zip(low_grads, merged_grads):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in merged_grads)
+
+
 def test_fresh_adapter_is_identity_and_gradients_reach_only_the_active_one():
     model = tiny_models.build_model("sd15", seed=0)
     unet = copy.deepcopy(model.model.diffusion_model).requires_grad_(False)

@@ -8,7 +8,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ALLOWED_RUNTIME_DEPS = {"torch", "safetensors", "huggingface_hub", "numpy", "pillow"}

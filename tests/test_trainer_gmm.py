@@ -11,6 +11,7 @@ Also: config loading, the TTUR schedule, the GAN path and exact resume.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -47,12 +48,11 @@ def energy_distance(x, y):
 class GMMBackend(torch.nn.Module):
     """A ``DMD2Backend`` over the analytic target. Owns all modules; forwards only."""
 
-    def __init__(self, batch_size=256, with_gan=False, seed=0):
+    def __init__(self, with_gan=False, seed=0):
         super().__init__()
         torch.manual_seed(seed)
         self.alphas_cumprod = losses.sd_alphas_cumprod().float()
         self.device = torch.device("cpu")
-        self.batch_size = batch_size
         self.with_gan = with_gan
         self.has_gan_head = with_gan
         # generator: (x_t, t/1000) -> x0, starting as a blob around (4, -4)
@@ -70,9 +70,9 @@ class GMMBackend(torch.nn.Module):
         idx = torch.randint(0, len(TARGET_MEANS), (n,), generator=generator)
         return TARGET_MEANS[idx] + TARGET_STD * torch.randn(n, 2, generator=generator)
 
-    def sample_batch(self):
-        real = self.sample_target(self.batch_size) if self.with_gan else None
-        return Batch(cond=None, shape=(self.batch_size, 2), real_x0=real)
+    def sample_batch(self, n):
+        real = self.sample_target(n) if self.with_gan else None
+        return Batch(cond=None, shape=(n, 2), real_x0=real)
 
     def generator_x0(self, x_t, t, cond):
         return self.generator(torch.cat([x_t, t[:, None].float() / 1000], 1))
@@ -121,6 +121,10 @@ def gmm_config(**overrides):
         "fake_loss_weighting": "eps",
         "gan_generator_weight": 5e-2,
         "gan_discriminator_weight": 1e-1,
+        "batch_size": 256,
+        "grad_accum": 1,
+        "lr_gan_head": 0.0,
+        "ema_decay": 0.0,
         "seed": 0,
     }
     values.update(overrides)
@@ -220,8 +224,8 @@ def test_no_gan_without_head_even_with_real_latents():
 def test_resume_is_exact(tmp_path):
     def make():
         torch.manual_seed(3)
-        backend = GMMBackend(batch_size=64, with_gan=True)
-        return backend, DMD2Trainer(gmm_config(generator_timesteps=(999, 749, 499)), backend)
+        backend = GMMBackend(with_gan=True)
+        return backend, DMD2Trainer(gmm_config(generator_timesteps=(999, 749, 499), batch_size=32, grad_accum=2, ema_decay=0.9), backend)
 
     backend, trainer = make()
     trainer.run(steps=7, progress=False)
@@ -231,25 +235,30 @@ def test_resume_is_exact(tmp_path):
     expected_params = [p.detach().clone() for p in backend.parameters()]
 
     torch.manual_seed(999)  # a different global RNG and fresh weights: all must be restored
-    backend2 = GMMBackend(batch_size=64, with_gan=True, seed=5)
-    trainer2 = DMD2Trainer(gmm_config(generator_timesteps=(999, 749, 499)), backend2)
+    backend2 = GMMBackend(with_gan=True, seed=5)
+    trainer2 = DMD2Trainer(gmm_config(generator_timesteps=(999, 749, 499), batch_size=32, grad_accum=2, ema_decay=0.9), backend2)
     trainer2.load_state_dict(torch.load(path, weights_only=True))
     assert trainer2.step_count == 7
     got = trainer2.run(steps=6, progress=False)
     assert got == expected
     for a, b in zip(expected_params, backend2.parameters()):
         assert torch.equal(a, b)
+    # the moving average came back too and went on the same way
+    expected_tensors, got_tensors = trainer.tensors(), trainer2.tensors()
+    assert any(k.startswith("generator_ema/") for k in got_tensors)
+    for key, value in expected_tensors.items():
+        assert torch.equal(value, got_tensors[key]), key
 
 
 def test_load_state_dict_rejects_mismatched_parameters():
     backend = GMMBackend()
     trainer = DMD2Trainer(gmm_config(), backend)
     state = trainer.state_dict()
-    state["generator"]["0.weight"] = torch.zeros(3, 3)
+    state["tensors"]["generator/0.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="0.weight"):
         trainer.load_state_dict(state)
     state = trainer.state_dict()
-    state["generator"]["extra"] = torch.zeros(1)
+    state["tensors"]["generator/extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match="unexpected"):
         trainer.load_state_dict(state)
 
@@ -258,8 +267,8 @@ def test_warmup_and_optimizer_state_only_for_trainables():
     backend = GMMBackend()
     trainer = DMD2Trainer(gmm_config(warmup_steps=4, fake_updates_per_generator_update=1), backend)
     lrs = [trainer.step()["lr_generator"] for _ in range(5)]
-    # LambdaLR factor after n updates: min(1, (n+1)/4) -> 2/4, 3/4, 1, 1, 1 (reported after the step)
-    assert lrs == pytest.approx([3e-3 * f for f in (0.5, 0.75, 1.0, 1.0, 1.0)])
+    # the rate iteration n ran at: min(1, (n+1)/4) -> 1/4, 2/4, 3/4, 1, 1
+    assert lrs == pytest.approx([3e-3 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0)])
     state = trainer.generator_optimizer.state_dict()["state"]
     assert len(state) == len(list(backend.generator.parameters()))
 
@@ -267,7 +276,12 @@ def test_warmup_and_optimizer_state_only_for_trainables():
 def test_config_defaults_toml_and_overrides(tmp_path):
     sdxl, sd15 = DMD2Config.for_arch("sdxl"), DMD2Config.for_arch("sd15")
     assert (sdxl.real_guidance_scale, sdxl.fake_updates_per_generator_update, sdxl.lr_generator) == (8.0, 5, 5e-5)
-    assert (sd15.real_guidance_scale, sd15.fake_updates_per_generator_update, sd15.lr_generator) == (1.75, 10, 1e-5)
+    assert (sd15.real_guidance_scale, sd15.fake_updates_per_generator_update, sd15.lr_generator) == (1.75, 10, 5e-5)
+    assert (sdxl.gan_generator_weight, sd15.gan_generator_weight, sd15.gan_discriminator_weight) == (5e-3, 1e-3, 1e-2)
+    assert (sdxl.lr_fake_score, sdxl.lr_gan_head) == (5e-4, 5e-5)  # a LoRA fake score at 10x (docs/training.md)
+    assert (sdxl.gan_min_timestep, sdxl.gan_max_timestep) == (0, 999)  # --diffusion_gan_max_timestep 1000
+    assert (sdxl.batch_size, sdxl.grad_accum, sdxl.samples_per_iteration) == (1, 4, 4)
+    assert sdxl.ema_decay == 0.99 and sdxl.regression_steps == 0
     assert sdxl.generator_timesteps == (999, 749, 499, 249)
     assert (sdxl.dm_min_timestep, sdxl.dm_max_timestep) == (20, 980)
     assert sdxl.adam_betas == (0.9, 0.999) and sdxl.weight_decay == 0.01
@@ -283,3 +297,187 @@ def test_config_defaults_toml_and_overrides(tmp_path):
     for bad in (["nonsense=1"], ["steps=abc"], ["generator_timesteps=249,999"], ["generator_timesteps=1000"], ["arch=sd3"], ["noequals"]):
         with pytest.raises(ConfigError):
             load_config(overrides=bad)
+    # new options: one line naming the key and the allowed range
+    for bad, message in (
+        ("grad_accum=0", "grad_accum must be >= 1, got 0"),
+        ("batch_size=0", "batch_size must be >= 1, got 0"),
+        ("ema_decay=1", "ema_decay must be in [0, 1)"),
+        ("ema_decay=-0.1", "ema_decay must be in [0, 1)"),
+        ("regression_steps=-1", "regression_steps must be >= 0, got -1"),
+        ("regression_teacher_steps=0", "regression_teacher_steps must be >= 1, got 0"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(overrides=[bad])
+    assert load_config(overrides=["ema_decay=0"]).ema_decay == 0.0  # 0: no average
+    # schedule presets as the reference has them: 1-step at 399 (SDXL) and at 999 (SD1.5)
+    assert DMD2Config.for_arch("sdxl", generator_timesteps="1-step").generator_timesteps == (399,)
+    assert DMD2Config.for_arch("sd15", generator_timesteps="1-step").generator_timesteps == (999,)
+    assert load_config(overrides=["generator_timesteps=4-step"]).generator_timesteps == (999, 749, 499, 249)
+
+
+def _gradients_of_first_iteration(timesteps, batch_size, grad_accum, seed):
+    """The gradients each optimiser step of the first iteration sees (recorded at clipping)."""
+    torch.manual_seed(seed)
+    backend = GMMBackend(with_gan=True, seed=seed)
+    config = gmm_config(generator_timesteps=timesteps, batch_size=batch_size, grad_accum=grad_accum, seed=seed)
+    trainer = DMD2Trainer(config, backend)
+    seen = []
+    clip = trainer._clip
+
+    def spy(params):
+        seen.append([p.grad.clone() for p in params])
+        return clip(params)
+
+    trainer._clip = spy
+    torch.manual_seed(100 + seed)  # the backend's real samples: the same draw for both runs
+    metrics = trainer.step()
+    return seen, metrics
+
+
+@pytest.mark.parametrize("timesteps", [(399,), (999, 749, 499)])
+def test_gradient_accumulation_equals_one_batch(timesteps):
+    """batch 2 x 4 accumulated micro-batches gives the gradients of one batch of 8 (generator
+    update with DM + GAN, then fake score + discriminator), backward simulation included."""
+    steps_seen = set()
+    for seed in range(4):
+        one, m1 = _gradients_of_first_iteration(timesteps, 8, 1, seed)
+        accumulated, m4 = _gradients_of_first_iteration(timesteps, 2, 4, seed)
+        assert len(one) == len(accumulated) == 2  # generator, then fake score
+        for group_one, group_acc in zip(one, accumulated):
+            assert any(g.abs().sum() > 0 for g in group_one)
+            for a, b in zip(group_one, group_acc):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        for key in ("loss_dm", "loss_fake", "loss_gan_discriminator", "loss_gan_generator"):
+            assert m4[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), key
+        trainer = DMD2Trainer(gmm_config(generator_timesteps=timesteps, seed=seed), GMMBackend())
+        steps_seen.add(trainer._draw((8, 2), True, False)["step"])
+    if len(timesteps) > 1:
+        assert steps_seen - {0}  # some seeds backward-simulated
+
+
+def test_micro_batches_differ_from_each_other():
+    """Accumulation must not repeat one micro-batch: with 4 micro-batches of 1, the four
+    samples of an iteration all differ."""
+    backend = GMMBackend()
+    trainer = DMD2Trainer(gmm_config(batch_size=1, grad_accum=4), backend)
+    seen = []
+    generate = trainer.generate
+
+    def spy(batch, draws, with_grad):
+        x = generate(batch, draws, with_grad)
+        seen.append(x.detach())
+        return x
+
+    trainer.generate = spy
+    trainer.step()
+    assert len(seen) == 4 and all(s.shape == (1, 2) for s in seen)
+    assert len({tuple(s.flatten().tolist()) for s in seen}) == 4
+
+
+def test_moving_average_is_bias_corrected_and_swapped_in_for_export():
+    decay = 0.8
+    backend = GMMBackend()
+    trainer = DMD2Trainer(gmm_config(fake_updates_per_generator_update=2, ema_decay=decay), backend)
+    iterates = []
+    for _ in range(7):
+        metrics = trainer.step()
+        if metrics["generator_updated"]:
+            iterates.append([p.detach().clone() for p in trainer.generator_params])
+    assert trainer.generator_updates == len(iterates) == 4
+    # after n updates: sum_i (1 - d) d^(n-i) theta_i / (1 - d^n)
+    n = len(iterates)
+    weights = [(1 - decay) * decay ** (n - 1 - i) / (1 - decay**n) for i in range(n)]
+    assert sum(weights) == pytest.approx(1.0)
+    for j, (name, _) in enumerate(trainer.generator_named):
+        expected = sum(w * it[j] for w, it in zip(weights, iterates))
+        torch.testing.assert_close(trainer.generator_ema[name], expected)
+    raw = [p.detach().clone() for p in trainer.generator_params]
+    with trainer.averaged_generator():
+        for name, p in trainer.generator_named:
+            torch.testing.assert_close(p.detach(), trainer.generator_ema[name])
+    for p, value in zip(trainer.generator_params, raw):
+        assert torch.equal(p, value)  # the raw weights are back
+    # the first update alone: the average is exactly that update's weights
+    fresh = DMD2Trainer(gmm_config(ema_decay=0.999), GMMBackend())
+    fresh.step()
+    for name, p in fresh.generator_named:
+        torch.testing.assert_close(fresh.generator_ema[name], p.detach())
+    # ema_decay 0: no average, nothing swapped
+    plain = DMD2Trainer(gmm_config(ema_decay=0.0), GMMBackend())
+    assert plain.generator_ema is None and not any(k.startswith("generator_ema/") for k in plain.tensors())
+
+
+def test_moving_average_can_live_on_the_cpu():
+    trainer = DMD2Trainer(gmm_config(ema_on_cpu=True, ema_decay=0.9), GMMBackend())
+    trainer.step()
+    assert all(v.device.type == "cpu" for v in trainer.generator_ema.values())
+
+
+def test_warmup_counts_iterations_not_generator_updates():
+    backend = GMMBackend()
+    trainer = DMD2Trainer(gmm_config(warmup_steps=10, fake_updates_per_generator_update=5), backend)
+    history = [trainer.step() for _ in range(12)]
+    # iteration i runs both at min(1, (i + 1) / 10), though the generator was updated three times
+    for i, metrics in enumerate(history):
+        factor = min(1.0, (i + 1) / 10)
+        assert metrics["lr_generator"] == pytest.approx(3e-3 * factor)
+        assert metrics["lr_fake_score"] == pytest.approx(5e-2 * factor)
+    assert trainer.generator_updates == 3
+
+
+def test_discriminator_scores_each_image_under_its_own_conditioning():
+    """Real latents go to the head with ``real_cond``, generated ones with ``gan_cond``."""
+
+    class Tagged(GMMBackend):
+        def sample_batch(self, n):
+            batch = super().sample_batch(n)
+            batch.cond, batch.real_cond, batch.gan_cond = torch.zeros(n), torch.ones(n), torch.full((n,), 2.0)
+            return batch
+
+        def fake_logits(self, x_t, t, cond):
+            calls.append(int(cond[0]))
+            return super().fake_logits(x_t, t, cond)
+
+    calls = []
+    trainer = DMD2Trainer(gmm_config(), Tagged(with_gan=True))
+    trainer.step()
+    # generator update: the generated sample under gan_cond; discriminator: real, then generated
+    assert calls == [2, 1, 2]
+
+
+def test_regression_warm_start_moves_the_generator_onto_the_teacher():
+    """The warm start regresses the generator's step at its timestep onto the teacher's DDIM
+    sample from the same noise; then DMD2 takes over."""
+    from comfyui_dmd2.training import sampling
+
+    torch.manual_seed(0)
+    backend = GMMBackend()
+    config = gmm_config(regression_steps=300, regression_teacher_steps=10, steps=2, lr_generator=1e-2, ema_decay=0.9)
+    trainer = DMD2Trainer(config, backend)
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
+    teacher_ts = sampling.ddim_timesteps(10)
+
+    def gap():
+        with torch.no_grad():
+            target = sampling.ddim_sample(lambda x, t: backend.real_x0(x, t, None, None, 1.0), noise, teacher_ts, backend.alphas_cumprod)
+            return (backend.generator_x0(noise, torch.full((2000,), 399), None) - target).square().mean().item()
+
+    before = gap()
+    history = trainer.run(progress=False)
+    assert config.total_steps == 302 and trainer.step_count == 302
+    assert all("loss_regression" in m and "loss_dm" not in m for m in history[:300])
+    assert "loss_dm" in history[300] and "loss_regression" not in history[300]
+    assert trainer.generator_updates == 301  # every regression step, then one DMD2 update
+    # DMD2 starts as a run of its own (as the reference's separate runs): its warmup starts
+    # again, Adam's moments are fresh, and the average holds only DMD2's update
+    assert history[299]["lr_generator"] == pytest.approx(1e-2)
+    assert history[300]["lr_generator"] == pytest.approx(1e-3)  # 1 / warmup_steps of the rate
+    assert history[300]["lr_fake_score"] == pytest.approx(5e-3)  # the fake score's first update
+    assert all(int(state["step"]) == 1 for state in trainer.generator_optimizer.state.values())
+    for name, p in trainer.generator_named:
+        assert torch.equal(trainer.generator_ema[name], p.detach())
+    after = gap()
+    print(f"regression gap {before:.3f} -> {after:.4f}")
+    assert after < before / 20
+    # the teacher's deterministic samples land on the target mixture: the warm start did too
+    assert energy_distance(backend.samples(), backend.sample_target(2000, torch.Generator().manual_seed(7))) < 0.3

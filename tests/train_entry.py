@@ -50,8 +50,7 @@ def main() -> int:
 
     trained, _, _ = cli.train(sys.argv[1:])
     rank = int(os.environ.get("RANK", "0"))
-    params = dict(trained.generator_named) | dict(trained.fake_named)
-    save_file({k: v.detach().contiguous() for k, v in params.items()}, str(Path(dump) / f"adapters_rank{rank}.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in trained.tensors().items()}, str(Path(dump) / f"adapters_rank{rank}.safetensors"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -1,128 +1,50 @@
-"""The DMD2 trainer's model backend for community SD1.5/SDXL checkpoints, through ComfyUI.
+"""The one DMD2 backend: a frozen ComfyUI UNet shared by the three networks.
 
-A single-file checkpoint is loaded with ComfyUI's own ``comfy`` package (so whatever ComfyUI
-loads, the trainer loads). Its text encoders turn the prompts into embeddings once (SDXL:
-plus the pooled vector and size conditioning, built by ComfyUI's ``encode_adm``); its VAE
-turns real images into latents once and decodes sample previews. Both are then released.
-
-One frozen copy of the UNet serves all three networks (design.md):
-real score = base, generator = base + LoRA G, fake score = base + LoRA F, with a small GAN
-head on the fake score's mid-block features. The UNet is called directly as the
-eps-prediction network it is (``diffusion_model(x_t, t, context, y)`` on variance-preserving
-``x_t`` and integer DDPM timesteps, which is what ComfyUI's ``apply_model`` computes after
-its ``c_in`` scaling).
+Real score = the base UNet; generator = base + LoRA G; fake score = base + LoRA F, with a
+small GAN head on the fake score's mid-block features (design.md). It works on any ComfyUI
+``BaseModel`` with an SD-style ``UNetModel`` (eps prediction): a community SD1.5/SDXL
+checkpoint (``checkpoint.py``: text conditioning, VAE latents) and the digits teacher
+(``digits``: class labels, pixels) differ only in where the model and the conditions come
+from (``TrainingData``). The UNet is called directly as the eps-prediction network it is
+(``diffusion_model(x_t, t, context, y)`` on variance-preserving ``x_t`` and integer DDPM
+timesteps, which is what ComfyUI's ``apply_model`` computes after its ``c_in`` scaling).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..comfy_env import ensure_comfy
-from . import losses
-from .data import DataError, load_image
-from .lora import DEFAULT_TARGETS, UNetLoRA
+from . import losses, sampling
+from .lora import DEFAULT_TARGETS, AdapterSwitch, UNetLoRA
 from .trainer import Batch
-
-
-class CheckpointError(ValueError):
-    """The checkpoint file is missing, unreadable or not a diffusion checkpoint."""
-
-
-class UnsupportedModel(ValueError):
-    """A checkpoint ComfyUI can load but this trainer does not handle (yet)."""
-
-
-@dataclass
-class LoadedCheckpoint:
-    """What ComfyUI made of a checkpoint file: ``model`` (ModelPatcher), ``clip``, ``vae``."""
-
-    path: Path
-    arch: str  # "sd15" | "sdxl"
-    model: Any
-    clip: Any
-    vae: Any
-
-
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Tensors of a .safetensors file, or of a .ckpt/.pt file unpickled safely (weights only)."""
-    try:
-        if path.suffix.lower() in (".safetensors", ".sft"):
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()  # noqa: SIM118 (safe_open is no dict)
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file ({type(exc).__name__}: {exc})") from exc
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
-    return data, None
-
-
-def detect_arch(model) -> str:
-    """'sd15' or 'sdxl' for an eps-prediction SD1.5/SDXL text-to-image UNet; else UnsupportedModel."""
-    import comfy.model_base
-    import comfy.supported_models
-
-    base, config = model.model, model.model.model_config
-    name = type(config).__name__
-    if isinstance(base, comfy.model_base.SDXL) and isinstance(config, comfy.supported_models.SDXL):
-        arch = "sdxl"
-    elif type(base) is comfy.model_base.BaseModel and isinstance(config, comfy.supported_models.SD15):
-        arch = "sd15"
-    else:
-        raise UnsupportedModel(f"model family {name} is not supported yet: the trainer handles SD1.5 and SDXL checkpoints")
-    if base.model_type != comfy.model_base.ModelType.EPS:
-        raise UnsupportedModel(f"{name} checkpoint uses {base.model_type.name} prediction; only eps-prediction models are supported yet (v-prediction is not)")
-    if config.unet_config.get("in_channels", 4) != 4:
-        raise UnsupportedModel(f"{name} checkpoint has {config.unet_config['in_channels']} input channels (inpainting/instruct models are not supported)")
-    if getattr(base.model_sampling, "zsnr", False):
-        raise UnsupportedModel("zero-terminal-SNR checkpoints are not supported yet")
-    return arch
-
-
-def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None) -> LoadedCheckpoint:
-    """Load a single-file checkpoint with ComfyUI's loader; refuse clearly what is unsupported."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    ensure_comfy()
-    import comfy.sd
-
-    state_dict, metadata = _read_state_dict(path)
-    options = {"dtype": weight_dtype} if weight_dtype is not None else {}
-    try:
-        out = comfy.sd.load_state_dict_guess_config(state_dict, output_vae=True, output_clip=True, model_options=options, metadata=metadata)
-    except Exception as exc:
-        raise CheckpointError(f"ComfyUI could not load {path}: {type(exc).__name__}: {exc}") from exc
-    if out is None or out[0] is None:
-        raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path} (unsupported architecture)")
-    model, clip, vae = out[0], out[1], out[2]
-    arch = detect_arch(model)
-    if clip is None or vae is None:
-        raise CheckpointError(f"{path} holds no {'text encoder' if clip is None else 'VAE'}: a full single-file checkpoint is needed")
-    return LoadedCheckpoint(path=path, arch=arch, model=model, clip=clip, vae=vae)
 
 
 @dataclass
 class Conditioning:
-    """Text conditioning of a batch: cross-attention ``context`` (B, L, D) and, for SDXL, the
-    ``y`` vector (pooled text + size embeddings)."""
+    """The UNet's conditioning for a batch: cross-attention ``context`` (B, L, D) and the
+    ``y`` vector (SDXL: pooled text + size embeddings; class-conditioned models: the class).
+    Either may be None when the model has no such input. Slicing takes rows of both."""
 
-    context: torch.Tensor
+    context: torch.Tensor | None = None
     y: torch.Tensor | None = None
 
+    def __len__(self) -> int:
+        return len(self.context if self.context is not None else self.y)
+
+    def __getitem__(self, part: slice) -> Conditioning:
+        return Conditioning(None if self.context is None else self.context[part], None if self.y is None else self.y[part])
+
     def to(self, device) -> Conditioning:
-        return Conditioning(self.context.to(device), None if self.y is None else self.y.to(device))
+        return Conditioning(None if self.context is None else self.context.to(device), None if self.y is None else self.y.to(device))
 
 
 def _repeat_to(context: torch.Tensor, length: int) -> torch.Tensor:
@@ -132,69 +54,77 @@ def _repeat_to(context: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def stack_conditionings(items: Sequence[Conditioning]) -> Conditioning:
-    import math
-
-    length = math.lcm(*(c.context.shape[1] for c in items))
-    context = torch.cat([_repeat_to(c.context, length) for c in items])
+    """One batch from per-prompt conditionings (contexts repeated to a common length)."""
+    context = None
+    if items[0].context is not None:
+        length = math.lcm(*(c.context.shape[1] for c in items))
+        context = torch.cat([_repeat_to(c.context, length) for c in items])
     y = None if items[0].y is None else torch.cat([c.y for c in items])
     return Conditioning(context, y)
 
 
-@torch.no_grad()
-def encode_prompts(loaded: LoadedCheckpoint, prompts: Sequence[str], resolution: int) -> list[Conditioning]:
-    """Each prompt through the checkpoint's text encoders (one (1, L, D) context each)."""
-    out = []
-    for prompt in prompts:
-        tokens = loaded.clip.tokenize(prompt)
-        context, pooled = loaded.clip.encode_from_tokens(tokens, return_pooled=True)
-        y = None
-        if loaded.arch == "sdxl":
-            y = loaded.model.model.encode_adm(
-                pooled_output=pooled, width=resolution, height=resolution, crop_w=0, crop_h=0,
-                target_width=resolution, target_height=resolution,
-            )
-        out.append(Conditioning(context.detach().float().cpu(), None if y is None else y.detach().float().cpu()))
-    return out
+@dataclass
+class TrainingData:
+    """Where the conditions (and the GAN's real latents) come from.
 
+    ``prompts``: what the generator is asked for, one (1, ...) ``Conditioning`` each;
+    ``uncond``: the unconditional one (classifier-free guidance; real images without a
+    caption). ``real_latents`` (N, C, H, W) in the model's latent space turn the GAN on;
+    ``real_captions`` gives each its own caption's conditioning (None: no caption, scored
+    unconditionally, and so is the generated sample it is compared with). ``paired``: prompt i
+    *is* real latent i's caption (class-labelled data): they are drawn together."""
 
-@torch.no_grad()
-def encode_images(loaded: LoadedCheckpoint, paths: Sequence[Path], resolution: int, batch_size: int = 4) -> torch.Tensor:
-    """Real images -> the model's latent space (VAE encode, then ``process_latent_in``)."""
-    latents = []
-    for i in range(0, len(paths), batch_size):
-        pixels = torch.stack([load_image(p, resolution) for p in paths[i : i + batch_size]])
-        raw = loaded.vae.encode(pixels)
-        latents.append(loaded.model.model.process_latent_in(raw.float().cpu()))
-    return torch.cat(latents)
+    prompts: Sequence[Conditioning]
+    uncond: Conditioning
+    real_latents: torch.Tensor | None = None
+    real_captions: Sequence[Conditioning | None] | None = None
+    paired: bool = False
 
-
-@torch.no_grad()
-def decode_latents(loaded: LoadedCheckpoint, latents: torch.Tensor) -> torch.Tensor:
-    """Model latents -> images (B, H, W, 3) in [0, 1] with the checkpoint's VAE."""
-    raw = loaded.model.model.process_latent_out(latents.detach().float().cpu())
-    return loaded.vae.decode(raw).float().clamp(0, 1).cpu()
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("no prompt conditionings")
+        n = None if self.real_latents is None else len(self.real_latents)
+        if self.real_captions is not None and len(self.real_captions) != n:
+            raise ValueError(f"{len(self.real_captions)} captions for {n} real latents")
+        if self.paired and n is not None and len(self.prompts) != n:
+            raise ValueError(f"paired data needs one prompt per real latent, got {len(self.prompts)} for {n}")
 
 
 class GANHead(nn.Module):
-    """A small real/fake classifier on the fake score's mid-block features: conv, norm,
-    SiLU, global average, linear -> one logit per sample."""
+    """The real/fake classifier on the fake score's mid-block features, shaped like the
+    reference's: [4x4 conv stride 2, GroupNorm, SiLU] until the map is at most 4x4, then a
+    conv covering the whole map (-> 1x1), GroupNorm, SiLU and a 1x1 conv to one logit.
+    The last conv reads the map's layout, which a global average would throw away; the norms
+    keep at least 8 channels per group (a per-channel norm on a tiny map erases the signal).
+    ``size``: the (h, w) of the mid-block map at the training resolution."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, size: Sequence[int]):
         super().__init__()
-        groups = 32 if channels % 32 == 0 else 1
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, stride=2, padding=1),
-            nn.GroupNorm(groups, channels),
-            nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(groups, channels),
-            nn.SiLU(),
-        )
-        self.out = nn.Linear(channels, 1)
+        groups = math.gcd(32, max(1, channels // 8))
+        h, w = (int(v) for v in size)
+        layers: list[nn.Module] = []
+        while max(h, w) > 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
+            h, w = max(1, h // 2), max(1, w // 2)
+        layers += [nn.Conv2d(channels, channels, (h, w)), nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        self.size = tuple(int(v) for v in size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        h = self.body(features.to(self.out.weight.dtype) if not torch.is_autocast_enabled(features.device.type) else features)
-        return self.out(h.mean(dim=(2, 3))).squeeze(1).float()
+        if tuple(features.shape[-2:]) != self.size:
+            raise ValueError(f"GAN head built for {self.size} mid-block maps, got {tuple(features.shape[-2:])} (another resolution?)")
+        weight = self.net[0].weight
+        h = features if torch.is_autocast_enabled(features.device.type) else features.to(weight.dtype)
+        return self.net(h).flatten(1)[:, 0].float()
+
+
+def mid_block_size(unet_config: dict, latent_shape: Sequence[int]) -> tuple[int, int]:
+    """(h, w) of the UNet's mid-block map for latents of ``latent_shape`` (C, H, W): one
+    stride-2 downsampling per level after the first."""
+    h, w = int(latent_shape[-2]), int(latent_shape[-1])
+    for _ in range(len(unet_config["channel_mult"]) - 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
 
 
 class _StopAfterMidBlock(Exception):
@@ -247,20 +177,25 @@ def enable_gradient_checkpointing(unet: nn.Module, switch) -> int:
     return count
 
 
-class ComfyDMD2Backend:
-    """``trainer.DMD2Backend`` for a ComfyUI SD1.5/SDXL model: one frozen UNet + LoRA G/F + head.
+NETWORKS = ("generator", "fake_score")
 
-    ``prompts``: list of Conditioning (one per prompt), ``uncond``: the empty prompt's;
-    ``real_latents``: (N, 4, h, w) model latents or None (no GAN then)."""
+
+class SharedBaseBackend:
+    """``trainer.DMD2Backend`` over a ComfyUI ``BaseModel``: one frozen UNet + LoRA G/F + head.
+
+    ``base_model``: the model (``ModelPatcher.model``) whose ``diffusion_model`` becomes the
+    frozen base (adapters are injected into it in place); ``data``: ``TrainingData``;
+    ``latent_shape``: (C, H, W) of one sample. ``full_copies`` names networks
+    ("generator", "fake_score") that are instead a fully trained copy of the base: the
+    reference's layout, at the memory cost of one more UNet with gradients and optimiser state
+    each (the digits study's ablation; a full-rank fake score where LoRA F cannot keep up).
+    ``lora_merged``: run adapted layers with merged weights (``lora.AdapterSwitch``)."""
 
     def __init__(
         self,
-        loaded: LoadedCheckpoint,
-        prompts: Sequence[Conditioning],
-        uncond: Conditioning,
-        resolution: int,
-        batch_size: int = 1,
-        real_latents: torch.Tensor | None = None,
+        base_model: Any,
+        data: TrainingData,
+        latent_shape: Sequence[int],
         lora_rank: int = 64,
         lora_alpha: float = 8.0,
         lora_targets: Iterable[str] = DEFAULT_TARGETS,
@@ -269,10 +204,12 @@ class ComfyDMD2Backend:
         gradient_checkpointing: bool | None = None,
         seed: int = 0,
         rank: int = 0,
+        full_copies: Iterable[str] = (),
+        lora_merged: bool = False,
     ):
-        if not prompts:
-            raise DataError("no prompt embeddings")
-        self.loaded = loaded
+        full = tuple(full_copies)
+        if not set(full) <= set(NETWORKS):
+            raise ValueError(f"full_copies must name networks among {NETWORKS}, got {full}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         on_gpu = self.device.type == "cuda"
         if mixed_precision is None:
@@ -280,45 +217,65 @@ class ComfyDMD2Backend:
         if mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
         self.autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-        self.resolution, self.batch_size = resolution, int(batch_size)
-        self.latent_shape = (4, resolution // 8, resolution // 8)
+        self.latent_shape = tuple(int(v) for v in latent_shape)
+        self.data = data
 
-        base = loaded.model.model
-        sigmas = base.model_sampling.sigmas.double()
+        sigmas = base_model.model_sampling.sigmas.double()
         self.alphas_cumprod = (1.0 / (1.0 + sigmas**2)).to(self.device)
-        self.unet = base.diffusion_model.to(self.device).requires_grad_(False).eval()
-        self.adapters = UNetLoRA(self.unet, base.model_config.unet_config, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), seed=seed)
-        self.adapters.unet.to(self.device)
-        self.switch = self.adapters.switch
+        self.unet = base_model.diffusion_model.to(self.device).requires_grad_(False).eval()
+        self.copies = {name: copy.deepcopy(self.unet).requires_grad_(True) for name in full}
+        with_lora = tuple(name for name in NETWORKS if name not in full)
+        self.unet_config = base_model.model_config.unet_config
+        self.adapters = None
+        self.switch = AdapterSwitch(lora_merged)
+        if with_lora:
+            self.adapters = UNetLoRA(self.unet, self.unet_config, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), adapters=with_lora, seed=seed, merged=lora_merged)
+            self.adapters.unet.to(self.device)
+            self.switch = self.adapters.switch
         if gradient_checkpointing is None:
             gradient_checkpointing = on_gpu
-        self.gradient_checkpointing = bool(gradient_checkpointing) and enable_gradient_checkpointing(self.unet, self.switch) > 0
+        self.gradient_checkpointing = False
+        if gradient_checkpointing:
+            blocks = sum(enable_gradient_checkpointing(unet, self.switch) for unet in (self.unet, *self.copies.values()))
+            self.gradient_checkpointing = blocks > 0
 
-        self.prompts = list(prompts)
-        self.uncond = uncond
-        self.real_latents = None if real_latents is None else real_latents.float().cpu()
+        self.real_latents = None if data.real_latents is None else data.real_latents.float().cpu()
         self.head = None
         self._features: torch.Tensor | None = None
         self._stop_after_mid = False
         if self.real_latents is not None:
-            mid = self.unet.middle_block[-1]
+            mid = self._module("fake_score").middle_block[-1]
             with torch.random.fork_rng(devices=[]):  # same head for the same seed
                 torch.manual_seed(seed + 1)
-                self.head = GANHead(mid.out_channels).to(self.device)
+                size = mid_block_size(self.unet_config, self.latent_shape)
+                self.head = GANHead(mid.out_channels, size).to(self.device)
             mid.register_forward_hook(self._capture_mid)
         self.has_gan_head = self.head is not None
         self.rng = torch.Generator().manual_seed(seed * 1000 + 17 + rank)
 
     # --- data ---
-    def sample_batch(self) -> Batch:
-        idx = torch.randint(0, len(self.prompts), (self.batch_size,), generator=self.rng).tolist()
-        cond = stack_conditionings([self.prompts[i] for i in idx]).to(self.device)
-        uncond = stack_conditionings([self.uncond] * self.batch_size).to(self.device)
-        real = None
-        if self.real_latents is not None:
-            ridx = torch.randint(0, len(self.real_latents), (self.batch_size,), generator=self.rng)
-            real = self.real_latents[ridx].to(self.device)
-        return Batch(cond=cond, uncond=uncond, shape=(self.batch_size, *self.latent_shape), real_x0=real)
+    def sample_batch(self, n: int) -> Batch:
+        data = self.data
+        stack = lambda items: stack_conditionings(items).to(self.device)  # noqa: E731
+        uncond = stack([data.uncond] * n)
+        shape = (n, *self.latent_shape)
+        if self.real_latents is None:
+            idx = torch.randint(0, len(data.prompts), (n,), generator=self.rng).tolist()
+            return Batch(cond=stack([data.prompts[i] for i in idx]), uncond=uncond, shape=shape)
+        if data.paired:  # each real latent with its own condition, for generator and discriminator
+            idx = torch.randint(0, len(self.real_latents), (n,), generator=self.rng).tolist()
+            cond = stack([data.prompts[i] for i in idx])
+            return Batch(cond=cond, uncond=uncond, shape=shape, real_x0=self.real_latents[idx].to(self.device))
+        idx = torch.randint(0, len(data.prompts), (n,), generator=self.rng).tolist()
+        ridx = torch.randint(0, len(self.real_latents), (n,), generator=self.rng).tolist()
+        captions = [None if data.real_captions is None else data.real_captions[i] for i in ridx]
+        return Batch(
+            cond=stack([data.prompts[i] for i in idx]), uncond=uncond, shape=shape,
+            real_x0=self.real_latents[ridx].to(self.device),
+            # a real image without a caption is scored unconditionally, and so is its generated partner
+            real_cond=stack([data.uncond if c is None else c for c in captions]),
+            gan_cond=stack([data.uncond if c is None else data.prompts[i] for i, c in zip(idx, captions)]),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """What the backend adds to a resumable checkpoint: its data RNG."""
@@ -331,10 +288,14 @@ class ComfyDMD2Backend:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None) -> torch.Tensor:
-        """The UNet's eps prediction with ``adapter`` ('generator', 'fake_score' or None = base)."""
+    def _module(self, network: str | None) -> nn.Module:
+        return self.copies.get(network, self.unet)
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, network: str | None) -> torch.Tensor:
+        """The eps prediction of ``network`` ('generator', 'fake_score' or None = the base)."""
+        adapter = None if network in self.copies else network
         with self.switch.use(adapter), self._autocast():
-            out = self.unet(x_t, t.float(), context=cond.context, y=cond.y)
+            out = self._module(network)(x_t, t.float(), context=cond.context, y=cond.y)
         return out.float()
 
     def _x0(self, x_t, t, cond, adapter):
@@ -361,7 +322,7 @@ class ComfyDMD2Backend:
 
     def fake_logits(self, x_t, t, cond):
         if self.head is None:
-            raise RuntimeError("no GAN head: the backend was built without real images")
+            raise RuntimeError("no GAN head: the backend was built without real latents")
         self._stop_after_mid, self._features = True, None
         try:
             self.eps(x_t, t, cond, "fake_score")
@@ -374,30 +335,45 @@ class ComfyDMD2Backend:
             return self.head(features)
 
     # --- parameters ---
+    def _named(self, network: str) -> list[tuple[str, nn.Parameter]]:
+        if network in self.copies:
+            return [(f"{network}.{k}", p) for k, p in self.copies[network].named_parameters()]
+        return [(f"{network}.{k}", p) for k, p in self.adapters.named_parameters(network)]
+
     def generator_parameters(self):
-        return [(f"generator.{k}", p) for k, p in self.adapters.named_parameters("generator")]
+        return self._named("generator")
 
     def fake_score_parameters(self):
-        named = [(f"fake_score.{k}", p) for k, p in self.adapters.named_parameters("fake_score")]
+        named = self._named("fake_score")
         if self.head is not None:
             named += [(f"gan_head.{k}", p) for k, p in self.head.named_parameters()]
         return named
 
+    def gan_head_parameters(self):
+        return [] if self.head is None else list(self.head.parameters())
+
     # --- previews ---
     @torch.no_grad()
     def sample(self, conds: Sequence[Conditioning], seeds: Sequence[int], timesteps: Sequence[int]) -> torch.Tensor:
-        """The generator's few-step samples (DMD2's sampler: predict x0, re-noise with fresh
-        noise to the next timestep) from unit noise, one seed per condition: latents."""
+        """The generator's few-step samples (DMD2's sampler) from unit noise, one seed per
+        condition (start noise and re-noise drawn from that seed): latents on the CPU."""
         out = []
         for cond, seed in zip(conds, seeds):
             gen = torch.Generator().manual_seed(int(seed))
-            x = torch.randn((1, *self.latent_shape), generator=gen).to(self.device)
+            noises = [torch.randn((1, *self.latent_shape), generator=gen).to(self.device) for _ in timesteps]
             cond = cond.to(self.device)
-            for i, step in enumerate(timesteps):
-                t = torch.full((1,), int(step), dtype=torch.long, device=self.device)
-                x0 = self.generator_x0(x, t, cond)
-                if i + 1 < len(timesteps):
-                    noise = torch.randn((1, *self.latent_shape), generator=gen).to(self.device)
-                    x = losses.add_noise(x0, noise, torch.full_like(t, int(timesteps[i + 1])), self.alphas_cumprod)
+            x0 = sampling.dmd2_sample(lambda x, t: self.generator_x0(x, t, cond), noises, timesteps, self.alphas_cumprod)
             out.append(x0.cpu())
         return torch.cat(out)
+
+
+def export_generator_lora(trainer, backend: SharedBaseBackend, path, metadata: dict | None = None, averaged: bool = True):
+    """The generator adapter as a kohya LoRA file (``lora.UNetLoRA.export``): by default its
+    moving average (``trainer.averaged_generator``), else the raw adapter. The one export that
+    ``dmd2-train`` and the digits demo both use."""
+    if backend.adapters is None or "generator" not in backend.adapters.adapter_names:
+        raise ValueError("the generator is a full copy, not a LoRA: nothing to export as a LoRA")
+    averaged = averaged and trainer.generator_ema is not None
+    meta = {**(metadata or {}), "dmd2_generator_weights": "moving average" if averaged else "raw"}
+    with trainer.averaged_generator() if averaged else contextlib.nullcontext():
+        return backend.adapters.export(path, "generator", meta)

@@ -40,7 +40,11 @@ log = logging.getLogger("dmd2-train")
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d{7,})$")
 PRESETS = {(999, 749, 499, 249): "4-step (999,749,499,249)", (399,): "1-step (399)"}
-PLOTTED = ("loss_dm", "loss_fake", "loss_gan_generator", "loss_gan_discriminator")
+DMD2_FLAGS = {"steps", "seed", "batch_size", "grad_accum", "ema_decay", "regression_steps"}
+PLOTTED = (
+    "loss_regression", "loss_dm", "loss_fake", "loss_gan_generator", "loss_gan_discriminator",
+    ("logits_real", "logits_fake"), "discriminator_accuracy",
+)
 
 
 @dataclass
@@ -50,9 +54,8 @@ class RunConfig:
     checkpoint: str = ""
     prompts: str = ""
     output: str = ""
-    images: str = ""  # optional folder of real images: enables the GAN loss
+    images: str = ""  # optional folder of real images (captions: image.txt / image.caption): the GAN loss
     resolution: int = 0  # 0: 1024 for SDXL, 512 for SD1.5
-    batch_size: int = 1
     lora_rank: int = 64
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ()  # empty: the DMD2 defaults (training.lora.DEFAULT_TARGETS)
@@ -66,6 +69,7 @@ class RunConfig:
     mixed_precision: str = ""  # "bf16" | "fp16" | "no"; empty: bf16 on GPU, no on CPU
     gradient_checkpointing: str = "auto"  # "auto" (on for GPU) | "on" | "off"
     resume: bool = True
+    export_raw: bool = False  # also write the raw (not averaged) generator as <lora_name>_raw
 
     def validate(self) -> None:
         from .config import ConfigError
@@ -73,8 +77,8 @@ class RunConfig:
         for key in ("checkpoint", "prompts", "output"):
             if not getattr(self, key):
                 raise ConfigError(f"{key} is required (--{key} or `{key} = ...` in the config file)")
-        if self.batch_size < 1 or self.lora_rank < 1 or self.lora_alpha <= 0:
-            raise ConfigError("batch_size and lora_rank must be >= 1, lora_alpha > 0")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ConfigError("lora_rank must be >= 1 and lora_alpha > 0")
         if self.save_every < 1 or self.sample_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("save_every and keep_checkpoints must be >= 1, sample_every >= 0")
         if self.gradient_checkpointing not in ("auto", "on", "off"):
@@ -125,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training iterations (dmd2 key 'steps')")
     p.add_argument("--seed", type=int, help="random seed (dmd2 key 'seed')")
     p.add_argument("--resolution", type=int, help="image side in pixels, a multiple of 8")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--timesteps", help="the student's schedule: 4-step (999,749,499,249, the default), 1-step (399 for SDXL, 999 for SD1.5, as in the reference) or a list such as 999,499")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="samples per micro-batch and process (dmd2 key 'batch_size')")
+    p.add_argument("--grad-accum", type=int, dest="grad_accum", help="micro-batches accumulated per update (dmd2 key 'grad_accum')")
+    p.add_argument("--ema-decay", type=float, dest="ema_decay", help="generator moving average per generator update, 0 = off (dmd2 key 'ema_decay')")
+    p.add_argument("--regression-steps", type=int, dest="regression_steps", help="regression warm start iterations before DMD2 (dmd2 key 'regression_steps')")
+    p.add_argument("--export-raw", dest="export_raw", action="store_true", default=None, help="also export the raw generator (<name>_raw.safetensors)")
     p.add_argument("--lora-rank", type=int, dest="lora_rank")
     p.add_argument("--lora-alpha", type=float, dest="lora_alpha")
     p.add_argument("--save-every", type=int, dest="save_every")
@@ -137,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any run or dmd2 key (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def parse_timesteps_flag(value: str) -> tuple[int, ...] | str:
+    """``--timesteps``: a preset name (4-step, 1-step: resolved for the checkpoint's arch by
+    ``DMD2Config.for_arch``) or a comma-separated timestep list."""
+    from .config import TIMESTEP_PRESETS, ConfigError
+
+    if any(value.strip() in presets for presets in TIMESTEP_PRESETS.values()):
+        return value.strip()
+    try:
+        return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ConfigError(f"--timesteps: expected 4-step, 1-step or timesteps such as 999,499, got {value!r}") from None
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
@@ -175,10 +197,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
             if run_values.get(key) and not Path(run_values[key]).is_absolute():
                 run_values[key] = str(path.parent / run_values[key])
     route(parse_overrides(args.overrides), "--set")
-    for key in run_keys | {"steps", "seed"}:
+    for key in run_keys | DMD2_FLAGS:
         value = getattr(args, key, None)
         if value is not None:
             (run_values if key in run_keys else dmd2_values)[key] = value
+    if args.timesteps is not None:
+        dmd2_values["generator_timesteps"] = parse_timesteps_flag(args.timesteps)
     run = RunConfig(**{k: _coerce_run(k, v) for k, v in run_values.items()})
     run.validate()
     return run, dmd2_values
@@ -289,22 +313,39 @@ def save_png_atomic(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def draw_loss_curves(rows: Sequence[dict[str, float]], keys: Sequence[str] = PLOTTED, size: tuple[int, int] = (640, 170)):
-    """One panel per loss (step on x, value on y, min/max written at the side), drawn with PIL."""
+def _smoothed(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """Running mean over ``window`` points (per-iteration losses are noisy)."""
+    if window <= 1:
+        return points
+    out, total = [], 0.0
+    for i, (x, y) in enumerate(points):
+        total += y - (points[i - window][1] if i >= window else 0.0)
+        out.append((x, total / min(i + 1, window)))
+    return out
+
+
+def draw_loss_curves(rows: Sequence[dict[str, float]], keys: Sequence = PLOTTED, size: tuple[int, int] = (640, 170), title: str = ""):
+    """One panel per entry of ``keys`` (a metric, or a tuple of metrics drawn together, such
+    as the discriminator's real and fake logits); step on x, running mean over about 1/100 of
+    the run on y, min/max written at the side; drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    keys = [k for k in keys if any(k in r for r in rows)]
+    panels = [k if isinstance(k, tuple) else (k,) for k in keys]
+    panels = [p for p in panels if any(k in r for r in rows for k in p)]
     width, panel = size
-    image = Image.new("RGB", (width, max(1, len(keys)) * panel), "white")
+    image = Image.new("RGB", (width, max(1, len(panels)) * panel), "white")
     draw = ImageDraw.Draw(image)
     left, right, pad = 70, 10, 18
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    for i, key in enumerate(keys):
-        points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+    window = max(1, len(rows) // 100)
+    for i, names in enumerate(panels):
+        series = {k: _smoothed([(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])], window) for k in names}
         top = i * panel
         box = (left, top + pad, width - right, top + panel - pad)
         draw.rectangle(box, outline=(160, 160, 160))
-        draw.text((left, top + 2), key, fill=(0, 0, 0))
+        label = " vs ".join(names) + (f" (mean of {window})" if window > 1 else "")
+        draw.text((left, top + 2), f"{title}: {label}" if title else label, fill=(0, 0, 0))
+        points = [p for values in series.values() for p in values]
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -313,14 +354,18 @@ def draw_loss_curves(rows: Sequence[dict[str, float]], keys: Sequence[str] = PLO
         draw.text((4, box[1]), f"{max(ys):.3g}", fill=(0, 0, 0))
         draw.text((4, box[3] - 10), f"{min(ys):.3g}", fill=(0, 0, 0))
         draw.text((box[2] - 60, box[3] + 2), f"step {max(xs)}", fill=(0, 0, 0))
-        scaled = [
-            (box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - (y - y0) / (y1 - y0) * (box[3] - box[1]))
-            for x, y in points
-        ]
-        if len(scaled) == 1:
-            draw.ellipse([scaled[0][0] - 2, scaled[0][1] - 2, scaled[0][0] + 2, scaled[0][1] + 2], fill=colours[i % 4])
-        else:
-            draw.line(scaled, fill=colours[i % 4], width=2)
+        for c, (name, values) in enumerate(series.items()):
+            colour = colours[(i + c) % 4]
+            scaled = [
+                (box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - (y - y0) / (y1 - y0) * (box[3] - box[1]))
+                for x, y in values
+            ]
+            if len(names) > 1:
+                draw.text((box[0] + 6 + 110 * c, box[1] + 4), name, fill=colour)
+            if len(scaled) == 1:
+                draw.ellipse([scaled[0][0] - 2, scaled[0][1] - 2, scaled[0][0] + 2, scaled[0][1] + 2], fill=colour)
+            elif scaled:
+                draw.line(scaled, fill=colour, width=2)
     return image
 
 
@@ -427,9 +472,11 @@ def find_latest_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Dist, keep: int) -> Path:
-    """checkpoints/step_N/: adapters.safetensors (+ head) and state_rank{r}.pt per process,
-    written into a temp folder that is renamed into place once every process is done."""
+def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Dist, keep: int, settings: dict) -> Path:
+    """checkpoints/step_N/: tensors.safetensors (adapters, head, moving average),
+    settings.json (what a resume must match) and state_rank{r}.pt per process, written into a
+    temp folder that is renamed into place once every process is done."""
+    from .data import write_text_atomic
     from .lora import save_safetensors_atomic
 
     final = folder / f"step_{step:07d}"
@@ -438,9 +485,9 @@ def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    params = dict(trainer.generator_named) | dict(trainer.fake_named)
     if dist.main:
-        save_safetensors_atomic({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, tmp / "adapters.safetensors")
+        save_safetensors_atomic({k: v.float().cpu().contiguous() for k, v in trainer.tensors().items()}, tmp / "tensors.safetensors")
+        write_text_atomic(tmp / "settings.json", json.dumps(settings, indent=2))
     state = {"trainer": trainer.state_dict(include_parameters=False), "backend": backend.state_dict(), "world_size": dist.world_size}
     torch.save(state, tmp / f"state_rank{dist.rank}.pt")
     dist.barrier()
@@ -454,20 +501,42 @@ def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Di
     return final
 
 
+def resume_settings(run: RunConfig, config, resolution: int, targets: Sequence[str]) -> dict[str, Any]:
+    """The settings a checkpoint can only be resumed with: everything that shapes the trained
+    tensors (LoRA size and targets, resolution, every algorithm key but ``steps``)."""
+    dmd2 = {k: v for k, v in config.to_dict().items() if k not in ("steps", "ema_on_cpu")}
+    return {"lora_rank": run.lora_rank, "lora_alpha": run.lora_alpha, "lora_targets": list(targets), "resolution": resolution, **dmd2}
+
+
+def check_resume_settings(path: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume ``path`` with settings that differ from the saved ones, naming the key."""
+    from .config import ConfigError
+
+    saved_file = path / "settings.json"
+    if not saved_file.is_file():
+        raise ConfigError(f"cannot resume from {path}: it has no settings.json (written by an older version); use --no-resume to start over")
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    for key, value in current.items():
+        if key in saved and saved[key] != json.loads(json.dumps(value)):
+            raise ConfigError(
+                f"cannot resume from {path}: {key} is {value!r} now but the saved run used {saved[key]!r} "
+                f"(set it back, or start over with --no-resume or another --output)"
+            )
+
+
 def load_training_checkpoint(path: Path, trainer, backend, dist: Dist) -> int:
     from safetensors.torch import load_file
 
+    from .config import ConfigError
+
     state_file = path / f"state_rank{dist.rank}.pt"
     if not state_file.is_file():
-        raise RuntimeError(f"{path} was written by a run with another number of processes; resume with the same number")
+        raise ConfigError(f"{path} was written by a run with another number of processes; resume with the same number")
     state = torch.load(str(state_file), map_location="cpu", weights_only=True)
-    params = load_file(str(path / "adapters.safetensors"))
-    own = dict(trainer.generator_named) | dict(trainer.fake_named)
-    if set(params) != set(own) or any(tuple(params[k].shape) != tuple(p.shape) for k, p in own.items()):
-        raise RuntimeError(f"checkpoint {path} does not match this run's adapters (other model, LoRA rank or targets?)")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(params[k])
+    try:
+        trainer.load_tensors(load_file(str(path / "tensors.safetensors")))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"checkpoint {path} does not match this run: {exc}") from exc
     trainer.load_state_dict(state["trainer"])
     backend.load_state_dict(state["backend"])
     return trainer.step_count
@@ -478,7 +547,8 @@ def load_training_checkpoint(path: Path, trainer, backend, dist: Dist) -> int:
 
 def train(argv: Sequence[str] | None = None):
     """Run the command; returns (trainer, backend, output folder). Raises on bad input."""
-    from . import backend as B
+    from . import checkpoint as C
+    from .backend import SharedBaseBackend, TrainingData, export_generator_lora
     from .config import ConfigError, DMD2Config
     from .data import (
         cache_key,
@@ -486,6 +556,7 @@ def train(argv: Sequence[str] | None = None):
         file_sha256,
         list_images,
         load_cached,
+        read_caption,
         read_prompts,
         save_cached,
         write_text_atomic,
@@ -501,6 +572,7 @@ def train(argv: Sequence[str] | None = None):
         check_resolution(run.resolution)
     prompts = read_prompts(run.prompts)
     image_paths = list_images(run.images) if run.images else []
+    captions = [read_caption(p) for p in image_paths]
     device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dist = init_distributed(device)
     if dist.world_size > 1 and device == "cuda":
@@ -509,7 +581,7 @@ def train(argv: Sequence[str] | None = None):
     on_gpu = device.startswith("cuda")
     # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.
     base_dtype = {"": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[run.mixed_precision] if on_gpu else torch.float32
-    loaded = B.load_checkpoint(run.checkpoint, weight_dtype=base_dtype)
+    loaded = C.load_checkpoint(run.checkpoint, weight_dtype=base_dtype)
     arch = loaded.arch
     if "arch" in dmd2_values and dmd2_values["arch"] != arch:
         raise ConfigError(f"config says arch={dmd2_values['arch']!r} but {run.checkpoint} is an {arch} checkpoint")
@@ -517,10 +589,15 @@ def train(argv: Sequence[str] | None = None):
     resolution = run.resolution or (1024 if arch == "sdxl" else 512)
     check_resolution(resolution)
     sample_prompts = list(run.sample_prompts) or prompts[:4]
+    targets = run.lora_targets or DEFAULT_TARGETS
+    settings = resume_settings(run, config, resolution, targets)
 
     output = Path(run.output)
     checkpoints = output / "checkpoints"
     cache = output / "cache"
+    latest = find_latest_checkpoint(checkpoints) if run.resume else None
+    if latest is not None:
+        check_resume_settings(latest, settings)
     if dist.main:
         cache.mkdir(parents=True, exist_ok=True)
         for stale in checkpoints.glob(".step_*.tmp"):  # a save cut short by a kill
@@ -532,33 +609,36 @@ def train(argv: Sequence[str] | None = None):
 
     # 2. Encode once (cached by checkpoint hash and inputs), then drop the encoders.
     ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
-    text_file = cache / f"text-{cache_key(ckpt_hash, prompts, sample_prompts, resolution)}.safetensors"
+    caption_texts = sorted({c for c in captions if c is not None})
+    all_prompts = [""] + prompts + sample_prompts + caption_texts
+    text_file = cache / f"text-{cache_key(ckpt_hash, all_prompts, resolution)}.safetensors"
     cached = load_cached(text_file)
-    all_prompts = [""] + prompts + sample_prompts
     if cached is None:
-        encoded = B.encode_prompts(loaded, all_prompts, resolution)
+        encoded = C.encode_prompts(loaded, all_prompts, resolution)
         cached = {f"{i}.context": c.context for i, c in enumerate(encoded)} | {f"{i}.y": c.y for i, c in enumerate(encoded) if c.y is not None}
         if dist.main:
             save_cached(text_file, cached)
-    conds = [B.Conditioning(cached[f"{i}.context"], cached.get(f"{i}.y")) for i in range(len(all_prompts))]
-    uncond, train_conds, sample_conds = conds[0], conds[1 : 1 + len(prompts)], conds[1 + len(prompts) :]
+    conds = [C.Conditioning(cached[f"{i}.context"], cached.get(f"{i}.y")) for i in range(len(all_prompts))]
+    uncond, train_conds = conds[0], conds[1 : 1 + len(prompts)]
+    sample_conds = conds[1 + len(prompts) : 1 + len(prompts) + len(sample_prompts)]
+    by_caption = dict(zip(caption_texts, conds[1 + len(prompts) + len(sample_prompts) :]))
     real_latents = None
     if image_paths:
         stats = [(p.name, p.stat().st_size, p.stat().st_mtime) for p in image_paths]
         latent_file = cache / f"latents-{cache_key(ckpt_hash, stats, resolution)}.safetensors"
         cached_latents = load_cached(latent_file)
         if cached_latents is None:
-            cached_latents = {"latents": B.encode_images(loaded, image_paths, resolution)}
+            cached_latents = {"latents": C.encode_images(loaded, image_paths, resolution)}
             if dist.main:
                 save_cached(latent_file, cached_latents)
         real_latents = cached_latents["latents"]
     loaded.clip = None  # the text encoders are not needed any more
+    data = TrainingData(train_conds, uncond, real_latents, [None if c is None else by_caption[c] for c in captions] if image_paths else None)
 
     # 3. Backend and trainer; resume from the newest checkpoint.
-    backend = B.ComfyDMD2Backend(
-        loaded, train_conds, uncond, resolution,
-        batch_size=run.batch_size, real_latents=real_latents,
-        lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=run.lora_targets or DEFAULT_TARGETS,
+    backend = SharedBaseBackend(
+        loaded.model.model, data, (4, resolution // 8, resolution // 8),
+        lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=targets,
         device=device, mixed_precision=run.mixed_precision or None,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
         seed=config.seed, rank=dist.rank,
@@ -568,12 +648,16 @@ def train(argv: Sequence[str] | None = None):
     if dist.world_size > 1:
         broadcast_parameters(trainable)
         GradientAverager(trainable, dist.world_size)
-    latest = find_latest_checkpoint(checkpoints) if run.resume else None
     start = load_training_checkpoint(latest, trainer, backend, dist) if latest is not None else 0
     if dist.main:
-        settings = {"run": dataclasses.asdict(run), "dmd2": config.to_dict(), "arch": arch, "resolution": resolution, "base_model_sha256": ckpt_hash}
-        write_text_atomic(output / "run_config.json", json.dumps(settings, indent=2))
-        log.info("%s %s, %d prompts, %d real images, %s, resuming at step %d", arch, run.checkpoint, len(prompts), len(image_paths), device, start)
+        record = {"run": dataclasses.asdict(run), "dmd2": config.to_dict(), "arch": arch, "resolution": resolution, "base_model_sha256": ckpt_hash}
+        write_text_atomic(output / "run_config.json", json.dumps(record, indent=2))
+        effective = config.samples_per_iteration * dist.world_size
+        where = f"resuming at step {start}" if start else "starting"
+        log.info(
+            "%s %s, %d prompts, %d real images (%d captioned), %s, effective batch %d, %s",
+            arch, run.checkpoint, len(prompts), len(image_paths), sum(c is not None for c in captions), device, effective, where,
+        )
 
     # 4. The loop.
     metrics_log = MetricsLog(output, start) if dist.main else None
@@ -583,48 +667,52 @@ def train(argv: Sequence[str] | None = None):
     def write_samples(step: int) -> None:
         if not dist.main:
             return
-        latents = backend.sample(sample_conds, [run.sample_seeds[i % len(run.sample_seeds)] for i in range(len(sample_conds))], config.generator_timesteps)
+        seeds = [run.sample_seeds[i % len(run.sample_seeds)] for i in range(len(sample_conds))]
+        with trainer.averaged_generator():
+            latents = backend.sample(sample_conds, seeds, config.generator_timesteps)
         samples.mkdir(exist_ok=True)
-        save_png_atomic(image_grid(B.decode_latents(loaded, latents)), samples / f"step_{step:07d}.png")
+        save_png_atomic(image_grid(C.decode_latents(loaded, latents)), samples / f"step_{step:07d}.png")
 
     def write_checkpoint(step: int) -> None:
         check_in_sync(trainable, dist)
-        save_training_checkpoint(checkpoints, step, trainer, backend, dist, run.keep_checkpoints)
+        save_training_checkpoint(checkpoints, step, trainer, backend, dist, run.keep_checkpoints, settings)
         if dist.main:
             metrics_log.write_csv()
             save_png_atomic(draw_loss_curves(metrics_log.rows), output / "loss_curve.png")
 
+    total = config.total_steps
     bar = None
     if dist.main and not args.quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, initial=start, desc="DMD2", unit="it", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc="DMD2", unit="it", dynamic_ncols=True)
     started = time.perf_counter()
     try:
-        while trainer.step_count < config.steps:
+        while trainer.step_count < total:
             metrics = trainer.step()
             step = trainer.step_count
             if dist.main:
                 metrics_log.append({**metrics, "time": round(time.perf_counter() - started, 4)})
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss_dm", "loss_fake", "loss_gan_discriminator") if k in metrics})
-            if step % run.save_every == 0 and step < config.steps:
+                    shown = ("loss_regression", "loss_dm", "loss_fake", "loss_gan_discriminator")
+                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics})
+            if step % run.save_every == 0 and step < total:
                 write_checkpoint(step)
             if run.sample_every and step % run.sample_every == 0:
                 write_samples(step)
         latest = find_latest_checkpoint(checkpoints)
-        if latest is None or latest.name != f"step_{config.steps:07d}":
-            write_checkpoint(config.steps)
-        if not (run.sample_every and config.steps % run.sample_every == 0) and config.steps > 0:
-            write_samples(config.steps)
+        if latest is None or latest.name != f"step_{total:07d}":
+            write_checkpoint(total)
+        if not (run.sample_every and total % run.sample_every == 0) and total > 0:
+            write_samples(total)
     finally:
         if bar is not None:
             bar.close()
         if metrics_log is not None:
             metrics_log.close()
 
-    # 5. The LoRA and a workflow that uses it.
+    # 5. The LoRA (the generator's moving average) and a workflow that uses it.
     if dist.main:
         metadata = {
             "dmd2_base_model": Path(run.checkpoint).name,
@@ -637,7 +725,9 @@ def train(argv: Sequence[str] | None = None):
             "dmd2_config": json.dumps({"run": dataclasses.asdict(run), "dmd2": config.to_dict()}),
             "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
         }
-        backend.adapters.export(output / lora_name, "generator", metadata)
+        export_generator_lora(trainer, backend, output / lora_name, metadata)
+        if run.export_raw:
+            export_generator_lora(trainer, backend, output / lora_name.replace(".safetensors", "_raw.safetensors"), metadata, averaged=False)
         graph = workflow_api(Path(run.checkpoint).name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
         write_text_atomic(output / "workflow_api.json", json.dumps(graph, indent=2))
         ui = workflow_ui(Path(run.checkpoint).name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
@@ -650,7 +740,7 @@ def train(argv: Sequence[str] | None = None):
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script. Exit status 0 on success, 2 on bad input or settings."""
     from ..comfy_env import ComfyUINotFound
-    from .backend import CheckpointError, UnsupportedModel
+    from .checkpoint import CheckpointError, UnsupportedModel
     from .config import ConfigError
     from .data import DataError
     from .lora import LoRAError

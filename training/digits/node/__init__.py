@@ -2,11 +2,11 @@
 teacher/student file as a MODEL and turns class labels into CONDITIONING, so that the
 demo can sample its models through the pack's nodes in a real ComfyUI graph.
 
-The demo's runner (``training/comfy_runner.py``) links this folder into a throwaway
+The demo's runner (``training/digits/comfy_runner.py``) links this folder into a throwaway
 ComfyUI base directory next to the pack itself.
 """
 
-from comfyui_dmd2.training import digits
+from comfyui_dmd2.training.digits import data, teacher
 
 
 class DMD2DigitsModelLoader:
@@ -23,7 +23,7 @@ class DMD2DigitsModelLoader:
     def load(self, path):
         from safetensors.torch import load_file
 
-        return (digits.comfy_model(digits.load_denoiser(load_file(path))),)
+        return (teacher.comfy_model(teacher.load_denoiser(load_file(path))),)
 
 
 class DMD2DigitsClassConditioning:
@@ -38,7 +38,7 @@ class DMD2DigitsClassConditioning:
         return {"required": {"batch": ("INT", {"default": 10, "min": 1, "max": 100000, "tooltip": "Number of labels (cycling through 0-9)."})}}
 
     def encode(self, batch):
-        return (digits.comfy_conditioning(digits.balanced_labels(batch)),)
+        return (teacher.comfy_conditioning(data.balanced_labels(batch)),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,0 +1,241 @@
+"""The digits study: the demo's students and their ablations, side by side in one run.
+
+    python benchmarks/digits_study.py [--rows "NAME;NAME"] [--jobs 2] [--seeds 3] [--out DIR] [--cache DIR]
+
+Every row trains students with the product's path (``students.distill``: the pack's
+trainer over the shared-base backend, LoRA G/F on the frozen digits teacher, exported by the
+same code as ``dmd2-train``) from one teacher, then measures it with the demo's metric
+(``metric``: Fréchet distance in a held-out classifier's features, 1500 samples per seed
+against all 1397 other real digits, mean ± std over sampling seeds). Students are sampled
+in-process from the merged generator, which is what the exported LoRA gives in a ComfyUI
+graph (``tests/test_digits_demo.py`` checks that equality). Each training is evaluated both as
+its moving average (the default export) and as the raw generator, and reports what the
+discriminator did over its last 200 iterations (loss, mean logits on real and generated
+latents, accuracy).
+
+The four main rows (LoRA and full copies, 1-step and 4-step) and the regression warm start
+train three students each (training seeds 0, 1, 2): on the digits the training seed moves a
+student's distance far more than the sampling seed does (the 4-step full-copy student: 2.8 to
+4.0 over three seeds), so those rows give mean ± std over training seeds, each training
+measured over ``--seeds`` sampling seeds. The other ablation rows train seed 0 only and are
+compared with the seed-0 student of their main row.
+
+Trainings are independent; ``--jobs`` runs that many at once, one thread each, and each
+finished training is kept under ``OUT/runs/`` so that a re-run only trains what is missing.
+The whole study takes about 75 minutes on 2 cores. The table it prints is the one in
+docs/digits.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+
+def rows() -> dict[str, tuple]:
+    """{row name: (StudentSettings, training seeds)}."""
+    from comfyui_dmd2.training.digits.demo import FULL
+
+    one, four = FULL.one_step, FULL.four_step
+    both = ("generator", "fake_score")
+    # The reference layout's learning rates: tuned for full copies (docs/digits.md).
+    full_one = replace(one, full_copies=both, lr_generator=8e-4, lr_fake_score=2e-3)
+    full_four = replace(four, full_copies=both, lr_generator=1e-4, lr_fake_score=2e-3)
+    main, single = (0, 1, 2), (0,)
+    # a discriminator given an easier task: low noise only, its own rate, 10x the generator weight
+    strong_gan = {"gan_max_timestep": 250}
+    return {
+        "1-step LoRA r8 (demo)": (one, main),
+        "1-step full copies": (full_one, main),
+        "4-step LoRA r8 (demo)": (four, main),
+        "4-step full copies": (full_four, main),
+        "1-step LoRA r8, GAN off": (replace(one, gan=False), single),
+        "1-step LoRA r8, GAN on low noise (t <= 250), generator weight 5e-2": (
+            replace(one, gan_generator_weight=5e-2, overrides={**one.overrides, **strong_gan}), single),
+        "1-step LoRA r4, same rates": (replace(one, lora_rank=4, lora_alpha=one.lora_alpha / 2), single),
+        "1-step LoRA r32, same rates": (replace(one, lora_rank=32, lora_alpha=one.lora_alpha * 4), single),
+        # the same per-weight step as rank 8: at a fixed alpha/rank a LoRA moves each weight
+        # about in proportion to sqrt(rank) x the learning rate (docs/digits.md)
+        "1-step LoRA r4, rates x sqrt(2)": (
+            replace(one, lora_rank=4, lora_alpha=one.lora_alpha / 2, lr_generator=one.lr_generator * 2**0.5,
+                    lr_fake_score=one.lr_fake_score * 2**0.5), single),
+        "1-step LoRA r32, rates x 1/2": (
+            replace(one, lora_rank=32, lora_alpha=one.lora_alpha * 4, lr_generator=one.lr_generator / 2,
+                    lr_fake_score=one.lr_fake_score / 2), single),
+        "1-step LoRA r8, regression warm start (300 it)": (replace(one, regression_steps=300), main),
+        "4-step LoRA r8, GAN off": (replace(four, gan=False), single),
+    }
+
+
+def _job(job: tuple) -> dict:
+    """Train one row's student and measure it (in a spawned worker, one thread)."""
+    name, settings, seed, teacher_file, samples, seeds, threads = job
+    torch.set_num_threads(threads)
+    from comfyui_dmd2.comfy_env import ensure_comfy
+
+    ensure_comfy(cpu=True)
+    from safetensors.torch import load_file
+
+    from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits import metric as M
+    from comfyui_dmd2.training.digits import students
+    from comfyui_dmd2.training.digits import teacher as T
+    from comfyui_dmd2.training.digits.demo import gan_summary
+
+    data = D.load_digits_data()
+    space = M.train_feature_space(data.heldout_x, data.heldout_y)
+    reference = space.features(M.reference_pool(data))
+    labels = D.balanced_labels(samples)
+    teacher = T.load_denoiser(load_file(teacher_file))
+    history: list[dict] = []
+    start = time.time()
+    student = students.distill(teacher, data, settings, seed=seed, callbacks=[history.append])
+    seconds = time.time() - start
+
+    def fd() -> dict:
+        model = student.denoiser()
+        values = [M.frechet_distance(space.features(T.sample_student(model, labels, settings.timesteps, seed)), reference) for seed in range(seeds)]
+        return M.summarize(values)
+
+    raw = fd()
+    with student.trainer.averaged_generator():
+        averaged = fd()
+    return {"name": name, "seed": seed, "settings": asdict(settings), "ema": averaged, "raw": raw, "gan": gan_summary(history), "train_s": round(seconds, 1)}
+
+
+def teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
+    from safetensors.torch import load_file
+
+    from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits import metric as M
+    from comfyui_dmd2.training.digits import teacher as T
+
+    data = D.load_digits_data()
+    space = M.train_feature_space(data.heldout_x, data.heldout_y)
+    reference = space.features(M.reference_pool(data))
+    labels = D.balanced_labels(samples)
+    teacher = T.load_denoiser(load_file(teacher_file))
+    out = {}
+    for steps in (50, 4, 1):
+        values = [M.frechet_distance(space.features(T.sample_ddim(teacher, labels, steps, seed)), reference) for seed in range(seeds)]
+        out[f"teacher DDIM {steps}"] = M.summarize(values)
+    floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
+    out["real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
+    return out
+
+
+def combine(results: list[dict]) -> list[dict]:
+    """One entry per row: each training's FD is its mean over sampling seeds; a row with
+    several trainings gives mean ± std over them (and keeps the seed-0 figure)."""
+    import numpy as np
+
+    out = []
+    for name in dict.fromkeys(r["name"] for r in results):
+        runs = sorted((r for r in results if r["name"] == name), key=lambda r: r["seed"])
+        entry = {"name": name, "trainings": len(runs), "runs": runs, "train_s": float(np.mean([r["train_s"] for r in runs]))}
+        for kind in ("ema", "raw"):
+            values = [r[kind]["mean"] for r in runs]
+            entry[kind] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                           "seed0": runs[0][kind]["mean"], "sampling_std_seed0": runs[0][kind]["std"]}
+        gans = [r["gan"] for r in runs if r["gan"]]
+        entry["gan"] = {k: float(np.mean([g[k] for g in gans])) for k in gans[0]} if gans else {}
+        out.append(entry)
+    return out
+
+
+def _fd(value: dict) -> str:
+    spread = f" ± {value['std']:.2f} (3 trainings)" if value["std"] is not None else f" ± {value['sampling_std_seed0']:.2f} (sampling)"
+    return f"{value['mean']:.2f}{spread}"
+
+
+def table(rows: list[dict], teachers: dict) -> str:
+    lines = [
+        "| row | FD, moving average | seed-0 training | FD, raw generator | D loss | logits real / fake | D accuracy | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, fd in teachers.items():
+        lines.append(f"| {name} | {fd['mean']:.2f} ± {fd['std']:.2f} (sampling) | | | | | | |")
+    for r in rows:
+        g = r["gan"]
+        gan = f"{g['loss_gan_discriminator']:.3f} | {g['logits_real']:+.3f} / {g['logits_fake']:+.3f} | {g['discriminator_accuracy']:.3f}" if g else "GAN off | | "
+        lines.append(f"| {r['name']} | {_fd(r['ema'])} | {r['ema']['seed0']:.2f} | {_fd(r['raw'])} | {gan} | {r['train_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="", help="row names separated by ';' (default: all)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=1500)
+    parser.add_argument("--out", type=Path, default=Path("dmd2-digits-study"))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2", help="where the demo's teacher is cached")
+    args = parser.parse_args()
+    from comfyui_dmd2.comfy_env import ensure_comfy
+
+    ensure_comfy(cpu=True)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from safetensors.torch import save_file
+
+    from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits import teacher as T
+    from comfyui_dmd2.training.digits.demo import FULL, teacher_for
+
+    all_rows = rows()
+    chosen = [r.strip() for r in args.rows.split(";") if r.strip()] or list(all_rows)
+    unknown = [r for r in chosen if r not in all_rows]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {list(all_rows)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    teacher = teacher_for(D.load_digits_data(), FULL, args.cache)
+    teacher_file = str(args.out / "teacher.safetensors")
+    save_file(T.denoiser_state_dict(teacher), teacher_file)
+    start = time.time()
+    # longest first (4-step, then the rest) so that the two workers finish together
+    jobs = [(name, all_rows[name][0], seed, teacher_file, args.samples, args.seeds, 1) for name in chosen for seed in all_rows[name][1]]
+    jobs.sort(key=lambda job: -len(job[1].timesteps))
+    # each training's result is kept as it arrives, so an interrupted study picks up where it stopped
+    runs_dir = args.out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+
+    def run_file(job: tuple) -> Path:
+        slug = "".join(c if c.isalnum() else "_" for c in job[0]).strip("_")
+        return runs_dir / f"{slug}_seed{job[2]}_n{args.samples}x{args.seeds}.json"
+
+    def finished(job: tuple) -> dict | None:
+        """A kept result of this very training (same settings), if any."""
+        if not run_file(job).is_file():
+            return None
+        kept = json.loads(run_file(job).read_text())
+        return kept if kept["settings"] == json.loads(json.dumps(asdict(job[1]))) else None
+
+    results = [kept for kept in map(finished, jobs) if kept is not None]
+    todo = [job for job in jobs if finished(job) is None]
+    if results:
+        print(f"reusing {len(results)} finished trainings from {runs_dir}", flush=True)
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for job, result in zip(todo, pool.map(_job, todo)):
+            print(f"{result['name']} (seed {result['seed']}): FD {result['ema']['mean']:.2f} ± {result['ema']['std']:.2f} "
+                  f"(raw {result['raw']['mean']:.2f}), {result['train_s']:.0f} s", flush=True)
+            run_file(job).write_text(json.dumps(result, indent=2))
+            results.append(result)
+    order = {name: i for i, name in enumerate(chosen)}
+    rows_out = sorted(combine(results), key=lambda r: order[r["name"]])
+    teachers = teacher_rows(teacher_file, args.samples, args.seeds)
+    text = table(rows_out, teachers)
+    print(text)
+    print(f"study: {time.time() - start:.0f} s")
+    (args.out / "study.json").write_text(json.dumps({"teachers": teachers, "rows": rows_out}, indent=2))
+    (args.out / "study.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

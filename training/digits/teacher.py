@@ -1,0 +1,207 @@
+"""The digits teacher: a small class-conditioned diffusion model, and ComfyUI's view of it.
+
+ComfyUI's own ``UNetModel`` (eps prediction, the SD 1000-step scaled-linear schedule, the
+class as a one-hot adm vector), trained on the digits with plain DDPM. The teacher is a real
+ComfyUI ``BaseModel`` (``build_base_model``), so the shared-base backend distils it like any
+checkpoint, ComfyUI's stock LoRA loader patches it with the exported LoRAs, and the pack's
+sampler nodes sample it (``comfy_model``, ``comfy_conditioning``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import losses, sampling
+from .data import NULL_CLASS, NUM_CLASSES, SIDE, DigitsData, one_hot
+
+# A two-level UNet (8x8 and 4x4, 32 channels, no attention, ~0.29M parameters). The class
+# enters as a one-hot vector through the UNet's ``label_emb`` (ADM-style: added to the time
+# embedding, applied by the scale-shift norms), in ComfyUI terms the model's ``y``/adm input.
+UNET_CONFIG = {
+    "image_size": SIDE,
+    "in_channels": 1,
+    "out_channels": 1,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 1],
+    "transformer_depth": [0, 0],
+    "transformer_depth_output": [0, 0, 0, 0],
+    "transformer_depth_middle": -1,
+    "context_dim": None,
+    "use_spatial_transformer": False,
+    "use_scale_shift_norm": True,
+    "num_classes": "sequential",
+    "adm_in_channels": NUM_CLASSES + 1,
+    "legacy": False,
+    "use_checkpoint": False,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+    "num_heads": -1,
+    "num_head_channels": 16,
+}
+
+
+def _digits_model_config():
+    import comfy.latent_formats
+    import comfy.supported_models_base
+
+    class DigitsLatentFormat(comfy.latent_formats.LatentFormat):
+        latent_channels = 1
+        scale_factor = 1.0
+
+    class DigitsModelConfig(comfy.supported_models_base.BASE):
+        unet_config = dict(UNET_CONFIG)
+        unet_extra_config = {}
+        latent_format = DigitsLatentFormat
+        sampling_settings = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012}
+        supported_inference_dtypes = [torch.float32]
+
+    return DigitsModelConfig(dict(UNET_CONFIG))
+
+
+def build_base_model(seed: int = 0):
+    """A ComfyUI ``BaseModel`` (eps, SD schedule) wrapping a fresh digits UNet; its adm
+    input is the one-hot class from the conditioning's ``pooled_output``."""
+    import comfy.model_base
+
+    class DigitsModel(comfy.model_base.BaseModel):
+        def encode_adm(self, **kwargs):
+            return kwargs.get("pooled_output")
+
+    base = DigitsModel(_digits_model_config(), model_type=comfy.model_base.ModelType.EPS)
+    _init_weights(base.diffusion_model, seed)
+    return base
+
+
+def _init_weights(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's layers skip initialisation; use torch's defaults explicitly (seeded)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for m in module.modules():
+        for cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm):
+            if isinstance(m, cls):
+                cls.reset_parameters(m)
+                break
+    torch.random.set_rng_state(state)
+
+
+class DigitsDenoiser(torch.nn.Module):
+    """The UNet as an x0 predictor of (x_t, t, labels)."""
+
+    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, timesteps=t.float(), y=one_hot(labels))
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return losses.x0_from_eps(x_t, self.eps(x_t, t, labels), t, self.alphas_cumprod)
+
+
+def new_teacher(seed: int = 0) -> DigitsDenoiser:
+    return DigitsDenoiser(build_base_model(seed).diffusion_model, losses.sd_alphas_cumprod())
+
+
+def denoiser_state_dict(model: DigitsDenoiser) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.unet.state_dict().items()}
+
+
+def load_denoiser(state: dict[str, torch.Tensor]) -> DigitsDenoiser:
+    """Rebuild a denoiser from UNet weights, checking the key set and shapes first."""
+    model = new_teacher()
+    own = model.unet.state_dict()
+    if set(state) != set(own):
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(f"not a digits model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ValueError(f"digits model key {key}: shape {tuple(state[key].shape)} != {tuple(value.shape)}")
+    model.unet.load_state_dict(state)
+    return model
+
+
+def train_teacher(
+    data: DigitsData,
+    steps: int = 3000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    ema_decay: float = 0.995,
+    label_dropout: float = 0.1,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> DigitsDenoiser:
+    """Plain DDPM training (eps MSE, t uniform in [0, 999]); returns the EMA weights."""
+    torch.manual_seed(seed)
+    model = new_teacher(seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / 200) * (0.5 * (1 + math.cos(math.pi * n / steps))) + 0.02)
+    alphas = model.alphas_cumprod
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(0, len(data.train_y), (batch_size,), generator=g)
+        x0, labels = data.train_x[idx], data.train_y[idx].clone()
+        labels[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS
+        t = torch.randint(0, 1000, (batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        loss = F.mse_loss(model.eps(losses.add_noise(x0, noise, t, alphas), t, labels), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        if progress is not None:
+            progress(step, loss.item())
+    return ema
+
+
+@torch.no_grad()
+def sample_ddim(model: DigitsDenoiser, labels: torch.Tensor, steps: int, seed: int, guidance: float = 1.0) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from pure noise: the teacher's reference sampler."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((len(labels), 1, SIDE, SIDE), generator=g)
+    null = torch.full_like(labels, NULL_CLASS)
+
+    def x0(x_t, t):
+        pred = model.x0(x_t, t, labels)
+        return pred if guidance == 1.0 else losses.classifier_free_guidance(pred, model.x0(x_t, t, null), guidance)
+
+    return sampling.ddim_sample(x0, x, sampling.ddim_timesteps(steps), model.alphas_cumprod)
+
+
+@torch.no_grad()
+def sample_student(model: DigitsDenoiser, labels: torch.Tensor, timesteps: Sequence[int], seed: int) -> torch.Tensor:
+    """The DMD2 sampler in plain torch: unit noise fed at the first timestep, predict x0,
+    re-noise with fresh noise to the next timestep (start and re-noise drawn from ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    noises = [torch.randn((len(labels), 1, SIDE, SIDE), generator=g) for _ in timesteps]
+    return sampling.dmd2_sample(lambda x, t: model.x0(x, t, labels), noises, timesteps, model.alphas_cumprod)
+
+
+def comfy_model(model: DigitsDenoiser):
+    """The denoiser's UNet as a ComfyUI MODEL (ModelPatcher), for the pack's sampler nodes."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    base = build_base_model()
+    base.diffusion_model.load_state_dict(model.unet.state_dict())
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=comfy.model_management.get_torch_device(), offload_device=comfy.model_management.unet_offload_device()
+    )
+
+
+def comfy_conditioning(labels: torch.Tensor) -> list:
+    """CONDITIONING for a batch of class labels: the one-hot class as ``pooled_output`` (the
+    model's adm input); the cross-attention tensor is a placeholder the UNet never reads."""
+    return [[torch.zeros(len(labels), 1, 1), {"pooled_output": one_hot(labels)}]]
