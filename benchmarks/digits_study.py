@@ -22,7 +22,7 @@ compared with the seed-0 student of their main row.
 
 Trainings are independent; ``--jobs`` runs that many at once, one thread each, and each
 finished training is kept under ``OUT/runs/`` so that a re-run only trains what is missing.
-The whole study takes about 75 minutes on 2 cores. The table it prints is the one in
+The whole study takes about 80 minutes on 2 cores. The table it prints is the one in
 docs/digits.md.
 """
 
