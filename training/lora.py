@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .state import copy_checked
+
 # The DMD2 SDXL LoRA targets (diffusers module names), design.md.
 DEFAULT_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -194,16 +196,7 @@ class UNetLoRA:
         return {k: p.detach().clone() for k, p in self.named_parameters(adapter)}
 
     def load_state_dict(self, adapter: str, state: Mapping[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters(adapter))
-        if set(own) != set(state):
-            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-            raise LoRAError(f"adapter {adapter!r} keys do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        for k, p in own.items():
-            if tuple(state[k].shape) != tuple(p.shape):
-                raise LoRAError(f"adapter {adapter!r} {k}: shape {tuple(state[k].shape)} != {tuple(p.shape)}")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(state[k])
+        copy_checked(dict(self.named_parameters(adapter)), state, f"adapter {adapter!r} does not match", LoRAError)
 
     def merged_state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
         """The UNet's weights with ``adapter`` merged into the wrapped layers, under the plain

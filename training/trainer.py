@@ -46,6 +46,7 @@ import torch
 
 from . import losses, sampling
 from .config import DMD2Config
+from .state import copy_checked
 
 
 def _take(value: Any, part: slice) -> Any:
@@ -516,16 +517,7 @@ class DMD2Trainer:
 
     def load_tensors(self, saved: dict[str, torch.Tensor]) -> None:
         """Restore ``tensors()``; the key set and every shape are checked before anything is copied."""
-        own = self.tensors()
-        if set(saved) != set(own):
-            missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-            raise ValueError(f"saved tensors do not match this trainer: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for name, value in own.items():
-            if tuple(saved[name].shape) != tuple(value.shape):
-                raise ValueError(f"saved tensor {name}: shape {tuple(saved[name].shape)} != {tuple(value.shape)}")
-        with torch.no_grad():
-            for name, value in own.items():
-                value.copy_(saved[name])
+        copy_checked(self.tensors(), saved, "saved tensors do not match this trainer")
 
     def state_dict(self, include_parameters: bool = True) -> dict[str, Any]:
         """Everything needed to resume exactly: counters, optimisers, schedulers, RNG states and

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses, sampling
+from ..state import copy_checked
 from .data import NULL_CLASS, NUM_CLASSES, SIDE, DigitsData, one_hot
 
 # A two-level UNet (8x8 and 4x4, 32 channels, no attention, ~0.29M parameters). The class
@@ -116,14 +117,7 @@ def denoiser_state_dict(model: DigitsDenoiser) -> dict[str, torch.Tensor]:
 def load_denoiser(state: dict[str, torch.Tensor]) -> DigitsDenoiser:
     """Rebuild a denoiser from UNet weights, checking the key set and shapes first."""
     model = new_teacher()
-    own = model.unet.state_dict()
-    if set(state) != set(own):
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        raise ValueError(f"not a digits model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, value in own.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise ValueError(f"digits model key {key}: shape {tuple(state[key].shape)} != {tuple(value.shape)}")
-    model.unet.load_state_dict(state)
+    copy_checked(model.unet.state_dict(), state, "not a digits model")  # the state dict's tensors are the model's
     return model
 
 
