@@ -72,6 +72,27 @@ def rows() -> dict[str, tuple]:
     }
 
 
+def _yardstick(teacher_file: str, samples: int, seeds: int):
+    """The demo's metric for one study: ``fd(sample)`` is the mean ± std over ``seeds`` of the
+    Fréchet distance of ``sample(labels, seed)`` to the reference pool. Returns it, the data
+    and the teacher."""
+    from safetensors.torch import load_file
+
+    from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits import metric as M
+    from comfyui_dmd2.training.digits import teacher as T
+
+    data = D.load_digits_data()
+    space = M.train_feature_space(data.heldout_x, data.heldout_y)
+    reference = space.features(M.reference_pool(data))
+    labels = D.balanced_labels(samples)
+
+    def fd(sample) -> dict:
+        return M.summarize([M.frechet_distance(space.features(sample(labels, seed)), reference) for seed in range(seeds)])
+
+    return fd, data, T.load_denoiser(load_file(teacher_file)), reference
+
+
 def _job(job: tuple) -> dict:
     """Train one row's student and measure it (in a spawned worker, one thread)."""
     name, settings, seed, teacher_file, samples, seeds, threads = job
@@ -79,51 +100,32 @@ def _job(job: tuple) -> dict:
     from comfyui_dmd2.comfy_env import ensure_comfy
 
     ensure_comfy(cpu=True)
-    from safetensors.torch import load_file
-
-    from comfyui_dmd2.training.digits import data as D
-    from comfyui_dmd2.training.digits import metric as M
     from comfyui_dmd2.training.digits import students
     from comfyui_dmd2.training.digits import teacher as T
     from comfyui_dmd2.training.digits.demo import gan_summary
 
-    data = D.load_digits_data()
-    space = M.train_feature_space(data.heldout_x, data.heldout_y)
-    reference = space.features(M.reference_pool(data))
-    labels = D.balanced_labels(samples)
-    teacher = T.load_denoiser(load_file(teacher_file))
+    fd, data, teacher, _ = _yardstick(teacher_file, samples, seeds)
     history: list[dict] = []
     start = time.time()
     student = students.distill(teacher, data, settings, seed=seed, callbacks=[history.append])
     seconds = time.time() - start
 
-    def fd() -> dict:
+    def student_fd() -> dict:
         model = student.denoiser()
-        values = [M.frechet_distance(space.features(T.sample_student(model, labels, settings.timesteps, seed)), reference) for seed in range(seeds)]
-        return M.summarize(values)
+        return fd(lambda labels, s: T.sample_student(model, labels, settings.timesteps, s))
 
-    raw = fd()
+    raw = student_fd()
     with student.trainer.averaged_generator():
-        averaged = fd()
+        averaged = student_fd()
     return {"name": name, "seed": seed, "settings": asdict(settings), "ema": averaged, "raw": raw, "gan": gan_summary(history), "train_s": round(seconds, 1)}
 
 
 def teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
-    from safetensors.torch import load_file
-
-    from comfyui_dmd2.training.digits import data as D
     from comfyui_dmd2.training.digits import metric as M
     from comfyui_dmd2.training.digits import teacher as T
 
-    data = D.load_digits_data()
-    space = M.train_feature_space(data.heldout_x, data.heldout_y)
-    reference = space.features(M.reference_pool(data))
-    labels = D.balanced_labels(samples)
-    teacher = T.load_denoiser(load_file(teacher_file))
-    out = {}
-    for steps in (50, 4, 1):
-        values = [M.frechet_distance(space.features(T.sample_ddim(teacher, labels, steps, seed)), reference) for seed in range(seeds)]
-        out[f"teacher DDIM {steps}"] = M.summarize(values)
+    fd, _, teacher, reference = _yardstick(teacher_file, samples, seeds)
+    out = {f"teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
     floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
     out["real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
     return out
