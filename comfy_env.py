@@ -4,8 +4,9 @@ Inside a ComfyUI server the ``comfy`` package is already importable. Elsewhere (
 trainer's command, tests, benchmarks) it is looked for in this order:
 
 1. ``$COMFYUI_PATH`` — the user's own checkout;
-2. the folder recorded by ``scripts/setup-test-env.sh`` in ``<venv>/comfyui_path.txt``;
-3. the ComfyUI folder this pack sits in (``ComfyUI/custom_nodes/comfyui-dmd2``).
+2. the ComfyUI folder this pack sits in (``ComfyUI/custom_nodes/comfyui-dmd2``): what a user
+   who cloned the pack into their install gets, with nothing to set;
+3. the folder recorded by ``scripts/setup-test-env.sh`` in ``<venv>/comfyui_path.txt``.
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ def find_comfyui() -> Path:
     candidates = []
     if os.environ.get("COMFYUI_PATH"):
         candidates.append(Path(os.environ["COMFYUI_PATH"]))
+    candidates.extend(Path(__file__).resolve().parent.parents)
     recorded = Path(sys.prefix) / "comfyui_path.txt"
     if recorded.is_file():
         candidates.append(Path(recorded.read_text().strip()))
-    here = Path(__file__).resolve().parent
-    candidates.extend(here.parents)
     for path in candidates:
         if _is_comfyui(path):
             return path.resolve()
     raise ComfyUINotFound(
         "ComfyUI was not found. Set COMFYUI_PATH to your ComfyUI folder (the one holding "
-        "main.py and comfy/), or run scripts/setup-test-env.sh to install the pinned copy."
+        "main.py and comfy/), keep this pack in ComfyUI/custom_nodes/, or run "
+        "scripts/setup-test-env.sh to install the pinned copy."
     )
 
 

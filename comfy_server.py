@@ -21,8 +21,10 @@ from pathlib import Path
 
 
 class ComfyServer:
-    def __init__(self, comfyui: Path, base: Path, custom_nodes: dict[str, Path], env_defaults: dict[str, str] | None = None):
+    def __init__(self, comfyui: Path, base: Path, custom_nodes: dict[str, Path], env_defaults: dict[str, str] | None = None,
+                 python: str | None = None):
         self.comfyui = Path(comfyui)
+        self.python = python or sys.executable  # the Python that runs ComfyUI
         self.base = Path(base)
         self.env_defaults = dict(env_defaults or {})
         self.port = _free_port()
@@ -40,7 +42,7 @@ class ComfyServer:
         env.pop("COMFYUI_PATH", None)
         for key, value in self.env_defaults.items():
             env.setdefault(key, value)
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", "--preview-method", "none"]
         self._log = open(self.log_path, "w")

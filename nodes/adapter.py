@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import comfy.controlnet
 import comfy.t2i_adapter.adapter
 import comfy.utils
-import folder_paths
 import torch
 from comfy_api.latest import io
 
+from .loaders import check_choice, file_options, resolve_file
 from .schedules import (
     custom_timesteps_input,
     preset_input,
@@ -340,9 +340,13 @@ def canny_edge_map(image, detect_resolution: int, width: int, height: int, low_t
 
 # -- nodes ----------------------------------------------------------------------------------
 
+ADAPTER_FOLDER = "controlnet"  # ComfyUI maps models/controlnet and models/t2i_adapter onto it
+
+
 class DMD2T2IAdapterLoader(io.ComfyNode):
     """Loads diffusers/TencentARC T2I-Adapters of any width (ComfyUI's loader assumes the
-    real adapters' channel ratios) with a clear error for files that are not adapters."""
+    real adapters' channel ratios) with a clear error for files that are not adapters; the
+    recipe's canny adapter is fetched on first use like the DMD2 releases."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -351,15 +355,22 @@ class DMD2T2IAdapterLoader(io.ComfyNode):
             display_name="DMD2 T2I-Adapter Loader",
             category="DMD2/adapter",
             description="Load a T2I-Adapter (diffusers diffusion_pytorch_model.safetensors renamed, or TencentARC "
-                        "format) from models/controlnet or models/t2i_adapter.",
-            inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list("controlnet"),
-                                   tooltip="The adapter file, e.g. t2i-adapter-canny-sdxl-1.0.safetensors.")],
+                        "format) from models/controlnet or models/t2i_adapter; the SDXL canny adapter of DMD2's "
+                        "recipe is downloaded into models/controlnet on first use.",
+            inputs=[io.Combo.Input("adapter_name", options=file_options(ADAPTER_FOLDER, "t2i_adapter"),
+                                   tooltip="The adapter file: t2i-adapter-canny-sdxl-1.0.safetensors (TencentARC's SDXL "
+                                           "canny adapter, downloaded into models/controlnet on first use) or any "
+                                           "adapter in models/controlnet or models/t2i_adapter.")],
             outputs=[io.ControlNet.Output()],
         )
 
     @classmethod
+    def validate_inputs(cls, adapter_name) -> bool | str:
+        return check_choice(ADAPTER_FOLDER, "t2i_adapter", adapter_name)
+
+    @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("controlnet", adapter_name)
+        path = str(resolve_file(ADAPTER_FOLDER, adapter_name, "t2i_adapter"))
         try:
             return io.NodeOutput(load_t2i_adapter_file(path))
         except AdapterError as e:

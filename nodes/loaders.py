@@ -10,6 +10,9 @@ Why not ComfyUI's stock UNETLoader / LoraLoader:
   file must land on a weight of the model (same shapes), or the node fails;
 - a release that is not on disk is fetched from the hub into the right model folder
   (resumable, with progress), or the error names the file and the folder to put it in.
+
+The finding and fetching half (``file_options``, ``check_choice``, ``resolve_file``) also
+serves the T2I-Adapter loader (nodes/adapter.py), so every registry file behaves the same.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 UNET_FOLDER = "diffusion_models"  # ComfyUI also maps the legacy "unet" folder onto it
 LORA_FOLDER = "loras"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+KIND_NAMES = {"unet": "DMD2 unet", "lora": "DMD2 lora", "t2i_adapter": "known T2I-Adapter"}  # for messages
 FAMILY_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5", "sd2": "SD2.x", "unknown": "an unknown architecture"}
 
 
@@ -347,11 +351,11 @@ def check_choice(folder_name: str, kind: str, name) -> bool | str:
         return True  # linked from another node: checked when it runs
     if name in file_options(folder_name, kind):
         return True
-    return f"{name!r} is neither a DMD2 {kind} release nor a file in the {folder_name} folders."
+    return f"{name!r} is neither a {KIND_NAMES.get(kind, kind)} release nor a file in the {folder_name} folders."
 
 
 def file_options(folder_name: str, kind: str) -> list[str]:
-    """The combo: known DMD2 releases first (fetched on first use), then local files."""
+    """The combo: known releases of the kind first (fetched on first use), then local files."""
     import folder_paths
 
     known = [r.file_name for r in releases(kind)]

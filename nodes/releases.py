@@ -1,9 +1,10 @@
-"""The published DMD2 weights (Hugging Face repo ``tianweiy/DMD2``), one registry.
+"""The published DMD2 weights (Hugging Face repo ``tianweiy/DMD2``) and the T2I-Adapter of
+DMD2's canny recipe (``TencentARC/t2i-adapter-canny-sdxl-1.0``), one registry.
 
 Each entry says where the file lives on the hub, the name it gets in ComfyUI's model
-folder, what it is (architecture, UNet or LoRA) and which timesteps it was trained for,
-so the loaders can offer, fetch and check it and the workflows can pick the right preset.
-Pure data: importable without ComfyUI.
+folder, what it is (architecture; UNet, LoRA or T2I-Adapter) and which timesteps it was
+trained for, so the loaders can offer, fetch and check it and the workflows can pick the
+right preset. Pure data: importable without ComfyUI.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 REPO_ID = "tianweiy/DMD2"
+# ComfyUI folder_paths name of each kind of file.
+FOLDERS = {"unet": "diffusion_models", "lora": "loras", "t2i_adapter": "controlnet"}
 
 
 @dataclass(frozen=True)
@@ -18,10 +21,10 @@ class Release:
     file_name: str  # name in the ComfyUI model folder (what the loader's combo shows)
     repo_path: str  # path inside the hub repo
     arch: str  # "sdxl" or "sd15"
-    kind: str  # "unet" (full generator weights) or "lora" (kohya-style UNet LoRA)
-    timesteps: tuple[int, ...]  # the timesteps the generator was trained on
+    kind: str  # "unet" (full generator weights), "lora" (kohya-style UNet LoRA) or "t2i_adapter"
+    timesteps: tuple[int, ...]  # the timesteps the generator was trained on (none for an adapter)
     dtype: str  # "fp16" or "fp32" (as stored)
-    key_format: str  # "diffusers" (UNet2DConditionModel names) or "kohya" (lora_unet_*)
+    key_format: str  # "diffusers" (UNet2DConditionModel / T2IAdapter names) or "kohya" (lora_unet_*)
     approx_size: str
     repo_id: str = REPO_ID
     note: str = ""
@@ -29,7 +32,7 @@ class Release:
     @property
     def folder(self) -> str:
         """ComfyUI folder_paths name the file belongs in."""
-        return "loras" if self.kind == "lora" else "diffusion_models"
+        return FOLDERS[self.kind]
 
     @property
     def preset(self) -> str:
@@ -38,7 +41,8 @@ class Release:
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{self.repo_id}/blob/main/{self.repo_path}"
+        """The direct download URL (``/resolve/``; ``/blob/`` is the web page about the file)."""
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.repo_path}"
 
 
 RELEASES: tuple[Release, ...] = (
@@ -59,6 +63,10 @@ RELEASES: tuple[Release, ...] = (
         "sd15", "unet", (999,), "fp32", "diffusers", "3.4 GB",
         note="the repo's pytorch_model.bin (generator only), renamed; one step at timestep 999",
     ),
+    Release("t2i-adapter-canny-sdxl-1.0.safetensors", "diffusion_pytorch_model.fp16.safetensors", "sdxl", "t2i_adapter",
+            (), "fp16", "diffusers", "158 MB", repo_id="TencentARC/t2i-adapter-canny-sdxl-1.0",
+            note="the canny recipe's adapter (Apache-2.0), fp16 as the recipe loads it; the repo's fp32 "
+                 "diffusion_pytorch_model.safetensors (316 MB) works the same"),
 )
 
 RELEASES_BY_NAME = {r.file_name: r for r in RELEASES}

@@ -99,8 +99,8 @@ def test_api_twin_matches_object_info(server):
                 assert info[source["class_type"]]["output"][value[1]] == kind, (node_id, name)
             elif isinstance(kind, list) or kind == "COMBO":
                 choices = kind if isinstance(kind, list) else options.get("options", [])
-                if name not in ("ckpt_name", "unet_name", "control_net_name", "image"):  # files: placed by the user
-                    assert value in choices, (node_id, name, value)
+                if name not in ("ckpt_name", "image"):  # files: placed by the user
+                    assert value in choices, (node_id, name, value)  # DMD2 files and the adapter: offered when missing
             elif kind in ("INT", "FLOAT"):
                 assert options.get("min", value) <= value <= options.get("max", value), (node_id, name, value)
     assert graph["7"]["inputs"]["scale"] == 0.8 and graph["7"]["inputs"]["factor"] == 0.5
@@ -150,17 +150,45 @@ def test_sd15_adapter_on_sdxl_fails_clearly_and_server_keeps_serving(server):
     assert execution_error(entry) is None, execution_error(entry)
 
 
-def test_stock_graph_style_loader_node_loads_the_adapter(server):
-    """The pack's loader node gives the same result as ControlNetLoader for an SDXL adapter."""
+def test_pack_loader_and_stock_loader_give_the_same_adapter(server):
+    """The workflow's DMD2T2IAdapterLoader gives the same result as ComfyUI's ControlNetLoader for
+    an SDXL adapter."""
     import numpy as np
 
-    def render(loader, prefix):
+    def render(ours, prefix):
         graph = small_api_graph(prefix)
-        if loader:
-            graph["6"] = {"class_type": "DMD2T2IAdapterLoader",
-                          "inputs": {"adapter_name": "t2i-adapter-canny-sdxl-1.0.safetensors"}}
+        assert graph["6"]["class_type"] == "DMD2T2IAdapterLoader"
+        if not ours:
+            graph["6"] = {"class_type": "ControlNetLoader",
+                          "inputs": {"control_net_name": "t2i-adapter-canny-sdxl-1.0.safetensors"}}
         entry = server.run(graph)
         assert execution_error(entry) is None, execution_error(entry)
         return np.asarray(Image.open(output_images(server, entry)[0]).convert("RGB"), dtype=np.int16)
 
     assert np.abs(render(True, "dmd2_adapter_ours") - render(False, "dmd2_adapter_stock")).max() <= 1
+
+
+def test_missing_adapter_offline_names_file_folder_and_url(server, tmp_path):
+    """The workflow's adapter is a known file: submitted while missing, it is fetched; offline
+    (the test server runs with HF_HUB_OFFLINE=1) the node says which file goes in which folder."""
+    import shutil
+
+    folder = server.base / "models" / "controlnet"
+    name = "t2i-adapter-canny-sdxl-1.0.safetensors"
+    shutil.move(folder / name, tmp_path / name)
+    try:
+        # a prompt without the loader first: ComfyUI drops cached outputs of nodes the new prompt
+        # lacks, so no loader output of an earlier test stands in for the missing file
+        entry = server.run({"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+                            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+        assert execution_error(entry) is None, execution_error(entry)
+        status, body = server.submit(small_api_graph("dmd2_adapter_missing"))
+        assert status == 200, body  # offered when missing: not rejected at submit time
+        error = execution_error(server.wait(body["prompt_id"], 300))
+        assert error is not None and error["node_type"] == "DMD2T2IAdapterLoader", error
+        message = error["exception_message"]
+        assert "offline" in message and str(folder / name) in message, message
+        assert "https://huggingface.co/TencentARC/t2i-adapter-canny-sdxl-1.0/resolve/main/" in message, message
+        assert not (folder / name).exists()
+    finally:
+        shutil.move(tmp_path / name, folder / name)

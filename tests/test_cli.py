@@ -65,7 +65,16 @@ def test_run_writes_every_output(finished):
     with Image.open(output / "loss_curve.png") as im:
         assert im.width > 100 and im.height > 100
     with Image.open(output / "samples" / "step_0000004.png") as im:
-        assert im.size == (3 * 128, 128)  # three sample prompts, one row
+        # three sample prompts in one row, with a title line above and captions below
+        assert im.width == 3 * 128 and im.height > 128 + 30
+    # The progress bar's count: generator updates (2 fake-score updates per generator update).
+    assert sum(r["generator_updated"] for r in rows) == trainer.config.generator_updates(4) == 2
+    # Files get the mode a plain open() gives under the umask (not mkstemp's 0o600), so a
+    # ComfyUI running as another user can read the LoRA.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [p for p in output.rglob("*") if p.is_file()]
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}, sorted((p.name, oct(p.stat().st_mode & 0o777)) for p in files)
     assert (output / "samples" / "step_0000002.png").is_file()
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     with safe_open(str(lora), "pt") as fh:
@@ -157,10 +166,66 @@ def _entry(args, env_extra=None, **kwargs):
     return [sys.executable, str(TESTS / "train_entry.py"), *args], env
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoints, inputs, tmp_path):
-    args = lambda out: _args(tiny_checkpoints["sdxl"], inputs, out, 6, "--save-every", "2", "--sample-every", "0")
-    reference = tmp_path / "reference"
-    cli.train(args(reference))
+def _six_steps(tiny_checkpoints, inputs, output, *extra):
+    return _args(tiny_checkpoints["sdxl"], inputs, output, 6, "--save-every", "2", "--sample-every", "0", *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints, inputs, tmp_path_factory):
+    """An uninterrupted 6-step run: what an interrupted and resumed one must end with."""
+    output = tmp_path_factory.mktemp("reference") / "out"
+    cli.train(_six_steps(tiny_checkpoints, inputs, output))
+    return output
+
+
+def _same_run(got: Path, reference: Path) -> None:
+    ref = load_file(str(reference / "checkpoints" / "step_0000006" / "tensors.safetensors"))
+    now = load_file(str(got / "checkpoints" / "step_0000006" / "tensors.safetensors"))
+    assert any(k.startswith("generator_ema/") for k in ref)
+    assert set(ref) == set(now)
+    for key in ref:
+        assert torch.equal(ref[key], now[key]), key
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in path.read_text().splitlines()]  # noqa: E731
+    assert strip(got / "metrics.jsonl") == strip(reference / "metrics.jsonl")
+    lora = "dmd2_tiny_sdxl_lora.safetensors"
+    exported, expected = load_file(str(got / lora)), load_file(str(reference / lora))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_says_so_and_the_same_command_resumes(tiny_checkpoints, inputs, tmp_path, reference, signum):
+    """Ctrl-C / SIGTERM mid-run: a checkpoint at the current step, one line saying so, exit
+    128+signal, no traceback; the same command then resumes and ends bit-identical to an
+    uninterrupted run. The progress bar counts generator updates."""
+    output = tmp_path / "stopped"
+    args = [a for a in _six_steps(tiny_checkpoints, inputs, output) if a != "--quiet"]
+    cmd, env = _entry(args, {"DMD2_TEST_STEP_DELAY": "1.0"})
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (output / "metrics.jsonl").is_file() or not (output / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "starting a new run" in err
+    stopped = [line for line in err.splitlines() if "stopped at step" in line]
+    assert len(stopped) == 1 and stopped[0].strip().endswith("; run the same command to resume"), err[-2000:]
+    step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
+    assert 1 <= step < 6 and (output / "checkpoints" / f"step_{step:07d}").is_dir()
+    assert not list(output.glob("*.safetensors"))  # no LoRA from an unfinished run
+
+    cmd, env = _entry(args)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming at step {step} of 6" in done.stderr
+    assert "DMD2 generator updates" in done.stderr and "3/3" in done.stderr  # 6 iterations, 2 fake updates each
+    _same_run(output, reference)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoints, inputs, tmp_path, reference):
+    args = lambda out: _six_steps(tiny_checkpoints, inputs, out)
 
     killed = tmp_path / "killed"
     cmd, env = _entry(args(killed), {"DMD2_TEST_STEP_DELAY": "1.5"})
@@ -181,17 +246,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoints, inp
     cmd, env = _entry(args(killed))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming at step 2" in done.stderr
-
-    ref = load_file(str(reference / "checkpoints" / "step_0000006" / "tensors.safetensors"))
-    got = load_file(str(killed / "checkpoints" / "step_0000006" / "tensors.safetensors"))
-    assert any(k.startswith("generator_ema/") for k in ref)
-    assert set(ref) == set(got)
-    for key in ref:
-        assert torch.equal(ref[key], got[key]), key
-    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in path.read_text().splitlines()]
-    assert strip(killed / "metrics.jsonl") == strip(reference / "metrics.jsonl")
-    assert load_file(str(killed / "dmd2_tiny_sdxl_lora.safetensors")).keys() == load_file(str(reference / "dmd2_tiny_sdxl_lora.safetensors")).keys()
+    assert "resuming at step 2 of 6" in done.stderr
+    _same_run(killed, reference)
 
 
 def _bad(argv, capsys, match):
@@ -224,7 +280,10 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_checkpoints, inputs, tm
 
     _bad(["--checkpoint", str(tmp_path / "missing.safetensors"), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "checkpoint not found")
     _bad(["--checkpoint", str(corrupt), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "corrupt")
-    _bad(["--checkpoint", str(other), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "unsupported architecture")
+    _bad(["--checkpoint", str(other), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "is a text encoder (CLIP) only, not a checkpoint")
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"foo.weight": torch.zeros(2, 2)}, str(unknown))
+    _bad(["--checkpoint", str(unknown), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, "unsupported architecture")
     _bad(["--checkpoint", str(ck), "--prompts", str(empty), "--output", str(out)], capsys, "holds no prompts")
     _bad(["--checkpoint", str(ck), "--prompts", str(tmp_path / "nope.txt"), "--output", str(out)], capsys, "prompts file not found")
     _bad(["--checkpoint", str(ck), "--prompts", str(inputs["prompts"]), "--images", str(mixed), "--output", str(out)], capsys, "notes.pdf")
@@ -246,10 +305,132 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_checkpoints, inputs, tm
     Image.new("RGB", (64, 64)).save(captioned / "ok.png")
     (captioned / "ok.txt").write_bytes(b"\xff\xfe caption in another encoding \xe9")
     _bad([*common, "--images", str(captioned)], capsys, "ok.txt is not UTF-8 text")
+    _bad([*common, "--steps", "0"], capsys, "steps must be >= 1, got 0 (with 0 the LoRA would be exported untrained)")
     assert not out.exists()
 
 
-def test_resume_with_other_settings_is_refused_naming_the_key(finished, tiny_checkpoints, inputs, tmp_path, capsys):
+class Loaded(Exception):
+    """Raised in place of loading the checkpoint: proves a check came before the heavy load."""
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    from comfyui_dmd2.training import checkpoint
+
+    def refuse(*args, **kwargs):
+        raise Loaded("the checkpoint was loaded before the check")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", refuse)
+
+
+def test_files_that_are_not_checkpoints_are_named(tiny_checkpoints, inputs, tmp_path, capsys, no_loading):
+    """A LoRA, a VAE, a text encoder or a UNet-only file (ComfyUI LDM names or the diffusers
+    names of the DMD2 UNet releases) is named as what it is, before anything is loaded."""
+    import tiny_models
+    import tiny_releases
+    from safetensors.torch import save_file
+
+    from comfyui_dmd2.nodes.releases import RELEASES_BY_NAME
+
+    out = tmp_path / "out"
+    files = {
+        "a LoRA": tiny_releases.write_release(RELEASES_BY_NAME["dmd2_sdxl_4step_lora_fp16.safetensors"], tmp_path),
+        "a VAE": tmp_path / "vae.safetensors",
+        "a text encoder (CLIP) only": tmp_path / "clip_l.safetensors",
+        "a UNet-only file": tmp_path / "unet.safetensors",
+        "a UNet-only file ": tiny_releases.write_release(RELEASES_BY_NAME["dmd2_sdxl_4step_unet_fp16.bin"], tmp_path),
+    }
+    save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(1), "decoder.up.0.block.0.conv1.weight": torch.zeros(1),
+               "quant_conv.weight": torch.zeros(1)}, str(files["a VAE"]))
+    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(1), "text_model.embeddings.token_embedding.weight": torch.zeros(1)},
+              str(files["a text encoder (CLIP) only"]))
+    save_file(tiny_models.unet_state_dict(tiny_models.build_model("sd15")), str(files["a UNet-only file"]))
+    for what, path in files.items():
+        err = _bad(["--checkpoint", str(path), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, f"is {what.strip()}")
+        assert "--checkpoint takes a full single-file SD1.5/SDXL checkpoint" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_pickle_checkpoint_is_refused_in_one_plain_line(tmp_path, inputs, capsys):
+    """torch's own refusal (a page of advice to set weights_only=False, with colour codes) is
+    not passed on: one line saying why the file is refused and what to use instead."""
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "optimizer": Loaded("an object")}, path)
+    err = _bad(["--checkpoint", str(path), "--prompts", str(inputs["prompts"]), "--output", str(tmp_path / "out")], capsys, "is a pickle that holds more than tensors")
+    assert "weights_only" not in err and "\x1b" not in err and len(err.strip().splitlines()) == 1, err
+    assert cli.one_line(RuntimeError("\x1b[1mbold\x1b[0m and\n  more")) == "bold and more"
+
+
+def test_checks_come_before_loading_and_leave_nothing(tiny_checkpoints, inputs, tmp_path, capsys, no_loading):
+    ck = tiny_checkpoints["sd15"]
+    common = ["--checkpoint", str(ck), "--prompts", str(inputs["prompts"])]
+    # An output folder that cannot be written (even as root), or that is under a file.
+    _bad([*common, "--output", "/sys/dmd2-train-output/run"], capsys, "cannot write to the output folder /sys/dmd2-train-output/run")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    _bad([*common, "--output", str(a_file / "run")], capsys, f"{a_file} is a file")
+    out = tmp_path / "new" / "out"
+    if torch.cuda.is_available():
+        _bad([*common, "--output", str(out), "--device", f"cuda:{torch.cuda.device_count()}"], capsys, "CUDA device(s)")
+    else:
+        err = _bad([*common, "--output", str(out), "--device", "cuda"], capsys, "--device cuda: CUDA is not available here")
+        assert "--device cpu" in err
+    _bad([*common, "--output", str(out), "--device", "tpu"], capsys, "--device 'tpu' is not a device")
+    _bad([*common, "--output", str(out), "--steps", "0"], capsys, "steps must be >= 1")
+    assert not (tmp_path / "new").exists()  # no output folder, no cache folder left behind
+    # Past the checks, a failure while loading removes the folders this run created.
+    with pytest.raises(Loaded):
+        cli.train([*common, "--output", str(out)])
+    assert not (tmp_path / "new").exists()
+
+
+def test_help_explains_every_flag_with_examples():
+    parser = cli.build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and ("default" in action.help or "required" in action.help), (action.option_strings, action.help)
+    text = parser.format_help()
+    assert text.count("dmd2-train --checkpoint") == 2 and "--timesteps 1-step" in text and "--images" in text
+    assert "COMFYUI_PATH" in text and "custom_nodes/comfyui-dmd2" in text and "resume" in text
+
+
+def test_sample_grid_is_labelled_with_prompt_and_step():
+    images = torch.full((2, 256, 256, 3), 0.5)
+    plain = cli.image_grid(images)
+    labelled = cli.image_grid(images, labels=["a red cube (seed 0)", "a tree by the sea (seed 1)"], title="step 500/2000")
+    other = cli.image_grid(images, labels=["a blue sphere (seed 0)", "a tree by the sea (seed 1)"], title="step 500/2000")
+    assert plain.size == (512, 256) and labelled.width == 512 and labelled.height > 256 + 30
+    import numpy as np
+
+    a, b = np.asarray(labelled), np.asarray(other)
+    assert (a[:10] != 255).any()  # the title line
+    assert (a[-(labelled.height - 256 - 10):, :256] != 255).any()  # captions under the tiles
+    assert (a[:, :256] != b[:, :256]).any() and (a[:, 256:] == b[:, 256:]).all()  # each tile its own prompt
+
+
+def test_generator_updates_are_counted_like_the_trainer():
+    from comfyui_dmd2.training.config import DMD2Config
+
+    config = DMD2Config.for_arch("sd15", steps=25, regression_steps=3)  # 10 fake updates per generator update
+    assert [config.generator_updates(i) for i in (0, 1, 3, 4, 13, 14, 28)] == [0, 1, 3, 4, 4, 5, 6]
+
+
+def test_files_follow_the_umask(tmp_path):
+    from comfyui_dmd2.training.data import write_text_atomic
+    from comfyui_dmd2.training.lora import save_safetensors_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        save_safetensors_atomic({"x": torch.zeros(1)}, tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "a.json").stat().st_mode & 0o777) == oct(0o640)
+    assert oct((tmp_path / "b.safetensors").stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_resume_with_other_settings_is_refused_naming_the_key(finished, tiny_checkpoints, inputs, tmp_path, capsys, no_loading):
     import shutil
 
     output = tmp_path / "copy"

@@ -4,7 +4,8 @@ the frontend's own ``app.graphToPrompt()`` produces the API twin shipped in work
 
 The page is the frontend package the test server serves at /, driven over the Chrome
 DevTools Protocol (tests/browser.py). With DMD2_WRITE_SCREENSHOTS=1 the loaded graphs are
-also saved as docs/images/<workflow>.png for the README.
+also saved as docs/images/<workflow>.png for the README, and as workflows/<workflow>.jpg
+thumbnails for the template browser (tests/thumbnails.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 pytest.importorskip("websocket", reason="websocket-client not installed (the test extras bring it via comfy-cli)")
 from browser import Chromium, find_chromium
+from thumbnails import write_thumbnail
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
@@ -199,6 +201,7 @@ def loaded(page):
             cache[path.stem] = load_in_frontend(page, load(path), path.stem)
             if WRITE_SCREENSHOTS:
                 write_screenshot(page, IMAGES / f"{path.stem}.png")
+                write_thumbnail(IMAGES / f"{path.stem}.png", path.with_suffix(".jpg"))
         return cache[path.stem]
 
     return get
@@ -298,3 +301,24 @@ def write_screenshot(browser: Chromium, path: Path) -> None:
     browser.evaluate(FIT_AND_DRAW)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(browser.screenshot())
+
+
+# -- the workflow dmd2-train exports --------------------------------------------------------
+
+
+@pytest.mark.parametrize("timesteps", [(999, 749, 499, 249), (399,)], ids=["4-step", "1-step"])
+def test_dmd2_train_workflow_loads_without_overlaps_and_converts_to_its_api_twin(page, timesteps):
+    """workflow.json as ``dmd2-train`` writes it (checkpoint -> stock LoraLoaderModelOnly ->
+    DMD2Generate -> decode -> save): every node and value accepted, no two nodes overlapping,
+    and the frontend's prompt is exactly the workflow_api.json written beside it."""
+    from comfyui_dmd2.training.cli import workflow_api, workflow_ui
+
+    checkpoint, lora = "sd_xl_base_1.0.safetensors", "dmd2_sdxl_4step_lora_fp16.safetensors"  # files the server lists
+    prompt = "a photo of a red fox in the snow, detailed fur"
+    result = load_in_frontend(page, workflow_ui(checkpoint, lora, prompt, 1024, timesteps), f"dmd2_train_{len(timesteps)}")
+    problems = problems_loading(result)
+    assert not problems, "\n".join(problems)
+    pairs = overlapping_nodes(result)
+    assert not pairs, "; ".join(pairs)
+    diffs = prompt_differences(result["output"], workflow_api(checkpoint, lora, prompt, 1024, timesteps))
+    assert not diffs, "\n".join(diffs)

@@ -5,12 +5,15 @@ on loopback (progress, resume, rename) or failing clearly offline."""
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import http.server
 import re
 import threading
 import types
 
+import comfy.controlnet
 import comfy.supported_models
 import comfy.utils
 import folder_paths
@@ -21,7 +24,8 @@ import tiny_models
 import tiny_releases
 import torch
 from comfyui_dmd2.nodes import loaders
-from comfyui_dmd2.nodes.releases import RELEASES, RELEASES_BY_NAME, releases
+from comfyui_dmd2.nodes import adapter
+from comfyui_dmd2.nodes.releases import FOLDERS, RELEASES, RELEASES_BY_NAME, releases
 from comfyui_dmd2.nodes.schedules import PRESETS, parse_timesteps
 
 
@@ -39,9 +43,9 @@ def expect_file_weights(model, arch: str, file_sd: dict):
 
 @pytest.fixture
 def model_folders(tmp_path, monkeypatch):
-    """ComfyUI's diffusion_models and loras folders pointed at empty temporary folders."""
+    """ComfyUI's diffusion_models, loras and controlnet folders pointed at empty temporary folders."""
     folders = {}
-    for name in ("diffusion_models", "loras"):
+    for name in ("diffusion_models", "loras", "controlnet"):
         folder = tmp_path / name
         folder.mkdir()
         monkeypatch.setitem(folder_paths.folder_names_and_paths, name,
@@ -59,6 +63,10 @@ def test_registry_lists_the_releases_with_usable_presets():
             "dmd2_sdxl_4step_lora_fp16.safetensors"} <= set(names)
     assert {r.arch for r in releases("unet")} == {"sdxl", "sd15"}
     for r in RELEASES:
+        assert r.folder == FOLDERS[r.kind]
+        assert r.url == f"https://huggingface.co/{r.repo_id}/resolve/main/{r.repo_path}"
+        if r.kind == "t2i_adapter":
+            continue
         assert r.repo_id == "tianweiy/DMD2" and r.folder in ("diffusion_models", "loras")
         assert r.preset in PRESETS
         if r.preset == "custom":  # the SD1.5 generator: one step at 999
@@ -66,6 +74,11 @@ def test_registry_lists_the_releases_with_usable_presets():
         else:
             assert PRESETS[r.preset] == r.timesteps
     assert RELEASES_BY_NAME["dmd2_sdxl_1step_unet_fp16.bin"].preset == "1-step (399)"
+    # the canny recipe's adapter, under the name the shipped workflow uses
+    canny = RELEASES_BY_NAME["t2i-adapter-canny-sdxl-1.0.safetensors"]
+    assert releases("t2i_adapter") == [canny] and canny.folder == "controlnet" and canny.arch == "sdxl"
+    assert canny.url == ("https://huggingface.co/TencentARC/t2i-adapter-canny-sdxl-1.0/resolve/main/"
+                         "diffusion_pytorch_model.fp16.safetensors")
 
 
 # -- UNet: good files -----------------------------------------------------------------------
@@ -305,17 +318,31 @@ def test_missing_release_offline_names_file_and_folder(model_folders, monkeypatc
         loaders.resolve_file("diffusion_models", "dmd2_sdxl_4step_unet_fp16.bin", "unet")
     message = str(err.value)
     assert "offline" in message and str(folder / "dmd2_sdxl_4step_unet_fp16.bin") in message
-    assert "huggingface.co/tianweiy/DMD2" in message and list(folder.iterdir()) == []
+    assert "https://huggingface.co/tianweiy/DMD2/resolve/main/dmd2_sdxl_4step_unet_fp16.bin" in message
+    assert list(folder.iterdir()) == []
     with pytest.raises(loaders.DMD2LoadError, match="not_a_release.bin was not found"):
         loaders.resolve_file("diffusion_models", "not_a_release.bin", "unet")
+
+
+@pytest.mark.parametrize("name", list(RELEASES_BY_NAME))
+def test_every_missing_file_hint_has_a_direct_download_url(model_folders, monkeypatch, name):
+    """The hint a user follows by hand: a /resolve/ URL (the file itself), never /blob/ (a web page)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    release = RELEASES_BY_NAME[name]
+    with pytest.raises(loaders.DMD2LoadError) as err:
+        loaders.resolve_file(release.folder, name, release.kind)
+    message = str(err.value)
+    assert re.search(r"https://huggingface\.co/\S+/resolve/main/\S+", message) and "/blob/" not in message
+    assert release.url in message and str(model_folders[release.folder] / name) in message
 
 
 class FakeHub(http.server.ThreadingHTTPServer):
     """The two hub calls hf_hub_download makes (HEAD for metadata, GET with Range), on 127.0.0.1.
     The first ``cuts_left`` GET responses are cut short to exercise resuming."""
 
-    def __init__(self, files: dict[str, bytes]):
+    def __init__(self, files: dict[str, bytes], repo_id: str = "tianweiy/DMD2"):
         self.files = files
+        self.repo_id = repo_id
         self.requests: list[tuple[str, str, str | None]] = []
         self.cuts_left = 1  # GET responses still to cut short
         self.etag: str | None = None  # None: the sha256 of the file, as the hub sends for LFS files
@@ -333,7 +360,7 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _lookup(self):
-        prefix = "/tianweiy/DMD2/resolve/main/"
+        prefix = f"/{self.server.repo_id}/resolve/main/"
         path = self.path.split("?")[0]
         return self.server.files.get(path[len(prefix):]) if path.startswith(prefix) else None
 
@@ -376,16 +403,27 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+@contextlib.contextmanager
+def serving(release, folder, **hub_options):
+    """A FakeHub serving a tiny file of ``release`` (written into ``folder``) in a thread."""
+    source = tiny_releases.write_release(release, folder)
+    hub = FakeHub({release.repo_path: source.read_bytes()}, repo_id=release.repo_id)
+    for key, value in hub_options.items():
+        setattr(hub, key, value)
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub, source
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
 @pytest.fixture
 def fake_hub(tmp_path):
     release = RELEASES_BY_NAME["dmd2_sd15_1step_unet_fid8.35.bin"]  # lives in a sub folder of the repo
-    source = tiny_releases.write_release(release, tmp_path / "hub")
-    hub = FakeHub({release.repo_path: source.read_bytes()})
-    thread = threading.Thread(target=hub.serve_forever, daemon=True)
-    thread.start()
-    yield hub, release, source
-    hub.shutdown()
-    hub.server_close()
+    with serving(release, tmp_path / "hub") as (hub, source):
+        yield hub, release, source
 
 
 def test_missing_release_is_fetched_resumed_and_renamed(model_folders, fake_hub, monkeypatch):
@@ -482,3 +520,72 @@ def test_download_with_wrong_checksum_is_discarded(model_folders, fake_hub, monk
         loaders.resolve_file("diffusion_models", release.file_name, "unet", endpoint=hub.endpoint)
     assert not (model_folders["diffusion_models"] / release.file_name).exists()
     assert list((model_folders["diffusion_models"] / ".dmd2-download").glob("*.part")) == []
+
+
+# -- the canny T2I-Adapter through the same path ------------------------------------------------
+ADAPTER = RELEASES_BY_NAME["t2i-adapter-canny-sdxl-1.0.safetensors"]
+
+
+def test_adapter_loader_offers_the_canny_adapter_when_missing(model_folders):
+    (model_folders["controlnet"] / "my_adapter.safetensors").write_bytes(b"x")
+    assert loaders.file_options("controlnet", "t2i_adapter") == [ADAPTER.file_name, "my_adapter.safetensors"]
+    options = adapter.DMD2T2IAdapterLoader.define_schema().inputs[0].options
+    assert options == [ADAPTER.file_name, "my_adapter.safetensors"]
+    assert adapter.DMD2T2IAdapterLoader.validate_inputs(ADAPTER.file_name) is True
+    assert "neither a known T2I-Adapter release" in adapter.DMD2T2IAdapterLoader.validate_inputs("nope.safetensors")
+    assert "neither" in adapter.DMD2T2IAdapterLoader.validate_inputs("../checkpoints/x.safetensors")
+
+
+def test_missing_adapter_offline_names_file_folder_and_url(model_folders, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    folder = model_folders["controlnet"]
+    with pytest.raises(loaders.DMD2LoadError) as err:
+        adapter.DMD2T2IAdapterLoader.execute(ADAPTER.file_name)
+    message = str(err.value)
+    assert "offline" in message and str(folder / ADAPTER.file_name) in message
+    assert ("https://huggingface.co/TencentARC/t2i-adapter-canny-sdxl-1.0/resolve/main/"
+            "diffusion_pytorch_model.fp16.safetensors") in message
+    assert "158 MB" in message and list(folder.iterdir()) == []
+
+
+@pytest.fixture
+def adapter_hub(tmp_path):
+    import tiny_adapters
+
+    with serving(ADAPTER, tmp_path / "hub", cuts_left=0) as (hub, source):  # a tiny fp16 SDXL adapter, seed 0
+        yield hub, source, tiny_adapters
+
+
+def test_missing_adapter_is_fetched_into_controlnet_and_loads(model_folders, adapter_hub, monkeypatch):
+    """Same download path as the DMD2 files (progress bar, size and sha256 check), then the node
+    loads the fetched file as a CONTROL_NET."""
+    hub, source, tiny_adapters = adapter_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # what HF_ENDPOINT does at import: the node itself passes no endpoint
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    progress = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: progress.append((value, total)))
+    control = adapter.DMD2T2IAdapterLoader.execute(ADAPTER.file_name).result[0]
+    path = model_folders["controlnet"] / ADAPTER.file_name
+    assert path.read_bytes() == source.read_bytes()
+    assert {r[1] for r in hub.requests} == {f"/{ADAPTER.repo_id}/resolve/main/{ADAPTER.repo_path}"}
+    assert progress and progress[-1] == (len(source.read_bytes()),) * 2
+    assert isinstance(control, comfy.controlnet.T2IAdapter)
+    expected = adapter.diffusers_to_tencent_keys(tiny_adapters.build_adapter("sdxl").state_dict())
+    weights = control.t2i_model.state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], v.half().float()) for k, v in expected.items())
+    hub.requests.clear()
+    adapter.DMD2T2IAdapterLoader.execute(ADAPTER.file_name)  # on disk now: no hub call
+    assert hub.requests == []
+
+
+def test_adapter_download_with_wrong_checksum_is_discarded(model_folders, adapter_hub, monkeypatch):
+    hub, _, _ = adapter_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub.etag = "0" * 64
+    with pytest.raises(loaders.DMD2LoadError, match="sha256 mismatch"):
+        loaders.resolve_file("controlnet", ADAPTER.file_name, "t2i_adapter", endpoint=hub.endpoint)
+    assert not (model_folders["controlnet"] / ADAPTER.file_name).exists()

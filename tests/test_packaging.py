@@ -75,3 +75,95 @@ def test_nodes_follow_pack_conventions():
             assert getattr(inp, "tooltip", None), f"{schema.node_id}.{inp.id} has no tooltip"
     assert {"DMD2Schedule", "DMD2Sampler", "DMD2Generate", "DMD2UNetLoader", "DMD2LoraLoader",
             "DMD2ApplyT2IAdapter"} <= ids
+
+
+def test_every_ui_workflow_has_a_thumbnail():
+    """workflows/<name>.jpg beside each template: a real picture of the graph (the frontend
+    screenshot, tests/thumbnails.py), small enough for the template browser and the package."""
+    import numpy as np
+    from PIL import Image
+
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    assert len(workflows) >= 5
+    for workflow in workflows:
+        thumb = workflow.with_suffix(".jpg")
+        assert thumb.is_file(), f"{workflow.name} has no thumbnail {thumb.name}"
+        assert 2_000 < thumb.stat().st_size < 150_000, (thumb.name, thumb.stat().st_size)
+        with Image.open(thumb) as image:
+            assert image.format == "JPEG" and 256 <= image.width <= 1024 and 96 <= image.height <= 1024, image.size
+            pixels = np.asarray(image.convert("L"), dtype=np.float32)
+        assert pixels.std() > 8, f"{thumb.name} is nearly one flat colour (std {pixels.std():.1f})"
+    assert not set((REPO / "workflows").glob("*.jpg")) - {w.with_suffix(".jpg") for w in workflows}, "stray thumbnails"
+
+
+def test_icon_is_a_square_image_of_this_repository():
+    """[tool.comfy] Icon: the registry shows it as the pack's picture; it must be a raw GitHub URL
+    of a file in this repository (on its default branch) that is a square image."""
+    from urllib.parse import urlparse
+
+    from PIL import Image
+
+    meta = _pyproject()
+    icon = urlparse(meta["tool"]["comfy"]["Icon"])
+    repository = urlparse(meta["project"]["urls"]["Repository"])
+    assert icon.scheme == "https" and icon.netloc == "raw.githubusercontent.com", icon.geturl()
+    owner, name, branch, *path = icon.path.strip("/").split("/")
+    assert (repository.netloc, f"{owner}/{name}") == ("github.com", repository.path.strip("/")), icon.geturl()
+    assert branch == "main" and path, icon.geturl()
+    with Image.open(REPO.joinpath(*path)) as image:
+        image.load()
+        assert image.width == image.height and 64 <= image.width <= 1024, image.size
+
+
+def test_comfy_node_pack_leaves_out_tests_and_tooling(tmp_path):
+    """The zip `comfy node pack` (and `comfy node publish`) builds: git-tracked files minus
+    .comfyignore. Built from a commit of this working tree's files, as a release would be."""
+    import zipfile
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    work = tmp_path / "comfyui-dmd2"
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, work / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "release"]):
+        subprocess.run(git + args, cwd=work, check=True, capture_output=True)
+    comfy = shutil.which("comfy", path=str(Path(sys.executable).parent)) or shutil.which("comfy")
+    assert comfy, "comfy-cli is a test dependency (pip install -e .[test])"
+    env = dict(os.environ, COMFY_CLI_TELEMETRY="0")
+    result = subprocess.run([comfy, "--skip-prompt", "--no-enable-telemetry", "node", "pack"],
+                            cwd=work, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    package = work / "node.zip"
+    with zipfile.ZipFile(package) as zf:
+        names = zf.namelist()
+    tops = sorted({n.split("/")[0] for n in names})
+    print(f"node.zip: {package.stat().st_size / 1e3:.0f} kB, {len(names)} files, top level: {tops}")
+    for left_out in ("tests/", "benchmarks/", ".ci/", "scripts/"):
+        assert not [n for n in names if n.startswith(left_out)], left_out
+    for kept in ("__init__.py", "comfy_env.py", "comfy_server.py", "LICENSE", "README.md", "pyproject.toml",
+                 "requirements.txt", "nodes/loaders.py", "nodes/releases.py", "training/cli.py"):
+        assert kept in names, kept
+    workflows = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "workflows").rglob("*") if p.is_file())
+    assert set(workflows) <= set(names), set(workflows) - set(names)  # UI + API graphs and thumbnails
+    assert any(n.startswith("docs/") for n in names) and any(n.startswith("training/digits/") for n in names)
+    assert package.stat().st_size < 5_000_000
+
+
+def test_docs_link_weight_files_for_direct_download():
+    """Hugging Face file links in the docs and workflow notes are /resolve/ (the file), never
+    /blob/ (a web page about it); workflows/README.md's table links every registry file."""
+    import re
+
+    from comfyui_dmd2.nodes.releases import RELEASES
+
+    texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "workflows").rglob("*.md"),
+             *(REPO / "workflows").rglob("*.json")]
+    for path in texts:
+        blob = re.findall(r"huggingface\.co/[^\s)\"']+/blob/[^\s)\"']+", path.read_text())
+        assert not blob, f"{path.relative_to(REPO)} links web pages for files: {blob}"
+    table = (REPO / "workflows" / "README.md").read_text()
+    missing = [r.url for r in RELEASES if f"({r.url})" not in table]
+    assert not missing, missing

@@ -145,6 +145,25 @@ def test_template_browser_lists_the_workflows(comfy_server):
     assert served == load(WORKFLOWS / "sdxl_4step_unet.json")
 
 
+def test_template_browser_gets_a_thumbnail_for_each_workflow(comfy_server):
+    """The frontend shows each custom-node template with apiURL('/workflow_templates/<pack>/<name>')
+    + '.jpg' (mediaSubtype jpg): that URL must answer with a JPEG."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    listing = comfy_server.get("/workflow_templates")
+    for name in listing["comfyui-dmd2"]:
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/comfyui-dmd2/{name}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg", (name, r.status, r.headers["Content-Type"])
+            data = r.read()
+        assert data == (WORKFLOWS / f"{name}.jpg").read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            assert image.format == "JPEG" and image.width >= 256, (name, image.format, image.size)
+
+
 RUNNABLE = [p for p in API_FILES if p.stem not in NOT_RUN_HERE]
 
 

@@ -144,7 +144,11 @@ def write_release(release, folder: str | Path, seed: int = 0) -> Path:
     """A tiny file with the name, container, key format and dtype of a registry entry."""
     dtype = torch.float16 if release.dtype == "fp16" else torch.float32
     path = Path(folder) / release.file_name
-    if release.kind == "lora":
+    if release.kind == "t2i_adapter":
+        import tiny_adapters
+
+        tiny_adapters.save_adapter(release.arch, path, seed=seed, dtype=dtype)
+    elif release.kind == "lora":
         write_lora_release(path, release.arch, dtype, seed)
     else:
         write_unet_release(path, release.arch, dtype, seed)

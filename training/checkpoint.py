@@ -43,6 +43,8 @@ class LoadedCheckpoint:
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Tensors of a .safetensors file, or of a .ckpt/.pt file unpickled safely (weights only)."""
+    import pickle
+
     try:
         if path.suffix.lower() in (".safetensors", ".sft"):
             from safetensors import safe_open
@@ -50,6 +52,11 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             with safe_open(str(path), framework="pt") as fh:
                 return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()  # noqa: SIM118 (safe_open is no dict)
         data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} is a pickle that holds more than tensors (Python objects or code): it is refused because "
+            "loading it could run that code. Use the model's .safetensors file, or convert it with a tool you trust"
+        ) from exc
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file ({type(exc).__name__}: {exc})") from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -57,6 +64,71 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
     return data, None
+
+
+# What a file holds, told from its tensor names alone (kohya / diffusers / LDM conventions).
+_LORA_MARKS = ("lora_down", "lora_up", ".lora_A.", ".lora_B.", "lora_unet_", "lora_te", "hada_w1", "lokr_w1")
+_TEXT_MARKS = ("text_model.", "transformer.resblocks.", "text_projection", "token_embedding", "cond_stage_model.", "conditioner.")
+_VAE_MARKS = ("encoder.down", "decoder.up", "quant_conv", "first_stage_model.", "encoder.conv_in", "decoder.conv_in")
+_UNET_MARKS = ("model.diffusion_model.", "input_blocks.", "middle_block.", "time_embed.", "time_embedding.", "down_blocks.")
+WHAT_IS_NEEDED = "--checkpoint takes a full single-file SD1.5/SDXL checkpoint (UNet, text encoder and VAE in one file, as in models/checkpoints)"
+
+
+def classify_keys(keys) -> tuple[str, str | None]:
+    """(kind, arch) of a state dict from its key names: kind is 'checkpoint', 'lora', 'vae',
+    'text_encoder', 'unet' or 'unknown'; arch ('sdxl' / 'sd15') is a guess for checkpoints
+    (SDXL's UNet takes a size/pooled-text vector: ``label_emb``), confirmed by ComfyUI's loader."""
+    keys = list(keys)
+    has = lambda marks: any(m in k for k in keys for m in marks)  # noqa: E731
+    if has(_LORA_MARKS):
+        return "lora", None
+    unet = has(_UNET_MARKS)
+    text = has(_TEXT_MARKS)
+    vae = has(_VAE_MARKS)
+    if unet and any(k.startswith("model.diffusion_model.") for k in keys) and (text or vae):
+        arch = "sdxl" if any(k.startswith(("model.diffusion_model.label_emb.", "conditioner.")) for k in keys) else "sd15"
+        return "checkpoint", arch
+    if unet:
+        return "unet", None
+    if vae and not text:
+        return "vae", None
+    if text and not vae:
+        return "text_encoder", None
+    return "unknown", None
+
+
+def refuse_non_checkpoint(path: Path, kind: str) -> None:
+    """Name what a file that is no full checkpoint is, and what --checkpoint needs instead."""
+    what = {
+        "lora": "a LoRA (it only holds low-rank updates for a model; train on the model it was made for)",
+        "vae": "a VAE (an image autoencoder only)",
+        "text_encoder": "a text encoder (CLIP) only",
+        "unet": "a UNet-only file (a diffusion model without its text encoder and VAE, as in models/diffusion_models)",
+    }.get(kind)
+    if what is not None:
+        raise CheckpointError(f"{path} is {what}, not a checkpoint: {WHAT_IS_NEEDED}")
+    if kind == "unknown":
+        raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path} (unsupported architecture): {WHAT_IS_NEEDED}")
+
+
+def peek_checkpoint(path: str | Path) -> tuple[str, str | None]:
+    """``classify_keys`` of a checkpoint before loading it: a .safetensors header is read
+    without its tensors; other files are read (weights only). Raises CheckpointError for a
+    missing, corrupt or refused file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                keys = list(fh.keys())  # noqa: SIM118 (safe_open is no dict)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file ({type(exc).__name__}: {exc})") from exc
+    else:
+        keys = list(_read_state_dict(path)[0])
+    return classify_keys(keys)
 
 
 def detect_arch(model) -> str:
@@ -90,6 +162,8 @@ def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None) -
     import comfy.sd
 
     state_dict, metadata = _read_state_dict(path)
+    kind, _ = classify_keys(state_dict)
+    refuse_non_checkpoint(path, kind)
     options = {"dtype": weight_dtype} if weight_dtype is not None else {}
     try:
         out = comfy.sd.load_state_dict_guess_config(state_dict, output_vae=True, output_clip=True, model_options=options, metadata=metadata)

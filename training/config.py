@@ -168,6 +168,14 @@ class DMD2Config:
         """Iterations in all: the regression warm start, then ``steps`` DMD2 iterations."""
         return self.regression_steps + self.steps
 
+    def generator_updates(self, iterations: int) -> int:
+        """Generator updates made by the first ``iterations`` iterations: each regression
+        iteration, then every ``fake_updates_per_generator_update``-th DMD2 iteration (the
+        first one included), as ``DMD2Trainer.step`` does."""
+        regression = min(max(iterations, 0), self.regression_steps)
+        dmd2 = max(0, iterations - self.regression_steps)
+        return regression + -(-dmd2 // self.fake_updates_per_generator_update)
+
     def validate(self) -> None:
         n = self.num_train_timesteps
         if not self.generator_timesteps:

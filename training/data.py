@@ -157,6 +157,14 @@ def save_cached(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     save_safetensors_atomic({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
 
 
+def created_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the umask. ``mkstemp``'s temp files
+    are 0o600, which would keep a ComfyUI running as another user from reading the LoRA."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +172,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, created_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

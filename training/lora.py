@@ -249,12 +249,15 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Pat
     """safetensors to a temp file in the same folder, then ``os.replace``: readers never see half a file."""
     from safetensors.torch import save_file
 
+    from .data import created_file_mode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp, created_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
