@@ -5,7 +5,7 @@ import of the node modules is deferred to that call so that this package stays i
 outside ComfyUI (the trainer's command, tools, tests).
 """
 
-NODE_MODULES = ("schedules", "sampler", "loaders", "adapter")
+NODE_MODULES = ("schedules", "sampler", "loaders", "adapter", "training")
 
 
 async def comfy_entrypoint():

@@ -23,6 +23,7 @@ API_FILES = sorted(API.glob("*.json"))
 # Workflows whose inputs this file cannot provide; run by their own tests.
 NOT_RUN_HERE = {
     "sdxl_4step_canny_t2i_adapter": "needs a T2I-Adapter file and an input image; tests/test_adapter_server.py runs it",
+    "sdxl_train_dmd2_lora": "trains for 10000 iterations as shipped; tests/test_train_node.py runs it with tiny settings",
 }
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 # Frontend-only nodes: never sent to the server.

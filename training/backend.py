@@ -249,9 +249,25 @@ class SharedBaseBackend:
                 torch.manual_seed(seed + 1)
                 size = mid_block_size(self.unet_config, self.latent_shape)
                 self.head = GANHead(mid.out_channels, size).to(self.device)
-            mid.register_forward_hook(self._capture_mid)
+            self._mid_hook = mid.register_forward_hook(self._capture_mid)
         self.has_gan_head = self.head is not None
         self.rng = torch.Generator().manual_seed(seed * 1000 + 17 + rank)
+
+    def close(self) -> None:
+        """Give the base model back as it came (original layers, forwards and hooks), so a
+        model shared with the rest of a ComfyUI graph is unchanged after training; drops the
+        adapters, the head and the data."""
+        if getattr(self, "_mid_hook", None) is not None:
+            self._mid_hook.remove()
+            self._mid_hook = None
+        if self.adapters is not None:
+            self.adapters.remove()
+            self.adapters = None
+        for module in self.unet.modules():
+            if hasattr(module, "_dmd2_adapter_switch"):
+                del module._dmd2_adapter_switch
+                module.__dict__.pop("forward", None)  # back to the class's forward
+        self.copies, self.head, self.data, self.real_latents = {}, None, None, None
 
     # --- data ---
     def sample_batch(self, n: int) -> Batch:

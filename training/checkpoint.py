@@ -19,7 +19,7 @@ import torch
 
 from ..comfy_env import ensure_comfy
 from .backend import Conditioning
-from .data import load_image
+from .data import load_image, square_crop
 
 
 class CheckpointError(ValueError):
@@ -198,10 +198,27 @@ def encode_prompts(loaded: LoadedCheckpoint, prompts: Sequence[str], resolution:
 
 @torch.no_grad()
 def encode_images(loaded: LoadedCheckpoint, paths: Sequence[Path], resolution: int, batch_size: int = 4) -> torch.Tensor:
-    """Real images -> the model's latent space (VAE encode, then ``process_latent_in``)."""
+    """Real image files -> the model's latent space (VAE encode, then ``process_latent_in``)."""
+    return _encode_pixels(loaded, [lambda p=p: load_image(p, resolution) for p in paths], batch_size)
+
+
+@torch.no_grad()
+def encode_image_batch(loaded: LoadedCheckpoint, images: torch.Tensor, resolution: int, batch_size: int = 4) -> torch.Tensor:
+    """A ComfyUI IMAGE batch (B, H, W, 3) in [0, 1] -> latents, each image fitted to the square
+    exactly as an image file is (``data.square_crop``)."""
+    from PIL import Image
+
+    def fitted(image: torch.Tensor):
+        pixels = (image.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype("uint8")
+        return square_crop(Image.fromarray(pixels[..., :3]).convert("RGB"), resolution)
+
+    return _encode_pixels(loaded, [lambda i=i: fitted(images[i]) for i in range(len(images))], batch_size)
+
+
+def _encode_pixels(loaded: LoadedCheckpoint, loaders, batch_size: int) -> torch.Tensor:
     latents = []
-    for i in range(0, len(paths), batch_size):
-        pixels = torch.stack([load_image(p, resolution) for p in paths[i : i + batch_size]])
+    for i in range(0, len(loaders), batch_size):
+        pixels = torch.stack([load() for load in loaders[i : i + batch_size]])
         raw = loaded.vae.encode(pixels)
         latents.append(loaded.model.model.process_latent_in(raw.float().cpu()))
     return torch.cat(latents)

@@ -98,17 +98,24 @@ def read_caption(image: Path) -> str | None:
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """RGB image resized (shorter side) and centre-cropped to a square: (H, W, 3) in [0, 1]."""
-    import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = resolution / min(im.size)
-        size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
-        im = im.resize(size, Image.Resampling.LANCZOS)
-        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+        return square_crop(im.convert("RGB"), resolution)
+
+
+def square_crop(image, resolution: int) -> torch.Tensor:
+    """A PIL RGB image resized (shorter side, Lanczos) and centre-cropped to ``resolution``
+    square: (H, W, 3) in [0, 1]. Files and ComfyUI IMAGE batches go through this one path."""
+    import numpy as np
+    from PIL import Image
+
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
 
 
 def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:

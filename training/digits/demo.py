@@ -195,7 +195,7 @@ def run_demo(out: Path, settings: DemoSettings, cache_dir: Path | None = None) -
 
     ensure_comfy()
     from ...nodes.schedules import PRESETS
-    from ..cli import draw_loss_curves
+    from ..run import draw_loss_curves
     from . import data as D
     from . import metric as M
     from . import teacher as T

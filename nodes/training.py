@@ -1,0 +1,312 @@
+"""DMD2TrainLoRA: distil the MODEL already in the graph into a few-step LoRA, in one queued graph.
+
+The node runs the training path of ``dmd2-train`` (``training.run.TrainingRun``: LoRA G and
+LoRA F on the frozen base, GAN head, moving average, resumable checkpoints, kohya export),
+on the graph's MODEL (its weights are the frozen base: no second copy of the UNet), with the
+prompts encoded by the graph's CLIP and real images by its VAE. ComfyUI's progress bar counts
+iterations and shows the averaged generator's samples every ``preview_every`` iterations.
+
+Interrupt stops after the current iteration with a checkpoint in
+``output/dmd2_training/<lora name>/`` (not next to the LoRA: ComfyUI would list the
+checkpoint's tensors among the LoRAs); queuing the same graph again resumes it, and a changed
+setting that would change the trained tensors is refused by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import re
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..training import checkpoint as C
+from ..training.backend import TrainingData
+from ..training.config import ARCH_DEFAULTS, ConfigError, DMD2Config
+from ..training.lora import DEFAULT_TARGETS
+from ..training.run import RunConfig, Stopped, TrainingRun, check_resume_settings, draw_loss_curves, find_latest_checkpoint, image_grid, resume_settings
+from .schedules import CUSTOM, custom_timesteps_input, preset_input, timesteps_for_preset, validate_custom_text
+
+RUNS_FOLDER = "dmd2_training"  # under ComfyUI's output directory
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
+
+
+class TrainingInputError(ValueError):
+    """An input of DMD2TrainLoRA that cannot be trained on; the message says which and why."""
+
+
+def check_lora_name(name: str) -> str:
+    """The file name (``<name>.safetensors``) for a LoRA name typed in the node: one plain
+    file name in models/loras, no folders, no ``..``."""
+    stem = name.strip().removesuffix(".safetensors")
+    if not stem or ".." in stem or "/" in stem or "\\" in stem or not LORA_NAME.match(stem):
+        raise TrainingInputError(
+            f"lora_name {name!r} is not a plain file name: use letters, digits, spaces, '.', '_', '+' or '-', "
+            "without '..' or a path separator (the LoRA is saved in models/loras)"
+        )
+    return stem + ".safetensors"
+
+
+def split_lines(text: str) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def base_fingerprint(model) -> str:
+    """A cheap identity of the base UNet's weights (a resume on another model is refused)."""
+    digest = hashlib.sha256()
+    params = list(model.model.diffusion_model.state_dict().items())
+    for key, value in params[:4] + params[-4:]:
+        digest.update(key.encode())
+        digest.update(repr(round(float(value.detach().double().sum()), 6)).encode())
+    digest.update(str(sum(v.numel() for _, v in params)).encode())
+    return digest.hexdigest()[:16]
+
+
+def make_normal_tensors(module: torch.nn.Module) -> None:
+    """ComfyUI executes graphs under ``torch.inference_mode``: weights loaded there are
+    inference tensors, which autograd cannot save for backward. Replace them by ordinary
+    tensors with the same values (once; other nodes see the same weights)."""
+    with torch.no_grad():
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None and param.is_inference():
+                    owner._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+            for name, buffer in list(owner._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    owner._buffers[name] = buffer.clone()
+
+
+@contextlib.contextmanager
+def interrupts_at_iteration_boundaries():
+    """ComfyUI checks for Interrupt inside every layer's forward (``comfy.ops``) and raises
+    there, which would leave an iteration half done (some optimisers stepped, others not).
+    While training, that check is deferred: the flag stays set and the loop reads it after the
+    current iteration, saves a checkpoint and then raises ComfyUI's interrupt itself."""
+    check = comfy.model_management.throw_exception_if_processing_interrupted
+    comfy.model_management.throw_exception_if_processing_interrupted = lambda: None
+    try:
+        yield
+    finally:
+        comfy.model_management.throw_exception_if_processing_interrupted = check
+
+
+def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, custom_timesteps: str, steps: int, seed: int,
+               lora_rank: int, lora_alpha: float, lr_generator: float, lr_fake_score: float, real_guidance_scale: float,
+               resolution: int, batch_size: int, grad_accum: int, warmup_steps: int, regression_steps: int, preview_every: int,
+               save_every: int, images: torch.Tensor | None = None, captions: str = "", progress=None):
+    """Train (or resume) the run ``lora_name`` on the graph's model; returns (MODEL with the
+    LoRA applied, LoRA file name, loss plot IMAGE). Raises TrainingInputError/ConfigError on
+    bad input and ComfyUI's InterruptProcessingException after saving on Interrupt."""
+    file_name = check_lora_name(lora_name)
+    prompt_list = split_lines(prompts)
+    if not prompt_list:
+        raise TrainingInputError("prompts is empty: write one training prompt per line")
+    caption_list = [line.strip() for line in (captions or "").splitlines()] if captions and captions.strip() else []
+    if images is not None and caption_list and len(caption_list) != len(images):
+        raise TrainingInputError(
+            f"captions has {len(caption_list)} lines for {len(images)} images: give one caption per image, in order "
+            "(an empty line for an image without one), or none at all"
+        )
+    try:
+        arch = C.detect_arch(model)
+    except C.UnsupportedModel as exc:
+        raise TrainingInputError(str(exc)) from None
+    if model.patches:
+        raise TrainingInputError(
+            f"the MODEL carries patches on {len(model.patches)} weights (a LoRA or another patch applied before this node): "
+            "DMD2TrainLoRA trains on the base model, so connect the checkpoint loader's MODEL directly"
+        )
+    timesteps = timesteps_for_preset(preset, custom_timesteps, len(model.model.model_sampling.sigmas))
+    values = dict(steps=steps, seed=seed, generator_timesteps=tuple(timesteps), lr_generator=lr_generator,
+                  lr_fake_score=lr_fake_score, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
+                  regression_steps=regression_steps)
+    if real_guidance_scale > 0:
+        values["real_guidance_scale"] = real_guidance_scale
+    config = DMD2Config.for_arch(arch, **values)
+    if config.steps < 1:
+        raise TrainingInputError("steps must be >= 1")
+    resolution = resolution or (1024 if arch == "sdxl" else 512)
+    if resolution % 8:
+        raise TrainingInputError(f"resolution must be a multiple of 8, got {resolution}")
+    folder = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / file_name.removesuffix(".safetensors")
+    run = RunConfig(checkpoint="(the graph's MODEL)", prompts="(the node's prompts)", output=str(folder), resolution=resolution,
+                    lora_rank=lora_rank, lora_alpha=lora_alpha, lora_name=file_name, save_every=save_every,
+                    sample_every=preview_every, keep_checkpoints=1)
+    run.validate()
+    settings = resume_settings(run, config, resolution, DEFAULT_TARGETS) | {"base_model_fingerprint": base_fingerprint(model)}
+    lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
+    latest = find_latest_checkpoint(folder / "checkpoints")
+    if latest is not None:
+        check_resume_settings(latest, settings)
+    elif lora_path.exists():
+        raise TrainingInputError(f"a LoRA named {file_name} already exists in models/loras and no run of this node made it: choose another lora_name")
+
+    device = comfy.model_management.get_torch_device()
+    comfy.model_management.unload_all_models()  # room for the training: other models go first
+    comfy.model_management.load_models_gpu([model], memory_required=0, force_full_load=True)
+    training = None
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            make_normal_tensors(model.model.diffusion_model)
+            loaded = C.LoadedCheckpoint(path=None, arch=arch, model=model, clip=clip, vae=vae)
+            sample_prompts = prompt_list[:4]
+            caption_texts = sorted({c for c in caption_list if c})
+            encoded = C.encode_prompts(loaded, [""] + prompt_list + sample_prompts + caption_texts, resolution)
+            uncond, train_conds = encoded[0], encoded[1 : 1 + len(prompt_list)]
+            sample_conds = encoded[1 + len(prompt_list) : 1 + len(prompt_list) + len(sample_prompts)]
+            by_caption = dict(zip(caption_texts, encoded[1 + len(prompt_list) + len(sample_prompts) :]))
+            real_latents = None if images is None else C.encode_image_batch(loaded, images, resolution)
+            real_captions = [by_caption.get(c) if c else None for c in caption_list] if images is not None and caption_list else None
+            data = TrainingData(train_conds, uncond, real_latents, real_captions)
+
+            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device))
+            training.settings = settings
+            start = training.resume(latest)
+            total = config.total_steps
+            bar = progress or comfy.utils.ProgressBar(total)
+            bar.update_absolute(start, total)
+            seeds = list(range(len(sample_conds)))
+
+            interrupt = {"seen": False}
+
+            def report(value: int, preview=None) -> None:
+                """Progress to the UI. ComfyUI's progress hook raises on Interrupt: note it and stop
+                after this iteration with a checkpoint, instead of dropping the run mid-step."""
+                try:
+                    bar.update_absolute(value, total, preview)
+                except comfy.model_management.InterruptProcessingException:
+                    interrupt["seen"] = True
+
+            def show(metrics: dict) -> None:
+                report(int(metrics["step"]) + 1)
+
+            def preview(step: int) -> None:
+                images_out = C.decode_latents(loaded, training.sample(sample_conds, seeds))
+                report(step, ("JPEG", image_grid(images_out, labels=sample_prompts, title=f"step {step}/{total}"), 512))
+
+            def interrupted():
+                if interrupt["seen"] or comfy.model_management.processing_interrupted():
+                    return "interrupt"
+                return None
+
+            try:
+                with interrupts_at_iteration_boundaries():
+                    training.train(on_step=show, on_samples=preview, stop=interrupted)
+            except Stopped:
+                comfy.model_management.interrupt_current_processing(False)
+                raise comfy.model_management.InterruptProcessingException() from None
+            training.export(lora_path, training.lora_metadata("(the graph's MODEL)", "", arch))
+            plot = draw_loss_curves(training.metrics_log.rows)
+    finally:
+        if training is not None:
+            training.close()
+        training = None
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+
+    lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    import numpy as np
+
+    plot_image = torch.from_numpy(np.asarray(plot.convert("RGB"), dtype=np.float32) / 255.0)[None]
+    return patched, file_name, plot_image
+
+
+def _defaults(key: str):
+    return ARCH_DEFAULTS["sdxl"].get(key, getattr(DMD2Config(), key))
+
+
+class DMD2TrainLoRA(io.ComfyNode):
+    """Distil the MODEL in the graph into a few-step DMD2 LoRA (the ``dmd2-train`` path)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        config = DMD2Config()
+        return io.Schema(
+            node_id="DMD2TrainLoRA",
+            display_name="DMD2 Train LoRA",
+            category="DMD2/training",
+            description="Distil the connected SD1.5/SDXL model into a few-step DMD2 LoRA (the same training as the "
+                        "dmd2-train command), save it in models/loras and output the model with it applied. "
+                        "Interrupt saves a checkpoint; queue the same graph again to resume.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 or SDXL model to distil, straight from the checkpoint loader: its "
+                                                "weights are the frozen base (no copy is made)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder: encodes the prompts and captions once."),
+                io.Vae.Input("vae", tooltip="The model's VAE: encodes the real images and decodes the previews."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="Training prompts, one per line (# lines are skipped). The first four are previewed."),
+                io.String.Input("lora_name", default="dmd2_my_model_lora",
+                                tooltip="File name in models/loras (no folders). The same name with the same settings resumes "
+                                        "an interrupted run; other settings are refused by name."),
+                preset_input(),
+                custom_timesteps_input(),
+                io.Int.Input("steps", default=config.steps, min=1, max=1_000_000,
+                             tooltip="DMD2 iterations (the reference: 10000). The generator is updated every "
+                                     "fake-score ratio-th iteration (5 for SDXL, 10 for SD1.5)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Random seed of the adapters' initialisation and every draw of the run."),
+                io.Int.Input("lora_rank", default=RunConfig().lora_rank, min=1, max=512, tooltip="Rank of the generator and fake-score LoRAs."),
+                io.Float.Input("lora_alpha", default=RunConfig().lora_alpha, min=0.01, max=1024.0, step=0.5,
+                               tooltip="LoRA alpha: the update is scaled by alpha/rank."),
+                io.Float.Input("lr_generator", default=_defaults("lr_generator"), min=1e-8, max=1e-2, step=1e-6, round=False,
+                               tooltip="The generator's learning rate (reference: 5e-5)."),
+                io.Float.Input("lr_fake_score", default=_defaults("lr_fake_score"), min=1e-8, max=1e-2, step=1e-6, round=False,
+                               tooltip="The fake score's learning rate (10x the generator's, from the digits study)."),
+                io.Float.Input("real_guidance_scale", default=0.0, min=0.0, max=30.0, step=0.05,
+                               tooltip="Guidance of the real score; 0: the reference's value for the architecture (8 for SDXL, 1.75 for SD1.5)."),
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
+                             tooltip="Training image side; 0: 1024 for SDXL, 512 for SD1.5."),
+                io.Int.Input("batch_size", default=config.batch_size, min=1, max=64, tooltip="Samples per micro-batch."),
+                io.Int.Input("grad_accum", default=config.grad_accum, min=1, max=256, tooltip="Micro-batches accumulated per update."),
+                io.Int.Input("warmup_steps", default=config.warmup_steps, min=0, max=100_000,
+                             tooltip="Iterations of linear learning-rate warmup for both optimisers (reference: 500)."),
+                io.Int.Input("regression_steps", default=0, min=0, max=100_000,
+                             tooltip="Regression warm-start iterations before DMD2 (helps 1-step students)."),
+                io.Int.Input("preview_every", default=100, min=0, max=100_000,
+                             tooltip="Iterations between previews of the generator's samples (0: only at the end)."),
+                io.Int.Input("save_every", default=RunConfig().save_every, min=1, max=100_000,
+                             tooltip="Iterations between resumable checkpoints (an Interrupt also saves one)."),
+                io.Image.Input("images", optional=True, tooltip="Real images for the GAN term (optional)."),
+                io.String.Input("captions", multiline=True, optional=True, default="",
+                                tooltip="One caption per real image, in order (optional; an empty line: no caption)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA applied (sample it with DMD2 Generate)."),
+                io.String.Output(display_name="lora_name", tooltip="The LoRA's file name in models/loras."),
+                io.Image.Output(display_name="loss_plot", tooltip="The training losses and the discriminator's logits."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, preset, custom_timesteps, lora_name=None) -> bool | str:
+        if isinstance(lora_name, str):
+            try:
+                check_lora_name(lora_name)
+            except TrainingInputError as exc:
+                return str(exc)
+        return validate_custom_text(preset, custom_timesteps) if preset == CUSTOM else True
+
+    @classmethod
+    def execute(cls, model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
+                lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
+                regression_steps, preview_every, save_every, images=None, captions="") -> io.NodeOutput:
+        try:
+            patched, name, plot = train_lora(
+                model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
+                lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
+                regression_steps, preview_every, save_every, images=images, captions=captions,
+            )
+        except ConfigError as exc:  # a resume with changed settings, a value out of range
+            raise TrainingInputError(str(exc).replace("--no-resume or another --output", "another lora_name")) from None
+        return io.NodeOutput(patched, name, plot)
+
+
+NODE_CLASSES = [DMD2TrainLoRA]

@@ -1,0 +1,276 @@
+"""DMD2TrainLoRA in a real ComfyUI server on the tiny models: the shipped workflow runs, the
+progress (with previews) reaches a websocket client, the LoRA equals what ``dmd2-train``
+makes with the same settings, Interrupt + re-queue resumes to the same LoRA, the base model
+and the server's memory are given back, and bad input is a clear error with the server up."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_server import execution_error, output_images
+from safetensors.torch import load_file
+
+import websocket
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+TESTS = Path(__file__).resolve().parent
+WORKFLOW = TESTS.parent / "workflows" / "api" / "sdxl_train_dmd2_lora.json"
+PROMPTS = "a red cube\na tree by the sea\nblue sky over a field"
+# Tiny, fast settings where the generator visibly moves: no warmup, a large rate, two
+# generator updates (SDXL: 5 fake-score updates per generator update).
+TINY = dict(prompts=PROMPTS, steps=6, resolution=128, lora_rank=4, grad_accum=1, warmup_steps=0, lr_generator=1e-3,
+            preview_every=3, save_every=1000)
+CLI_FLAGS = ["--steps", "6", "--resolution", "128", "--lora-rank", "4", "--grad-accum", "1", "--set", "warmup_steps=0",
+             "--set", "lr_generator=1e-3", "--sample-every", "0", "--quiet"]
+
+
+def training_graph(name: str, **settings) -> dict:
+    graph = json.loads(WORKFLOW.read_text())
+    graph["2"]["inputs"].update(TINY, lora_name=name, **settings)
+    graph["5"]["inputs"].update(width=64, height=64)
+    graph["6"]["inputs"]["steps"] = 2
+    for node, prefix in (("8", "base"), ("11", "trained")):
+        graph[node]["inputs"]["filename_prefix"] = f"{name.replace('/', '_').replace('.', '_')}_{prefix}"
+    return graph
+
+
+class Listener:
+    """A websocket client of the server, as the frontend is: collects JSON messages and counts
+    binary frames (previews) while a prompt runs."""
+
+    def __init__(self, server):
+        self.client_id = uuid.uuid4().hex
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=600)
+        self.messages: list[dict] = []
+        self.previews = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        while True:
+            try:
+                opcode, data = self.ws.recv_data()
+            except Exception:  # noqa: BLE001 (closed)
+                return
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                self.previews += 1
+            elif opcode == websocket.ABNF.OPCODE_TEXT:
+                self.messages.append(json.loads(data))
+            elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                return
+
+    def progress(self, node: str) -> list[dict]:
+        return [m["data"] for m in self.messages if m["type"] == "progress" and m["data"].get("node") == node]
+
+    def close(self):
+        self.ws.close()
+
+
+def submit(server, graph: dict, client_id: str | None = None) -> str:
+    status, body = server.post("/prompt", {"prompt": graph, "client_id": client_id or uuid.uuid4().hex})
+    assert status == 200, body
+    return body["prompt_id"]
+
+
+def server_rss(server) -> int:
+    """The server process's resident memory in bytes (Linux /proc)."""
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def lora_file(server, name: str) -> Path:
+    return server.base / "models" / "loras" / f"{name}.safetensors"
+
+
+def assert_same_lora(a: Path, b: Path) -> None:
+    ours, theirs = load_file(str(a)), load_file(str(b))
+    assert ours.keys() == theirs.keys()
+    moved = max(float(v.float().abs().max()) for k, v in ours.items() if k.endswith("lora_up.weight"))
+    assert moved > 1e-4  # the generator trained: not two untouched zero initialisations
+    for key in ours:
+        torch.testing.assert_close(ours[key].float(), theirs[key].float(), rtol=2e-3, atol=2e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def trained(workflow_files, tiny_checkpoints):
+    """The shipped workflow, tiny settings, run once with a websocket client listening."""
+    server = workflow_files
+    listener = Listener(server)
+    try:
+        prompt_id = submit(server, training_graph("node_run"), listener.client_id)
+        entry = server.wait(prompt_id, timeout=600)
+        time.sleep(0.5)
+    finally:
+        listener.close()
+    return server, entry, listener
+
+
+def test_shipped_workflow_trains_previews_and_samples_before_and_after(trained):
+    server, entry, listener = trained
+    assert execution_error(entry) is None, execution_error(entry)
+    images = output_images(server, entry)
+    assert {p.name.split("_")[2] for p in images} == {"base", "trained"}  # node_run_base_..., node_run_trained_...
+    progress = listener.progress("2")
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 6
+    assert [p["value"] for p in progress] == sorted(p["value"] for p in progress)
+    assert listener.previews >= 2  # the generator's samples at step 3 and 6 (plus the other nodes' previews)
+    assert lora_file(server, "node_run").is_file()
+    # The loss plot went to the PreviewImage node.
+    plots = [img for node_id, out in entry["outputs"].items() if node_id == "12" for img in out.get("images", [])]
+    assert len(plots) == 1
+
+
+def test_node_lora_equals_the_command_lora(trained, tiny_checkpoints, tmp_path):
+    from comfyui_dmd2.training import cli
+
+    server, _, _ = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS + "\n")
+    cli.train(["--checkpoint", str(tiny_checkpoints["sdxl"]), "--prompts", str(prompts), "--output", str(tmp_path / "out"), *CLI_FLAGS])
+    assert_same_lora(lora_file(server, "node_run"), tmp_path / "out" / "dmd2_tiny_sdxl_lora.safetensors")
+
+
+def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
+    server, _, _ = trained
+    graph = training_graph("interrupted", preview_every=0)
+    listener = Listener(server)
+    try:
+        prompt_id = submit(server, graph, listener.client_id)
+        deadline = time.monotonic() + 300
+        while not any(p["value"] >= 2 for p in listener.progress("2")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        request = urllib.request.Request(server.url + "/interrupt", data=b"{}", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:  # what the UI's Cancel button sends
+            assert response.status == 200
+        entry = server.wait(prompt_id)
+    finally:
+        listener.close()
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and execution_error(entry) is None, kinds
+    run = server.base / "output" / "dmd2_training" / "interrupted" / "checkpoints"
+    assert run.is_dir(), json.dumps([listener.progress("2"), sorted(str(p) for p in (server.base / "output").rglob("*")), entry["status"]])
+    saved = sorted(p.name for p in run.iterdir())
+    assert len(saved) == 1 and 2 <= int(saved[0].split("_")[1]) < 6, saved
+    assert not lora_file(server, "interrupted").exists()
+
+    entry = server.wait(submit(server, graph))  # the same graph, queued again
+    assert execution_error(entry) is None, execution_error(entry)
+    assert_same_lora(lora_file(server, "interrupted"), lora_file(server, "node_run"))
+
+
+def test_base_model_and_memory_are_given_back(trained):
+    """After training, the base model samples exactly as before and a second training does
+    not grow the server's memory: adapters, optimisers and caches are freed."""
+    server, _, _ = trained
+    base_only = {k: v for k, v in copy.deepcopy(training_graph("unused")).items() if k in ("1", "3", "4", "5", "6", "7", "8")}
+    base_only["8"]["inputs"]["filename_prefix"] = "base_check"
+
+    def base_image() -> bytes:
+        from PIL import Image
+
+        entry = server.run(base_only)
+        assert execution_error(entry) is None
+        with Image.open(output_images(server, entry)[0]) as image:
+            return image.tobytes()  # the pixels (the PNG's metadata holds the graph)
+
+    before = base_image()
+    rss = []
+    for i in range(2):
+        entry = server.run(training_graph(f"memory_{i}", seed=i + 1))
+        assert execution_error(entry) is None, execution_error(entry)
+        rss.append(server_rss(server))
+    # The same sampling again, through a strength-0 LoRA loader (which returns the model it
+    # is given): a graph ComfyUI has not cached, on the very model object that was trained on.
+    base_only["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "node_run.safetensors", "strength_model": 0.0}}
+    base_only["6"]["inputs"]["model"] = ["30", 0]
+    assert base_image() == before  # the base model's layers, forwards and hooks are back
+    grown = rss[1] - rss[0]
+    print(f"server RSS after training 1: {rss[0] / 2**20:.0f} MiB, after training 2: {rss[1] / 2**20:.0f} MiB")
+    assert grown < 48 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB over a second training"
+    assert server.get("/system_stats")  # still serving
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(prompts="\n# only a comment\n"), "prompts is empty"),
+        (dict(lora_name="../escape"), "is not a plain file name"),
+        (dict(lora_name="sub/name"), "is not a plain file name"),
+        (dict(lora_rank=8), "lora_rank is 8 now but the saved run used 4"),
+        (dict(lora_name="dmd2_sdxl_4step_lora_fp16"), "already exists in models/loras"),
+    ],
+    ids=["no prompts", "dotdot name", "path name", "changed setting", "name taken"],
+)
+def test_bad_input_is_a_clear_error_and_the_server_stays_up(trained, change, message):
+    server, _, _ = trained
+    change = dict(change)
+    graph = training_graph(change.pop("lora_name", "node_run"), **change)
+    status, body = server.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
+    if status == 200 and body.get("node_errors"):  # refused at submit (validate_inputs); the rest of the graph runs
+        assert "2" in body["node_errors"], body
+        text = json.dumps(body["node_errors"]["2"])
+    elif status == 200:
+        entry = server.wait(body["prompt_id"])
+        error = execution_error(entry)
+        assert error is not None and error["node_type"] == "DMD2TrainLoRA", entry["status"]
+        text = error["exception_message"]
+    else:  # refused at submit time (validate_inputs)
+        text = json.dumps(body)
+    assert message in text, text
+    assert server.get("/system_stats")
+
+
+def test_image_batch_with_fewer_captions_and_a_patched_model_are_refused(trained):
+    server, _, _ = trained
+    graph = training_graph("captions")
+    graph["20"] = {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 80, "batch_size": 3, "color": 1234}}
+    graph["2"]["inputs"].update(images=["20", 0], captions="one caption\nanother")
+    status, body = server.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
+    assert status == 200, body
+    error = execution_error(server.wait(body["prompt_id"]))
+    assert error is not None and "captions has 2 lines for 3 images" in error["exception_message"]
+
+    graph = training_graph("patched")
+    graph["21"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "node_run.safetensors", "strength_model": 1.0}}
+    graph["2"]["inputs"]["model"] = ["21", 0]
+    error = execution_error(server.wait(submit(server, graph)))
+    assert error is not None and "the MODEL carries patches" in error["exception_message"]
+    assert server.get("/system_stats")
+
+
+def test_real_images_with_captions_train_the_gan_term(trained):
+    server, _, _ = trained
+    graph = training_graph("with_images", steps=2)
+    graph["20"] = {"class_type": "EmptyImage", "inputs": {"width": 160, "height": 128, "batch_size": 3, "color": 0x4080C0}}
+    graph["2"]["inputs"].update(images=["20", 0], captions="a blue square\n\na blue square, again")
+    entry = server.wait(submit(server, graph))
+    assert execution_error(entry) is None, execution_error(entry)
+    rows = [json.loads(line) for line in (server.base / "output" / "dmd2_training" / "with_images" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_gan_discriminator" in row for row in rows)
+
+
+def test_other_model_families_are_named(tiny_checkpoints):
+    """A MODEL of another family (SD2 here, built tiny in-process) is refused by name."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import tiny_models
+
+    from comfyui_dmd2.nodes.training import TrainingInputError, train_lora
+
+    config = comfy.supported_models.SD20(dict(tiny_models.UNET_CONFIGS["sd15"]))
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(TrainingInputError, match="model family SD20 is not supported"):
+        train_lora(model, None, None, PROMPTS, "family", "4-step (999,749,499,249)", "", 2, 0, 4, 8.0, 1e-3, 1e-3, 0.0, 64, 1, 1, 0, 0, 0, 10)

@@ -1,0 +1,528 @@
+"""One DMD2 run in a folder, shared by ``dmd2-train`` and the ``DMD2TrainLoRA`` node.
+
+``TrainingRun`` puts the shared-base backend (LoRA G and LoRA F on the frozen base, GAN head)
+and the trainer on a model that is already loaded and conditions that are already encoded,
+resumes from the folder's newest checkpoint, runs the loop (metrics, resumable checkpoints,
+samples, a stop request honoured after the current iteration) and exports the generator's
+moving average as a kohya LoRA. Where the model and the conditions come from (a checkpoint
+file for the command, the graph's MODEL/CLIP/VAE for the node) is the caller's business; the
+training path is this one.
+
+Folder layout: ``checkpoints/step_N/`` (tensors.safetensors, settings.json, state_rank{r}.pt),
+``metrics.jsonl``, ``metrics.csv``, ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_DIR = re.compile(r"^step_(\d{7,})$")
+PLOTTED = (
+    "loss_regression", "loss_dm", "loss_fake", "loss_gan_generator", "loss_gan_discriminator",
+    ("logits_real", "logits_fake"), "discriminator_accuracy",
+)
+
+
+@dataclass
+class RunConfig:
+    """What the command needs besides the algorithm: inputs, outputs, sizes, cadence."""
+
+    checkpoint: str = ""
+    prompts: str = ""
+    output: str = ""
+    images: str = ""  # optional folder of real images (captions: image.txt / image.caption): the GAN loss
+    resolution: int = 0  # 0: 1024 for SDXL, 512 for SD1.5
+    lora_rank: int = 64
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = ()  # empty: the DMD2 defaults (training.lora.DEFAULT_TARGETS)
+    lora_name: str = ""  # file name of the exported LoRA; empty: dmd2_<checkpoint stem>_lora
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # 0: only at the end
+    sample_prompts: tuple[str, ...] = ()  # empty: the first four training prompts
+    sample_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    device: str = ""  # empty: cuda if available, else cpu
+    mixed_precision: str = ""  # "bf16" | "fp16" | "no"; empty: bf16 on GPU, no on CPU
+    gradient_checkpointing: str = "auto"  # "auto" (on for GPU) | "on" | "off"
+    resume: bool = True
+    export_raw: bool = False  # also write the raw (not averaged) generator as <lora_name>_raw
+
+    def validate(self) -> None:
+        from .config import ConfigError
+
+        for key in ("checkpoint", "prompts", "output"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is required (--{key} or `{key} = ...` in the config file)")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ConfigError("lora_rank must be >= 1 and lora_alpha > 0")
+        if self.save_every < 1 or self.sample_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("save_every and keep_checkpoints must be >= 1, sample_every >= 0")
+        if self.gradient_checkpointing not in ("auto", "on", "off"):
+            raise ConfigError("gradient_checkpointing must be auto, on or off")
+        if self.mixed_precision not in ("", "bf16", "fp16", "no"):
+            raise ConfigError("mixed_precision must be bf16, fp16 or no")
+        if not self.sample_seeds:
+            raise ConfigError("sample_seeds must hold at least one seed")
+
+
+# --- distributed -------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist
+
+
+class GradientAverager:
+    """Averages the gradients of ``params`` over all processes at the end of each backward,
+    in one flat all-reduce (what DDP does, without wrapping modules: the three networks
+    share one UNet and are selected per forward, which DDP's one-forward-one-backward
+    bookkeeping does not fit)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], world_size: int):
+        self.params, self.world_size = list(params), world_size
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        self.ready: set[int] = set()
+        self.queued = False
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        self.ready.add(self.index[id(p)])
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._all_reduce)
+
+    def _all_reduce(self) -> None:
+        grads = [self.params[i].grad for i in sorted(self.ready)]
+        self.ready, self.queued = set(), False
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
+    with torch.no_grad():
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
+def parameter_checksum(params: Sequence[torch.nn.Parameter]) -> float:
+    return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in params))
+
+
+def check_in_sync(params: Sequence[torch.nn.Parameter], dist: Dist) -> float:
+    """All processes must hold the same adapters; raise if they drifted apart."""
+    checksum = parameter_checksum(params)
+    if dist.world_size > 1:
+        sums = [None] * dist.world_size
+        torch.distributed.all_gather_object(sums, checksum)
+        if any(abs(s - checksum) > 1e-6 * max(1.0, abs(checksum)) for s in sums):
+            raise RuntimeError(f"adapters differ between processes: checksums {sums}")
+    return checksum
+
+
+# --- outputs -------------------------------------------------------------------------------
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; the last line ends in '...' when text is left."""
+    lines: list[str] = []
+    words = text.split()
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line += " " + words.pop(0)
+        lines.append(line)
+    if words or (lines and draw.textlength(lines[-1], font=font) > width):
+        last = lines[-1]
+        while last and draw.textlength(last + "...", font=font) > width:
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, labels: Sequence[str] | None = None, title: str = ""):
+    """(B, H, W, 3) in [0, 1] -> one PIL image; ``labels`` (one per image: its prompt and
+    seed) are written under the tiles and ``title`` (the step) above them."""
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    columns = columns or min(n, 4)
+    rows = math.ceil(n / columns)
+    font = _font(max(11, w // 36))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = probe.textbbox((0, 0), "Ag", font=font)[3] + 3
+    header = line + 6 if title else 0
+    caption = 2 * line + 6 if labels else 0
+    grid = Image.new("RGB", (columns * w, header + rows * (h + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, text in enumerate(_wrap(draw, title, font, columns * w - 8, max_lines=1) if title else []):
+        draw.text((4, 3 + k * line), text, fill=(0, 0, 0), font=font)
+    for i, img in enumerate(images):
+        tile = Image.fromarray((img.numpy() * 255).round().clip(0, 255).astype("uint8"))
+        x, y = (i % columns) * w, header + (i // columns) * (h + caption)
+        grid.paste(tile, (x, y))
+        if labels:
+            for k, text in enumerate(_wrap(draw, labels[i], font, w - 8)):
+                draw.text((x + 4, y + h + 3 + k * line), text, fill=(0, 0, 0), font=font)
+    return grid
+
+
+def save_png_atomic(image, path: Path) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _smoothed(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """Running mean over ``window`` points (per-iteration losses are noisy)."""
+    if window <= 1:
+        return points
+    out, total = [], 0.0
+    for i, (x, y) in enumerate(points):
+        total += y - (points[i - window][1] if i >= window else 0.0)
+        out.append((x, total / min(i + 1, window)))
+    return out
+
+
+def draw_loss_curves(rows: Sequence[dict[str, float]], keys: Sequence = PLOTTED, size: tuple[int, int] = (640, 170), title: str = ""):
+    """One panel per entry of ``keys`` (a metric, or a tuple of metrics drawn together, such
+    as the discriminator's real and fake logits); step on x, running mean over about 1/100 of
+    the run on y, min/max written at the side; drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    panels = [k if isinstance(k, tuple) else (k,) for k in keys]
+    panels = [p for p in panels if any(k in r for r in rows for k in p)]
+    width, panel = size
+    image = Image.new("RGB", (width, max(1, len(panels)) * panel), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, pad = 70, 10, 18
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    window = max(1, len(rows) // 100)
+    for i, names in enumerate(panels):
+        series = {k: _smoothed([(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])], window) for k in names}
+        top = i * panel
+        box = (left, top + pad, width - right, top + panel - pad)
+        draw.rectangle(box, outline=(160, 160, 160))
+        label = " vs ".join(names) + (f" (mean of {window})" if window > 1 else "")
+        draw.text((left, top + 2), f"{title}: {label}" if title else label, fill=(0, 0, 0))
+        points = [p for values in series.values() for p in values]
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1e-12
+        draw.text((4, box[1]), f"{max(ys):.3g}", fill=(0, 0, 0))
+        draw.text((4, box[3] - 10), f"{min(ys):.3g}", fill=(0, 0, 0))
+        draw.text((box[2] - 60, box[3] + 2), f"step {max(xs)}", fill=(0, 0, 0))
+        for c, (name, values) in enumerate(series.items()):
+            colour = colours[(i + c) % 4]
+            scaled = [
+                (box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - (y - y0) / (y1 - y0) * (box[3] - box[1]))
+                for x, y in values
+            ]
+            if len(names) > 1:
+                draw.text((box[0] + 6 + 110 * c, box[1] + 4), name, fill=colour)
+            if len(scaled) == 1:
+                draw.ellipse([scaled[0][0] - 2, scaled[0][1] - 2, scaled[0][0] + 2, scaled[0][1] + 2], fill=colour)
+            elif scaled:
+                draw.line(scaled, fill=colour, width=2)
+    return image
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per iteration, appended) and metrics.csv (rewritten)."""
+
+    def __init__(self, folder: Path, resume_step: int):
+        self.jsonl, self.csv = folder / "metrics.jsonl", folder / "metrics.csv"
+        self.rows: list[dict[str, float]] = []
+        if self.jsonl.is_file():
+            for line in self.jsonl.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if row.get("step", math.inf) < resume_step:
+                    self.rows.append(row)
+        # Iterations after the checkpoint we resume from are redone: drop their lines.
+        from .data import write_text_atomic
+
+        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.handle = self.jsonl.open("a", encoding="utf-8")
+
+    def append(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+
+    def write_csv(self) -> None:
+        from .data import write_text_atomic
+
+        keys: list[str] = []
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.csv, buf.getvalue())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def find_latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (temp folders of an interrupted save are ignored)."""
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Dist, keep: int, settings: dict) -> Path:
+    """checkpoints/step_N/: tensors.safetensors (adapters, head, moving average),
+    settings.json (what a resume must match) and state_rank{r}.pt per process, written into a
+    temp folder that is renamed into place once every process is done."""
+    from .data import write_text_atomic
+    from .lora import save_safetensors_atomic
+
+    final = folder / f"step_{step:07d}"
+    tmp = folder / f".step_{step:07d}.tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    if dist.main:
+        save_safetensors_atomic({k: v.float().cpu().contiguous() for k, v in trainer.tensors().items()}, tmp / "tensors.safetensors")
+        write_text_atomic(tmp / "settings.json", json.dumps(settings, indent=2))
+    state = {"trainer": trainer.state_dict(include_parameters=False), "backend": backend.state_dict(), "world_size": dist.world_size}
+    torch.save(state, tmp / f"state_rank{dist.rank}.pt")
+    dist.barrier()
+    if dist.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        old = sorted(p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name))
+        for path in old[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def resume_settings(run: RunConfig, config, resolution: int, targets: Sequence[str]) -> dict[str, Any]:
+    """The settings a checkpoint can only be resumed with: everything that shapes the trained
+    tensors (LoRA size and targets, resolution, every algorithm key but ``steps``)."""
+    dmd2 = {k: v for k, v in config.to_dict().items() if k not in ("steps", "ema_on_cpu")}
+    return {"lora_rank": run.lora_rank, "lora_alpha": run.lora_alpha, "lora_targets": list(targets), "resolution": resolution, **dmd2}
+
+
+def check_resume_settings(path: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume ``path`` with settings that differ from the saved ones, naming the key."""
+    from .config import ConfigError
+
+    saved_file = path / "settings.json"
+    if not saved_file.is_file():
+        raise ConfigError(f"cannot resume from {path}: it has no settings.json (written by an older version); use --no-resume to start over")
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    for key, value in current.items():
+        if key in saved and saved[key] != json.loads(json.dumps(value)):
+            raise ConfigError(
+                f"cannot resume from {path}: {key} is {value!r} now but the saved run used {saved[key]!r} "
+                f"(set it back, or start over with --no-resume or another --output)"
+            )
+
+
+def load_training_checkpoint(path: Path, trainer, backend, dist: Dist) -> int:
+    from safetensors.torch import load_file
+
+    from .config import ConfigError
+
+    state_file = path / f"state_rank{dist.rank}.pt"
+    if not state_file.is_file():
+        raise ConfigError(f"{path} was written by a run with another number of processes; resume with the same number")
+    state = torch.load(str(state_file), map_location="cpu", weights_only=True)
+    try:
+        trainer.load_tensors(load_file(str(path / "tensors.safetensors")))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"checkpoint {path} does not match this run: {exc}") from exc
+    trainer.load_state_dict(state["trainer"])
+    backend.load_state_dict(state["backend"])
+    return trainer.step_count
+
+
+class Stopped(Exception):
+    """The run stopped before its last iteration (a signal, ComfyUI's Interrupt) after saving
+    a checkpoint at ``step``; ``reason`` is what asked it to stop (e.g. the signal number)."""
+
+    def __init__(self, step: int, reason: Any):
+        super().__init__(f"stopped at step {step}")
+        self.step, self.reason = step, reason
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+class TrainingRun:
+    """Backend + trainer on ``base_model`` (a ComfyUI ``BaseModel``: its UNet becomes the
+    frozen base, adapters injected in place until ``close``), checkpointed into ``folder``."""
+
+    def __init__(self, base_model, data, run: RunConfig, config, resolution: int, folder: Path, device: str, dist: Dist | None = None):
+        from .backend import SharedBaseBackend
+        from .lora import DEFAULT_TARGETS
+        from .trainer import DMD2Trainer
+
+        self.run, self.config, self.resolution, self.folder = run, config, resolution, Path(folder)
+        self.dist = dist or Dist()
+        self.targets = run.lora_targets or DEFAULT_TARGETS
+        self.settings = resume_settings(run, config, resolution, self.targets)
+        self.checkpoints = self.folder / "checkpoints"
+        self.backend = SharedBaseBackend(
+            base_model, data, (4, resolution // 8, resolution // 8),
+            lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=self.targets,
+            device=device, mixed_precision=run.mixed_precision or None,
+            gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
+            seed=config.seed, rank=self.dist.rank,
+        )
+        self.trainer = DMD2Trainer(config, self.backend, rank=self.dist.rank)
+        self.trainable = self.trainer.generator_params + self.trainer.fake_params
+        if self.dist.world_size > 1:
+            broadcast_parameters(self.trainable)
+            GradientAverager(self.trainable, self.dist.world_size)
+        self.start, self.saved_step = 0, -1
+        self.metrics_log: MetricsLog | None = None
+
+    @property
+    def total(self) -> int:
+        return self.config.total_steps
+
+    def resume(self, checkpoint: Path | None) -> int:
+        """Continue from ``checkpoint`` (already checked with ``check_resume_settings``)."""
+        if checkpoint is not None:
+            self.start = self.saved_step = load_training_checkpoint(checkpoint, self.trainer, self.backend, self.dist)
+        return self.start
+
+    def save_checkpoint(self, step: int) -> None:
+        check_in_sync(self.trainable, self.dist)
+        save_training_checkpoint(self.checkpoints, step, self.trainer, self.backend, self.dist, self.run.keep_checkpoints, self.settings)
+        self.saved_step = step
+        if self.dist.main:
+            self.metrics_log.write_csv()
+            save_png_atomic(draw_loss_curves(self.metrics_log.rows), self.folder / "loss_curve.png")
+
+    @torch.no_grad()
+    def sample(self, conds, seeds: Sequence[int]) -> torch.Tensor:
+        """The averaged generator's few-step latents for ``conds`` (one seed each)."""
+        with self.trainer.averaged_generator():
+            return self.backend.sample(conds, seeds, self.config.generator_timesteps)
+
+    def train(self, on_step: Callable[[dict], None] | None = None, on_samples: Callable[[int], None] | None = None,
+              stop: Callable[[], Any] = lambda: None) -> None:
+        """The iterations left up to ``config.total_steps``: ``on_step(metrics)`` after each, a
+        checkpoint every ``save_every`` and at the end, ``on_samples(step)`` every
+        ``sample_every`` and at the end. When ``stop()`` returns a reason, a checkpoint is saved
+        at the current step and ``Stopped`` raised."""
+        run, total = self.run, self.total
+        if self.dist.main:
+            self.metrics_log = MetricsLog(self.folder, self.start)
+        started = time.perf_counter()
+        try:
+            while self.trainer.step_count < total:
+                metrics = self.trainer.step()
+                step = self.trainer.step_count
+                if self.dist.main:
+                    self.metrics_log.append({**metrics, "time": round(time.perf_counter() - started, 4)})
+                if on_step is not None:
+                    on_step(metrics)
+                if step % run.save_every == 0 and step < total:
+                    self.save_checkpoint(step)
+                if on_samples is not None and run.sample_every and step % run.sample_every == 0:
+                    on_samples(step)
+                reason = stop()
+                if reason is not None and step < total:
+                    if self.saved_step != step:
+                        self.save_checkpoint(step)
+                    raise Stopped(step, reason)
+            latest = find_latest_checkpoint(self.checkpoints)
+            if latest is None or latest.name != f"step_{total:07d}":
+                self.save_checkpoint(total)
+            if on_samples is not None and not (run.sample_every and total % run.sample_every == 0):
+                on_samples(total)
+        finally:
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+
+    def export(self, path: Path, metadata: dict, averaged: bool = True) -> Path:
+        """The generator as a kohya LoRA (its moving average unless ``averaged`` is False)."""
+        from .backend import export_generator_lora
+
+        return export_generator_lora(self.trainer, self.backend, path, metadata, averaged=averaged)
+
+    def lora_metadata(self, base_name: str, base_sha256: str, arch: str) -> dict:
+        config = self.config
+        return {
+            "dmd2_base_model": base_name,
+            "dmd2_base_model_sha256": base_sha256,
+            "dmd2_arch": arch,
+            "dmd2_steps": self.trainer.step_count,
+            "dmd2_timesteps": ",".join(str(t) for t in config.generator_timesteps),
+            "dmd2_guidance": config.real_guidance_scale,
+            "dmd2_resolution": self.resolution,
+            "dmd2_config": json.dumps({"run": dataclasses.asdict(self.run), "dmd2": config.to_dict()}),
+            "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
+        }
+
+    def close(self) -> None:
+        """Give the base model back unchanged and drop adapters, optimisers and averages."""
+        self.backend.close()
+        self.trainer = self.backend = self.trainable = None
