@@ -133,18 +133,27 @@ class PositiveOnlyGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": positive})
 
 
-def generate(model, positive, latent: dict, seed: int, sigmas: torch.Tensor) -> dict:
+def generate(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, cfg: float = 1.0, negative=None) -> dict:
     """Sample a LATENT with the DMD2 sampler. Noise comes from the seed exactly as in
-    SamplerCustom (add_noise on), so this equals SamplerCustom + DMD2Sampler at cfg 1.0."""
+    SamplerCustom (add_noise on), so this equals SamplerCustom + DMD2Sampler at the same cfg.
+    cfg 1.0 (DMD2 as distilled): the positive prompt alone, one UNet evaluation per step.
+    Above 1 (the 4-step LoRA at 8 steps and cfg 1.4-1.8 on finetunes, as model cards advise):
+    classifier-free guidance with ``negative``, two evaluations per step."""
+    if cfg != 1.0 and negative is None:
+        raise ValueError(f"cfg {cfg} needs a negative conditioning: connect one (an empty prompt will do), or set cfg to 1.0")
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     out = latent.copy()
     out["samples"] = samples
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     steps = sigmas.shape[-1] - 1
     callback = latent_preview.prepare_callback(model, steps)
-    guider = PositiveOnlyGuider(model)
-    guider.set_conds(positive)
-    guider.set_cfg(1.0)
+    if cfg == 1.0:
+        guider = PositiveOnlyGuider(model)
+        guider.set_conds(positive)
+    else:
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
     result = guider.sample(noise, samples, dmd2_ksampler(), sigmas, denoise_mask=latent.get("noise_mask"),
                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out["samples"] = result.to(comfy.model_management.intermediate_device())
@@ -182,15 +191,22 @@ class DMD2Generate(io.ComfyNode):
             node_id="DMD2Generate",
             display_name="DMD2 Generate",
             category="DMD2/sampling",
-            description="Few-step DMD2 sampling with one UNet evaluation per step (no CFG, no negative prompt).",
+            description="Few-step DMD2 sampling: at cfg 1.0 (the default, as DMD2 is distilled) one UNet evaluation per "
+                        "step and no negative prompt; above 1.0 classifier-free guidance with the negative prompt.",
             inputs=[
                 io.Model.Input("model", tooltip="A DMD2-distilled model (DMD2 UNet or base model + DMD2 LoRA)."),
-                io.Conditioning.Input("positive", tooltip="The prompt's conditioning. DMD2 uses no negative prompt."),
+                io.Conditioning.Input("positive", tooltip="The prompt's conditioning."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Used only when cfg is above 1.0 (DMD2 itself needs no negative prompt)."),
                 io.Latent.Input("latent_image", tooltip="The latent to generate into, e.g. from EmptyLatentImage."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the start noise (the same noise SamplerCustom draws) and of the re-noise draws."),
                 preset_input(),
                 custom_timesteps_input(),
+                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.05, round=0.01, optional=True,
+                               tooltip="1.0: no classifier-free guidance, one UNet evaluation per step (DMD2 as distilled). "
+                                       "Above 1.0 (e.g. 1.5 with the DMD2 4-step LoRA at 8 steps on a finetune): two "
+                                       "evaluations per step, with the negative prompt."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -200,9 +216,9 @@ class DMD2Generate(io.ComfyNode):
         return validate_custom_text(preset, custom_timesteps)
 
     @classmethod
-    def execute(cls, model, positive, latent_image, seed, preset, custom_timesteps) -> io.NodeOutput:
+    def execute(cls, model, positive, latent_image, seed, preset, custom_timesteps, cfg=1.0, negative=None) -> io.NodeOutput:
         sigmas = schedule_sigmas(model, preset, custom_timesteps)
-        return io.NodeOutput(generate(model, positive, latent_image, seed, sigmas))
+        return io.NodeOutput(generate(model, positive, latent_image, seed, sigmas, cfg, negative))
 
 
 NODE_CLASSES = [DMD2Sampler, DMD2Generate]

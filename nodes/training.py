@@ -69,6 +69,25 @@ def base_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_model_sampling_unchanged(model) -> None:
+    """The trainer distils the model as its checkpoint defines it (eps prediction on its own
+    sigma table). A ModelSampling node in front that changes the prediction type or the sigmas
+    (v-prediction, zero terminal SNR, another schedule) is refused rather than ignored."""
+    import comfy.model_sampling as ms
+
+    patched, base = model.get_model_object("model_sampling"), model.model.model_sampling
+    if patched is base:
+        return
+    same_kind = all(isinstance(patched, kind) == isinstance(base, kind) for kind in (ms.EPS, ms.V_PREDICTION, ms.EDM, ms.CONST))
+    same_sigmas = patched.sigmas.shape == base.sigmas.shape and torch.allclose(patched.sigmas.float().cpu(), base.sigmas.float().cpu())
+    if not (same_kind and same_sigmas):
+        raise TrainingInputError(
+            f"the MODEL's sampling was changed in the graph ({type(patched).__name__}, e.g. by a ModelSampling node): "
+            "DMD2TrainLoRA distils the model as its checkpoint defines it (eps prediction, its own sigmas); connect the "
+            "checkpoint loader's MODEL directly"
+        )
+
+
 def make_normal_tensors(module: torch.nn.Module) -> None:
     """ComfyUI executes graphs under ``torch.inference_mode``: weights loaded there are
     inference tensors, which autograd cannot save for backward. Replace them by ordinary
@@ -123,6 +142,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             f"the MODEL carries patches on {len(model.patches)} weights (a LoRA or another patch applied before this node): "
             "DMD2TrainLoRA trains on the base model, so connect the checkpoint loader's MODEL directly"
         )
+    check_model_sampling_unchanged(model)
     timesteps = timesteps_for_preset(preset, custom_timesteps, len(model.model.model_sampling.sigmas))
     values = dict(steps=steps, seed=seed, generator_timesteps=tuple(timesteps), lr_generator=lr_generator,
                   lr_fake_score=lr_fake_score, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,

@@ -204,6 +204,30 @@ def test_one_unet_evaluation_per_step(models, preset, timesteps):
     assert torch.equal(torch.cat(record["timesteps"]), table[timesteps])
 
 
+@pytest.mark.parametrize("cfg", [1.0, 1.5])
+def test_cfg_and_negative_equal_sampler_custom_and_cost_two_evaluations_above_one(models, cfg):
+    """The finetune recipe (DMD2 4-step LoRA at 8 steps, cfg 1.5, a negative prompt): the same
+    as SamplerCustom + DMD2Sampler at that cfg; cfg 1.0 ignores the negative (one evaluation
+    per step), cfg 1.5 uses it (cond and uncond: two per step)."""
+    timesteps = [999, 874, 749, 624, 499, 374, 249, 124]
+    custom = ",".join(map(str, timesteps))
+    model, seed = models["sdxl"], 9
+    positive, negative = text_conditioning("sdxl"), text_conditioning("sdxl", seed=8)
+    with counting_unet(model) as (counted, record):
+        out = dmd2.DMD2Generate.execute(counted, positive, empty_latent(), seed, "custom", custom, cfg, negative).result[0]["samples"]
+    assert sum(record["batches"]) == len(timesteps) * (1 if cfg == 1.0 else 2)
+    sigmas = schedule_sigmas(model, "custom", custom)
+    stock = SamplerCustom.execute(model, True, seed, cfg, positive, negative, dmd2.dmd2_ksampler(), sigmas, empty_latent()).result[0]
+    assert torch.equal(out, stock["samples"])
+    unguided = dmd2.DMD2Generate.execute(model, positive, empty_latent(), seed, "custom", custom).result[0]["samples"]
+    assert torch.equal(out, unguided) == (cfg == 1.0)
+
+
+def test_cfg_above_one_without_negative_is_refused(models):
+    with pytest.raises(ValueError, match="cfg 1.5 needs a negative conditioning"):
+        dmd2.DMD2Generate.execute(models["sd15"], text_conditioning("sd15"), empty_latent(), 0, FOUR_STEP, "", 1.5)
+
+
 @pytest.mark.parametrize("first_timestep", [399, 999])
 def test_unet_sees_unit_variance_start_noise_at_any_first_timestep(models, first_timestep):
     seed = 21
@@ -321,7 +345,8 @@ def test_generate_keeps_latent_fields_and_previews(models, monkeypatch):
 def test_node_schemas():
     gen = dmd2.DMD2Generate.define_schema()
     assert gen.node_id == "DMD2Generate" and gen.category == "DMD2/sampling"
-    assert [i.id for i in gen.inputs] == ["model", "positive", "latent_image", "seed", "preset", "custom_timesteps"]
+    assert [i.id for i in gen.inputs] == ["model", "positive", "negative", "latent_image", "seed", "preset", "custom_timesteps", "cfg"]
+    assert [i.id for i in gen.inputs if i.optional] == ["negative", "cfg"]  # API prompts without them still run
     assert all(i.tooltip for i in gen.inputs)
     assert [o.io_type for o in gen.outputs] == ["LATENT"]
     smp = dmd2.DMD2Sampler.define_schema()

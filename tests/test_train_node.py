@@ -5,7 +5,6 @@ and the server's memory are given back, and bad input is a clear error with the 
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 import time
@@ -102,10 +101,20 @@ def assert_same_lora(a: Path, b: Path) -> None:
         torch.testing.assert_close(ours[key].float(), theirs[key].float(), rtol=2e-3, atol=2e-5, msg=key)
 
 
+def base_graph() -> dict:
+    """The workflow's base-model branch alone: checkpoint -> KSampler -> decode -> save."""
+    graph = {k: v for k, v in training_graph("unused").items() if k in ("1", "3", "4", "5", "6", "7", "8")}
+    graph["8"]["inputs"]["filename_prefix"] = "base_check"
+    return graph
+
+
 @pytest.fixture(scope="module")
 def trained(workflow_files, tiny_checkpoints):
-    """The shipped workflow, tiny settings, run once with a websocket client listening."""
+    """The shipped workflow, tiny settings, run once with a websocket client listening (after
+    the base model alone, whose memory is the 'before' of the memory test)."""
     server = workflow_files
+    assert execution_error(server.run(base_graph())) is None
+    server.rss_before_training = server_rss(server)
     listener = Listener(server)
     try:
         prompt_id = submit(server, training_graph("node_run"), listener.client_id)
@@ -141,6 +150,23 @@ def test_node_lora_equals_the_command_lora(trained, tiny_checkpoints, tmp_path):
     assert_same_lora(lora_file(server, "node_run"), tmp_path / "out" / "dmd2_tiny_sdxl_lora.safetensors")
 
 
+def test_node_lora_equals_the_command_lora_on_sd15(trained, tiny_checkpoints, tmp_path):
+    """The same on the SD1.5 architecture (10 fake-score updates per generator update: 11
+    iterations make two generator updates)."""
+    from comfyui_dmd2.training import cli
+
+    server, _, _ = trained
+    graph = training_graph("node_run_sd15", steps=11)
+    graph["1"]["inputs"]["ckpt_name"] = "v1-5-pruned-emaonly.safetensors"
+    entry = server.wait(submit(server, graph))
+    assert execution_error(entry) is None, execution_error(entry)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS + "\n")
+    flags = [f if f != "6" else "11" for f in CLI_FLAGS]
+    cli.train(["--checkpoint", str(tiny_checkpoints["sd15"]), "--prompts", str(prompts), "--output", str(tmp_path / "out"), *flags])
+    assert_same_lora(lora_file(server, "node_run_sd15"), tmp_path / "out" / "dmd2_tiny_sd15_lora.safetensors")
+
+
 def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
     server, _, _ = trained
     graph = training_graph("interrupted", preview_every=0)
@@ -174,8 +200,7 @@ def test_base_model_and_memory_are_given_back(trained):
     """After training, the base model samples exactly as before and a second training does
     not grow the server's memory: adapters, optimisers and caches are freed."""
     server, _, _ = trained
-    base_only = {k: v for k, v in copy.deepcopy(training_graph("unused")).items() if k in ("1", "3", "4", "5", "6", "7", "8")}
-    base_only["8"]["inputs"]["filename_prefix"] = "base_check"
+    base_only = base_graph()
 
     def base_image() -> bytes:
         from PIL import Image
@@ -196,9 +221,11 @@ def test_base_model_and_memory_are_given_back(trained):
     base_only["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "node_run.safetensors", "strength_model": 0.0}}
     base_only["6"]["inputs"]["model"] = ["30", 0]
     assert base_image() == before  # the base model's layers, forwards and hooks are back
-    grown = rss[1] - rss[0]
-    print(f"server RSS after training 1: {rss[0] / 2**20:.0f} MiB, after training 2: {rss[1] / 2**20:.0f} MiB")
-    assert grown < 48 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB over a second training"
+    before = server.rss_before_training
+    print(f"server RSS with the base model loaded: {before / 2**20:.0f} MiB; after more trainings: "
+          f"{rss[0] / 2**20:.0f} MiB, {rss[1] / 2**20:.0f} MiB")
+    assert rss[1] - rss[0] < 48 * 2**20, f"RSS grew by {(rss[1] - rss[0]) / 2**20:.0f} MiB over another training"
+    assert rss[1] - before < 128 * 2**20, f"RSS is {(rss[1] - before) / 2**20:.0f} MiB above what it was before training"
     assert server.get("/system_stats")  # still serving
 
 
@@ -232,7 +259,7 @@ def test_bad_input_is_a_clear_error_and_the_server_stays_up(trained, change, mes
     assert server.get("/system_stats")
 
 
-def test_image_batch_with_fewer_captions_and_a_patched_model_are_refused(trained):
+def test_fewer_captions_a_patched_model_and_changed_sampling_are_refused(trained):
     server, _, _ = trained
     graph = training_graph("captions")
     graph["20"] = {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 80, "batch_size": 3, "color": 1234}}
@@ -241,6 +268,12 @@ def test_image_batch_with_fewer_captions_and_a_patched_model_are_refused(trained
     assert status == 200, body
     error = execution_error(server.wait(body["prompt_id"]))
     assert error is not None and "captions has 2 lines for 3 images" in error["exception_message"]
+
+    graph = training_graph("vpred")
+    graph["22"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction", "zsnr": False}}
+    graph["2"]["inputs"]["model"] = ["22", 0]
+    error = execution_error(server.wait(submit(server, graph)))
+    assert error is not None and "the MODEL's sampling was changed in the graph" in error["exception_message"]
 
     graph = training_graph("patched")
     graph["21"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "node_run.safetensors", "strength_model": 1.0}}

@@ -231,7 +231,7 @@ def workflow_api(checkpoint_name: str, lora_name: str, prompt: str, resolution: 
             "class_type": "DMD2Generate",
             "inputs": {
                 "model": ["2", 0], "positive": ["3", 0], "latent_image": ["4", 0], "seed": seed,
-                "preset": preset, "custom_timesteps": ",".join(str(t) for t in timesteps),
+                "preset": preset, "custom_timesteps": ",".join(str(t) for t in timesteps), "cfg": 1.0,
             },
         },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
@@ -249,7 +249,7 @@ def workflow_ui(checkpoint_name: str, lora_name: str, prompt: str, resolution: i
         (2, "LoraLoaderModelOnly", [lora_name, 1.0], [("model", "MODEL")], [("MODEL", "MODEL")], 510, 60, 340, 90),
         (3, "CLIPTextEncode", [prompt], [("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], 510, 240, 340, 140),
         (4, "EmptyLatentImage", [resolution, resolution, 1], [], [("LATENT", "LATENT")], 510, 470, 340, 110),
-        (5, "DMD2Generate", [seed, "fixed", preset, ",".join(str(t) for t in timesteps)],
+        (5, "DMD2Generate", [seed, "fixed", preset, ",".join(str(t) for t in timesteps), 1.0],
          [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")], [("LATENT", "LATENT")], 980, 60, 340, 190),
         (6, "VAEDecode", [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")], 1450, 60, 210, 50),
         (7, "SaveImage", ["dmd2"], [("images", "IMAGE")], [], 1450, 200, 400, 440),
