@@ -283,3 +283,40 @@ def test_full_copy_fake_score(loaded):
     assert any(not torch.equal(p, before[n]) for n, p in fake)
     with pytest.raises(ValueError, match="full_copies"):
         _backend(loaded, "sd15", full_copies=("teacher",))
+
+
+def test_fp16_trains_with_loss_scaling_and_skips_overflowing_steps(loaded):
+    """GPUs without bf16 train in fp16: the trainer scales the losses (GradScaler), unscales
+    before clipping, keeps fp32 adapters, and skips a step whose gradients overflow (the
+    adapters unchanged, the scale halved). Run here with CPU fp16 autocast."""
+    backend = _backend(loaded, "sd15", images=torch.randn(2, 4, RES // 8, RES // 8), mixed_precision="fp16")
+    config = DMD2Config.for_arch("sd15", fake_updates_per_generator_update=2, warmup_steps=0, lr_generator=1e-3,
+                                 lr_fake_score=1e-3, batch_size=2, grad_accum=1)
+    trainer = DMD2Trainer(config, backend)
+    assert trainer.scaler.is_enabled() and backend.autocast_dtype == torch.float16
+    assert all(p.dtype == torch.float32 for p in trainer.generator_params + trainer.fake_params)
+    before = {n: p.detach().clone() for n, p in backend.generator_parameters()}
+    metrics = [trainer.step() for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(m["loss_fake"])) for m in metrics)
+    assert any(not torch.equal(p, before[n]) for n, p in backend.generator_parameters())
+    assert trainer.state_dict(include_parameters=False)["scaler"]["scale"] == trainer.scaler.get_scale()
+
+    # An overflow in the fake score's gradients: the step is skipped and the scale halves.
+    fake = {n: p.detach().clone() for n, p in backend.fake_score_parameters()}
+    scale = trainer.scaler.get_scale()
+    first = trainer.fake_params[0]
+    handle = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    try:
+        trainer.step()  # iteration 2: a generator update, then the fake score's (whose step overflows)
+    finally:
+        handle.remove()
+    assert all(torch.equal(p, fake[n]) for n, p in backend.fake_score_parameters())
+    assert trainer.scaler.get_scale() == scale / 2
+
+
+def test_bf16_and_fp32_train_without_a_scaler(loaded):
+    for precision in ("no", "bf16"):
+        backend = _backend(loaded, "sd15", mixed_precision=precision)
+        trainer = DMD2Trainer(DMD2Config.for_arch("sd15", batch_size=1, grad_accum=1), backend)
+        assert not trainer.scaler.is_enabled()
+    assert B.default_precision("cpu") == "no"

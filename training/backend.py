@@ -180,6 +180,15 @@ def enable_gradient_checkpointing(unet: nn.Module, switch) -> int:
 NETWORKS = ("generator", "fake_score")
 
 
+def default_precision(device) -> str:
+    """Autocast where none is asked for: bf16 on GPUs that have it, fp16 (with loss scaling,
+    ``DMD2Trainer.scaler``) on those that do not, none on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 class SharedBaseBackend:
     """``trainer.DMD2Backend`` over a ComfyUI ``BaseModel``: one frozen UNet + LoRA G/F + head.
 
@@ -213,7 +222,7 @@ class SharedBaseBackend:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         on_gpu = self.device.type == "cuda"
         if mixed_precision is None:
-            mixed_precision = "bf16" if on_gpu else "no"
+            mixed_precision = default_precision(self.device)
         if mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
         self.autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"iterations between sample grids in <output>/samples, 0 = only at the end (default: {run.sample_every})")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["bf16", "fp16", "no"],
-                   help="autocast dtype and the frozen base weights' dtype on a GPU (default: bf16 on GPU, no on CPU)")
+                   help="autocast dtype and the frozen base weights' dtype on a GPU; fp16 trains with loss scaling "
+                   "(default: bf16 on GPUs that have it, else fp16; no on CPU)")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", choices=["auto", "on", "off"],
                    help="recompute activations in the backward pass to save memory (default: auto = on for GPU)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
@@ -427,6 +428,9 @@ def train(argv: Sequence[str] | None = None):
     resolution = run.resolution or (1024 if arch == "sdxl" else 512)
     check_resolution(resolution)
     device = resolve_device(run.device)
+    if run.mixed_precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--mixed-precision bf16: this GPU has no bf16; use --mixed-precision fp16 (trained with loss "
+                          "scaling, the default here) or no (fp32, about twice the memory)")
     dist = init_distributed(device)
     if dist.world_size > 1 and device == "cuda":
         device = f"cuda:{dist.local_rank}"
@@ -442,7 +446,10 @@ def train(argv: Sequence[str] | None = None):
     created = prepare_output(output) if dist.main else None
     try:
         # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.
-        base_dtype = {"": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[run.mixed_precision] if on_gpu else torch.float32
+        from .backend import default_precision
+
+        precision = run.mixed_precision or default_precision(device)
+        base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision] if on_gpu else torch.float32
         loaded = C.load_checkpoint(run.checkpoint, weight_dtype=base_dtype)
         if loaded.arch != arch:
             raise C.UnsupportedModel(f"{run.checkpoint} looked like an {arch} checkpoint but ComfyUI loads it as {loaded.arch}")

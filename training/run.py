@@ -56,7 +56,7 @@ class RunConfig:
     sample_prompts: tuple[str, ...] = ()  # empty: the first four training prompts
     sample_seeds: tuple[int, ...] = (0, 1, 2, 3)
     device: str = ""  # empty: cuda if available, else cpu
-    mixed_precision: str = ""  # "bf16" | "fp16" | "no"; empty: bf16 on GPU, no on CPU
+    mixed_precision: str = ""  # "bf16" | "fp16" | "no"; empty: bf16 on GPUs that have it, else fp16; no on CPU
     gradient_checkpointing: str = "auto"  # "auto" (on for GPU) | "on" | "off"
     resume: bool = True
     export_raw: bool = False  # also write the raw (not averaged) generator as <lora_name>_raw

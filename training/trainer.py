@@ -235,6 +235,11 @@ class DMD2Trainer:
         self.generator_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.generator_optimizer, warmup_lambda(config.warmup_steps, restart_at=config.regression_steps))
         self.fake_scheduler = torch.optim.lr_scheduler.LambdaLR(self.fake_optimizer, warmup_lambda(config.warmup_steps))
+        # fp16 autocast (GPUs without bf16): losses are scaled so small gradients do not flush
+        # to zero, unscaled before clipping; a step with inf/nan gradients is skipped and the
+        # scale lowered. The adapters themselves stay fp32 (master weights). Off otherwise.
+        fp16 = getattr(backend, "autocast_dtype", None) == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.timesteps = torch.tensor(config.generator_timesteps, dtype=torch.long, device=self.device)
         self.rng = torch.Generator(device=self.device)
         self.rng.manual_seed(config.seed * 1000 + rank)
@@ -364,8 +369,10 @@ class DMD2Trainer:
 
     def _step_generator(self) -> float:
         """Clip, step, count the update and fold it into the moving average."""
+        self.scaler.unscale_(self.generator_optimizer)
         norm = self._clip(self.generator_params)
-        self.generator_optimizer.step()
+        self.scaler.step(self.generator_optimizer)
+        self.scaler.update()
         self.generator_optimizer.zero_grad(set_to_none=True)
         self.generator_updates += 1
         self._update_ema()
@@ -393,7 +400,7 @@ class DMD2Trainer:
             for part, part_draws in parts:
                 x = self.generate(part, part_draws, with_grad=True)
                 loss, row = self._generator_loss(part, part_draws, x, use_gan)
-                (loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()
                 samples.append(x.detach())
                 rows.append(row)
             metrics.update(_mean_metrics(rows))
@@ -405,11 +412,13 @@ class DMD2Trainer:
         rows = []
         for (part, part_draws), x in zip(parts, samples):
             loss, row = self._fake_loss(part, part_draws, x, use_gan)
-            (loss / accum).backward()
+            self.scaler.scale(loss / accum).backward()
             rows.append(row)
         metrics.update(_mean_metrics(rows))
+        self.scaler.unscale_(self.fake_optimizer)
         metrics["grad_norm_fake"] = self._clip(self.fake_params)
-        self.fake_optimizer.step()
+        self.scaler.step(self.fake_optimizer)
+        self.scaler.update()
         self.fake_optimizer.zero_grad(set_to_none=True)
         self.fake_scheduler.step()
         return metrics
@@ -433,7 +442,7 @@ class DMD2Trainer:
                     z, teacher_steps, self.alphas_cumprod,
                 )
             loss = losses.regression_loss(self.backend.generator_x0(z, self._full(first, len(part)), part.cond), target)
-            (loss / len(slices)).backward()
+            self.scaler.scale(loss / len(slices)).backward()
             total += loss.item() / len(slices)
         return {"step": self.step_count, "generator_updated": 1.0, "loss_regression": total, "grad_norm_generator": self._step_generator()}
 
@@ -536,6 +545,7 @@ class DMD2Trainer:
                 "python": random.getstate(),
             },
             "config": self.config.to_dict(),
+            "scaler": self.scaler.state_dict(),
         }
         if include_parameters:
             state["tensors"] = {name: value.clone() for name, value in self.tensors().items()}
@@ -558,3 +568,5 @@ class DMD2Trainer:
             random.setstate(rng["python"])
         self.step_count = int(state["step"])
         self.generator_updates = int(state.get("generator_updates", 0))
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
