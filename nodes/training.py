@@ -28,8 +28,8 @@ import torch
 from comfy_api.latest import io
 
 from ..training import checkpoint as C
-from ..training.backend import TrainingData
 from ..training.config import ARCH_DEFAULTS, ConfigError, DMD2Config
+from ..training.data import check_resolution, prompt_lines
 from ..training.lora import DEFAULT_TARGETS
 from ..training.run import RunConfig, Stopped, TrainingRun, check_resume_settings, draw_loss_curves, find_latest_checkpoint, image_grid, resume_settings
 from .schedules import CUSTOM, custom_timesteps_input, preset_input, timesteps_for_preset, validate_custom_text
@@ -52,10 +52,6 @@ def check_lora_name(name: str) -> str:
             "without '..' or a path separator (the LoRA is saved in models/loras)"
         )
     return stem + ".safetensors"
-
-
-def split_lines(text: str) -> list[str]:
-    return [line.strip() for line in (text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def base_fingerprint(model) -> str:
@@ -124,7 +120,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     LoRA applied, LoRA file name, loss plot IMAGE). Raises TrainingInputError/ConfigError on
     bad input and ComfyUI's InterruptProcessingException after saving on Interrupt."""
     file_name = check_lora_name(lora_name)
-    prompt_list = split_lines(prompts)
+    prompt_list = prompt_lines(prompts or "")
     if not prompt_list:
         raise TrainingInputError("prompts is empty: write one training prompt per line")
     caption_list = [line.strip() for line in (captions or "").splitlines()] if captions and captions.strip() else []
@@ -152,15 +148,14 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     config = DMD2Config.for_arch(arch, **values)
     if config.steps < 1:
         raise TrainingInputError("steps must be >= 1")
-    resolution = resolution or (1024 if arch == "sdxl" else 512)
-    if resolution % 8:
-        raise TrainingInputError(f"resolution must be a multiple of 8, got {resolution}")
+    resolution = check_resolution(resolution or (1024 if arch == "sdxl" else 512))
     folder = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / file_name.removesuffix(".safetensors")
     run = RunConfig(checkpoint="(the graph's MODEL)", prompts="(the node's prompts)", output=str(folder), resolution=resolution,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_name=file_name, save_every=save_every,
                     sample_every=preview_every, keep_checkpoints=1)
     run.validate()
-    settings = resume_settings(run, config, resolution, DEFAULT_TARGETS) | {"base_model_fingerprint": base_fingerprint(model)}
+    base = {"base_model_fingerprint": base_fingerprint(model)}
+    settings = resume_settings(run, config, resolution, DEFAULT_TARGETS) | base
     lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
     latest = find_latest_checkpoint(folder / "checkpoints")
     if latest is not None:
@@ -176,45 +171,27 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
         with torch.inference_mode(False), torch.enable_grad():
             make_normal_tensors(model.model.diffusion_model)
             loaded = C.LoadedCheckpoint(path=None, arch=arch, model=model, clip=clip, vae=vae)
-            sample_prompts = prompt_list[:4]
-            caption_texts = sorted({c for c in caption_list if c})
-            encoded = C.encode_prompts(loaded, [""] + prompt_list + sample_prompts + caption_texts, resolution)
-            uncond, train_conds = encoded[0], encoded[1 : 1 + len(prompt_list)]
-            sample_conds = encoded[1 + len(prompt_list) : 1 + len(prompt_list) + len(sample_prompts)]
-            by_caption = dict(zip(caption_texts, encoded[1 + len(prompt_list) + len(sample_prompts) :]))
+            texts = C.RunTexts(prompt_list, prompt_list[:4], [c or None for c in caption_list] if images is not None else [])
             real_latents = None if images is None else C.encode_image_batch(loaded, images, resolution)
-            real_captions = [by_caption.get(c) if c else None for c in caption_list] if images is not None and caption_list else None
-            data = TrainingData(train_conds, uncond, real_latents, real_captions)
+            data, sample_conds = texts.split(C.encode_prompts(loaded, texts.all(), resolution), real_latents)
 
-            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device))
-            training.settings = settings
+            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device), extra_settings=base)
             start = training.resume(latest)
             total = config.total_steps
             bar = progress or comfy.utils.ProgressBar(total)
             bar.update_absolute(start, total)
             seeds = list(range(len(sample_conds)))
 
-            interrupt = {"seen": False}
-
-            def report(value: int, preview=None) -> None:
-                """Progress to the UI. ComfyUI's progress hook raises on Interrupt: note it and stop
-                after this iteration with a checkpoint, instead of dropping the run mid-step."""
-                try:
-                    bar.update_absolute(value, total, preview)
-                except comfy.model_management.InterruptProcessingException:
-                    interrupt["seen"] = True
-
             def show(metrics: dict) -> None:
-                report(int(metrics["step"]) + 1)
+                bar.update_absolute(int(metrics["step"]) + 1, total)
 
             def preview(step: int) -> None:
                 images_out = C.decode_latents(loaded, training.sample(sample_conds, seeds))
-                report(step, ("JPEG", image_grid(images_out, labels=sample_prompts, title=f"step {step}/{total}"), 512))
+                bar.update_absolute(step, total, ("JPEG", image_grid(images_out, labels=texts.sample_prompts, title=f"step {step}/{total}"), 512))
 
             def interrupted():
-                if interrupt["seen"] or comfy.model_management.processing_interrupted():
-                    return "interrupt"
-                return None
+                # Read, not raised: ComfyUI's own check (also in the progress hook) is deferred.
+                return "interrupt" if comfy.model_management.processing_interrupted() else None
 
             try:
                 with interrupts_at_iteration_boundaries():

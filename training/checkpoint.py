@@ -41,8 +41,9 @@ class LoadedCheckpoint:
     vae: Any
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Tensors of a .safetensors file, or of a .ckpt/.pt file unpickled safely (weights only)."""
+def _read_state_dict(path: Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors of a .safetensors file, or of a .ckpt/.pt file unpickled safely (weights only);
+    ``mmap``: map a .ckpt's storage instead of reading it (enough to look at its keys)."""
     import pickle
 
     try:
@@ -51,7 +52,12 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
 
             with safe_open(str(path), framework="pt") as fh:
                 return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()  # noqa: SIM118 (safe_open is no dict)
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            data = torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} is a pickle that holds more than tensors (Python objects or code): it is refused because "
@@ -126,8 +132,8 @@ def peek_checkpoint(path: str | Path) -> tuple[str, str | None]:
                 keys = list(fh.keys())  # noqa: SIM118 (safe_open is no dict)
         except Exception as exc:
             raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file ({type(exc).__name__}: {exc})") from exc
-    else:
-        keys = list(_read_state_dict(path)[0])
+    else:  # mapped, not read: load_checkpoint reads it once, afterwards
+        keys = list(_read_state_dict(path, mmap=True)[0])
     return classify_keys(keys)
 
 
@@ -176,6 +182,36 @@ def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None) -
     if clip is None or vae is None:
         raise CheckpointError(f"{path} holds no {'text encoder' if clip is None else 'VAE'}: a full single-file checkpoint is needed")
     return LoadedCheckpoint(path=path, arch=arch, model=model, clip=clip, vae=vae)
+
+
+@dataclass
+class RunTexts:
+    """Every text a run encodes once, and where each lands in ``TrainingData``: the empty
+    prompt (the unconditional side), the training prompts, the preview prompts and each
+    distinct caption of the real images (``captions``: one per image, None for none)."""
+
+    prompts: list[str]
+    sample_prompts: list[str]
+    captions: list[str | None]
+
+    @property
+    def distinct_captions(self) -> list[str]:
+        return sorted({c for c in self.captions if c is not None})
+
+    def all(self) -> list[str]:
+        """The texts to encode, in the order ``split`` reads their conditionings."""
+        return ["", *self.prompts, *self.sample_prompts, *self.distinct_captions]
+
+    def split(self, conds: Sequence[Conditioning], real_latents: torch.Tensor | None):
+        """(TrainingData, preview conditionings) from the conditionings of ``all()``."""
+        from .backend import TrainingData
+
+        n, m = len(self.prompts), len(self.sample_prompts)
+        by_caption = dict(zip(self.distinct_captions, conds[1 + n + m :]))
+        real_captions = None
+        if real_latents is not None and self.captions:
+            real_captions = [None if c is None else by_caption[c] for c in self.captions]
+        return TrainingData(list(conds[1 : 1 + n]), conds[0], real_latents, real_captions), list(conds[1 + n : 1 + n + m])
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -326,23 +327,29 @@ def prepare_output(output: Path) -> Path | None:
     return missing[-1] if missing else None
 
 
+@functools.cache
+def _load_extra_model_paths(root: Path) -> None:
+    """ComfyUI's ``extra_model_paths.yaml`` into ``folder_paths``, as its main.py does at start
+    (once per process)."""
+    extra = root / "extra_model_paths.yaml"
+    if not extra.is_file():
+        return
+    try:
+        from utils.extra_config import load_extra_path_config
+
+        load_extra_path_config(str(extra))
+    except Exception as exc:  # noqa: BLE001 (a broken yaml only costs the subfolder name)
+        log.warning("could not read %s (%s); using the default model folders", extra, exc)
+
+
 def comfy_model_name(path: Path, folder: str = "checkpoints") -> str | None:
     """The name ComfyUI lists ``path`` under in its ``folder`` (subfolders included, as the
     loaders' combos show it), or None when the file is outside all of ComfyUI's such folders."""
     from ..comfy_env import ensure_comfy
 
-    root = ensure_comfy()
+    _load_extra_model_paths(ensure_comfy())
     import folder_paths
 
-    extra = root / "extra_model_paths.yaml"
-    if extra.is_file() and not getattr(comfy_model_name, "extra_loaded", False):
-        try:
-            from utils.extra_config import load_extra_path_config
-
-            load_extra_path_config(str(extra))
-        except Exception as exc:  # noqa: BLE001 (a broken yaml only costs the subfolder name)
-            log.warning("could not read %s (%s); using the default model folders", extra, exc)
-        comfy_model_name.extra_loaded = True
     target = path.resolve()
     for base in folder_paths.get_folder_paths(folder):
         try:
@@ -393,7 +400,6 @@ def train(argv: Sequence[str] | None = None):
     """Run the command; returns (trainer, backend, output folder). Raises on bad input, and
     ``Stopped`` when a signal stopped it (after saving a checkpoint)."""
     from . import checkpoint as C
-    from .backend import TrainingData
     from .config import ConfigError, DMD2Config
     from .data import (
         cache_key,
@@ -464,19 +470,15 @@ def train(argv: Sequence[str] | None = None):
 
         # 2. Encode once (cached by checkpoint hash and inputs), then drop the encoders.
         ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
-        caption_texts = sorted({c for c in captions if c is not None})
-        all_prompts = [""] + prompts + sample_prompts + caption_texts
-        text_file = cache / f"text-{cache_key(ckpt_hash, all_prompts, resolution)}.safetensors"
+        texts = C.RunTexts(prompts, sample_prompts, captions)
+        text_file = cache / f"text-{cache_key(ckpt_hash, texts.all(), resolution)}.safetensors"
         cached = load_cached(text_file)
         if cached is None:
-            encoded = C.encode_prompts(loaded, all_prompts, resolution)
+            encoded = C.encode_prompts(loaded, texts.all(), resolution)
             cached = {f"{i}.context": c.context for i, c in enumerate(encoded)} | {f"{i}.y": c.y for i, c in enumerate(encoded) if c.y is not None}
             if dist.main:
                 save_cached(text_file, cached)
-        conds = [C.Conditioning(cached[f"{i}.context"], cached.get(f"{i}.y")) for i in range(len(all_prompts))]
-        uncond, train_conds = conds[0], conds[1 : 1 + len(prompts)]
-        sample_conds = conds[1 + len(prompts) : 1 + len(prompts) + len(sample_prompts)]
-        by_caption = dict(zip(caption_texts, conds[1 + len(prompts) + len(sample_prompts) :]))
+        conds = [C.Conditioning(cached[f"{i}.context"], cached.get(f"{i}.y")) for i in range(len(texts.all()))]
         real_latents = None
         if image_paths:
             stats = [(p.name, p.stat().st_size, p.stat().st_mtime) for p in image_paths]
@@ -488,7 +490,7 @@ def train(argv: Sequence[str] | None = None):
                     save_cached(latent_file, cached_latents)
             real_latents = cached_latents["latents"]
         loaded.clip = None  # the text encoders are not needed any more
-        data = TrainingData(train_conds, uncond, real_latents, [None if c is None else by_caption[c] for c in captions] if image_paths else None)
+        data, sample_conds = texts.split(conds, real_latents)
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
         training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist)

@@ -35,11 +35,17 @@ def read_prompts(path: str | Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"prompts file {path} is not UTF-8 text: {exc}") from exc
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
+    prompts = prompt_lines(text)
     if not prompts:
         raise DataError(f"prompts file {path} holds no prompts (one prompt per line expected)")
     return prompts
+
+
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a text (a file's, or a node's multiline input): one per line, blank
+    lines and lines starting with ``#`` skipped."""
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def check_resolution(resolution: int, multiple: int = 8) -> int:

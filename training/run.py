@@ -417,7 +417,8 @@ class TrainingRun:
     """Backend + trainer on ``base_model`` (a ComfyUI ``BaseModel``: its UNet becomes the
     frozen base, adapters injected in place until ``close``), checkpointed into ``folder``."""
 
-    def __init__(self, base_model, data, run: RunConfig, config, resolution: int, folder: Path, device: str, dist: Dist | None = None):
+    def __init__(self, base_model, data, run: RunConfig, config, resolution: int, folder: Path, device: str, dist: Dist | None = None,
+                 extra_settings: dict | None = None):
         from .backend import SharedBaseBackend
         from .lora import DEFAULT_TARGETS
         from .trainer import DMD2Trainer
@@ -425,7 +426,8 @@ class TrainingRun:
         self.run, self.config, self.resolution, self.folder = run, config, resolution, Path(folder)
         self.dist = dist or Dist()
         self.targets = run.lora_targets or DEFAULT_TARGETS
-        self.settings = resume_settings(run, config, resolution, self.targets)
+        # what a resume must match; ``extra_settings``: the caller's own (the node: its base model)
+        self.settings = resume_settings(run, config, resolution, self.targets) | dict(extra_settings or {})
         self.checkpoints = self.folder / "checkpoints"
         self.backend = SharedBaseBackend(
             base_model, data, (4, resolution // 8, resolution // 8),
