@@ -359,6 +359,10 @@ def test_pickle_checkpoint_is_refused_in_one_plain_line(tmp_path, inputs, capsys
     err = _bad(["--checkpoint", str(path), "--prompts", str(inputs["prompts"]), "--output", str(tmp_path / "out")], capsys, "is a pickle that holds more than tensors")
     assert "weights_only" not in err and "\x1b" not in err and len(err.strip().splitlines()) == 1, err
     assert cli.one_line(RuntimeError("\x1b[1mbold\x1b[0m and\n  more")) == "bold and more"
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a pickle" * 40)
+    err = _bad(["--checkpoint", str(garbage), "--prompts", str(inputs["prompts"]), "--output", str(tmp_path / "out")], capsys, "is corrupt or not a model file")
+    assert "weights_only" not in err and "pickle that holds more" not in err, err
 
 
 def test_checks_come_before_loading_and_leave_nothing(tiny_checkpoints, inputs, tmp_path, capsys, no_loading):

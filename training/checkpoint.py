@@ -59,6 +59,8 @@ def _read_state_dict(path: Path, mmap: bool = False) -> tuple[dict[str, torch.Te
                 raise
             data = torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # torch's refusal of objects, vs bytes that are no pickle
+            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file (not a readable pickle)") from exc
         raise CheckpointError(
             f"{path} is a pickle that holds more than tensors (Python objects or code): it is refused because "
             "loading it could run that code. Use the model's .safetensors file, or convert it with a tool you trust"
