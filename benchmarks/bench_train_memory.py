@@ -48,6 +48,9 @@ MODELS = {
 }
 
 
+MODELS["sd15"] = ("sd15", {**MODELS["mid-sd15"][1], "model_channels": 320})  # SD1.5 itself (860 M parameters)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 

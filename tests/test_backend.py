@@ -320,3 +320,59 @@ def test_bf16_and_fp32_train_without_a_scaler(loaded):
         trainer = DMD2Trainer(DMD2Config.for_arch("sd15", batch_size=1, grad_accum=1), backend)
         assert not trainer.scaler.is_enabled()
     assert B.default_precision("cpu") == "no"
+
+
+def _iteration_gradients(backend, seed=3):
+    """Generator and fake-score gradients of one DMD2 iteration (DM + GAN), as clipped."""
+    with torch.no_grad():
+        for _, p in backend.generator_parameters():
+            p.add_(0.01)  # non-zero up weights: both LoRA factors get gradients
+    config = DMD2Config.for_arch("sdxl", batch_size=2, grad_accum=1, warmup_steps=0, seed=seed, real_guidance_scale=2.0)
+    trainer = DMD2Trainer(config, backend)
+    seen = []
+    clip = trainer._clip
+    trainer._clip = lambda params: (seen.append(torch.cat([p.grad.flatten() for p in params])), clip(params))[1]
+    trainer.step()
+    assert len(seen) == 2 and all(g.abs().sum() > 0 for g in seen)
+    return seen
+
+
+def test_training_attention_is_sdpa_and_matches_comfys_choice(loaded, monkeypatch):
+    """Training runs every attention through torch's SDPA (ComfyUI on the CPU would pick its
+    chunked sub-quadratic attention): the same forwards and gradients as ComfyUI's own."""
+    import comfy.ldm.modules.attention as attention
+
+    calls = []
+    sdpa = attention.attention_pytorch
+    monkeypatch.setattr(attention, "attention_pytorch", lambda *a, **kw: (calls.append(1), sdpa(*a, **kw))[1])
+    real = torch.randn(3, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for mode in ("comfy", "sdpa"):
+        calls.clear()
+        grads[mode] = _iteration_gradients(_backend(loaded, "sdxl", images=real, attention=mode))
+        assert bool(calls) == (mode == "sdpa") or attention.optimized_attention is sdpa
+    for ours, comfys in zip(grads["sdpa"], grads["comfy"]):
+        torch.testing.assert_close(ours, comfys, rtol=2e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="attention"):
+        _backend(loaded, "sdxl", attention="flash")
+
+
+def test_discriminator_scores_real_and_generated_in_one_pass(loaded, monkeypatch):
+    """The fake-score update scores real and generated latents in one batch of 2B through
+    the fake score (one forward call fewer) with the same gradients as two passes of B."""
+    real = torch.randn(3, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(4))
+    captions = C.encode_prompts(loaded["sdxl"], ["a red house"], RES)
+    grads, passes = {}, {}
+    for batched in (False, True):
+        backend = _backend(loaded, "sdxl", images=real, captions=[captions[0], None, captions[0]])
+        if not batched:
+            backend.cat_conditions = None  # the trainer then makes two passes
+        rows = []
+        logits = backend.fake_logits
+        backend.fake_logits = lambda x, t, cond: (rows.append(len(x)), logits(x, t, cond))[1]
+        grads[batched] = _iteration_gradients(backend)
+        passes[batched] = rows
+    assert passes[False] == [2, 2, 2]  # generator's GAN loss, then real and generated apart
+    assert passes[True] == [2, 4]
+    for one, two in zip(grads[True], grads[False]):
+        torch.testing.assert_close(one, two, rtol=2e-3, atol=1e-6)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import losses, sampling
-from .lora import DEFAULT_TARGETS, AdapterSwitch, UNetLoRA
+from .lora import DEFAULT_TARGETS, AdapterSwitch, UNetLoRA, to_device
 from .trainer import Batch
 
 
@@ -180,6 +180,17 @@ def enable_gradient_checkpointing(unet: nn.Module, switch) -> int:
 NETWORKS = ("generator", "fake_score")
 
 
+def sdpa_attention(func, *args, **kwargs):
+    """Attention for training: torch's ``scaled_dot_product_attention`` (ComfyUI's
+    ``attention_pytorch``), passed as ComfyUI's ``optimized_attention_override``. It is what
+    ComfyUI itself uses on NVIDIA GPUs; on the CPU ComfyUI picks a chunked sub-quadratic
+    attention (four times the operations, several times slower to train, and not what a GPU
+    run holds in memory); sage/flash attention from the command line have no backward pass."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
 def default_precision(device) -> str:
     """Autocast where none is asked for: bf16 on GPUs that have it, fp16 (with loss scaling,
     ``DMD2Trainer.scaler``) on those that do not, none on the CPU."""
@@ -198,7 +209,9 @@ class SharedBaseBackend:
     ("generator", "fake_score") that are instead a fully trained copy of the base: the
     reference's layout, at the memory cost of one more UNet with gradients and optimiser state
     each (the digits study's ablation; a full-rank fake score where LoRA F cannot keep up).
-    ``lora_merged``: run adapted layers with merged weights (``lora.AdapterSwitch``)."""
+    ``lora_merged``: run adapted layers with merged weights (``lora.AdapterSwitch``).
+    ``attention``: "sdpa" runs every attention through ``sdpa_attention`` whatever ComfyUI
+    picked for inference; "comfy" keeps ComfyUI's choice."""
 
     def __init__(
         self,
@@ -215,7 +228,11 @@ class SharedBaseBackend:
         rank: int = 0,
         full_copies: Iterable[str] = (),
         lora_merged: bool = False,
+        attention: str = "sdpa",
     ):
+        if attention not in ("sdpa", "comfy"):
+            raise ValueError(f"attention must be 'sdpa' or 'comfy', got {attention!r}")
+        self.attention = attention
         full = tuple(full_copies)
         if not set(full) <= set(NETWORKS):
             raise ValueError(f"full_copies must name networks among {NETWORKS}, got {full}")
@@ -231,7 +248,7 @@ class SharedBaseBackend:
 
         sigmas = base_model.model_sampling.sigmas.double()
         self.alphas_cumprod = (1.0 / (1.0 + sigmas**2)).to(self.device)
-        self.unet = base_model.diffusion_model.to(self.device).requires_grad_(False).eval()
+        self.unet = to_device(base_model.diffusion_model, self.device).requires_grad_(False).eval()
         self.copies = {name: copy.deepcopy(self.unet).requires_grad_(True) for name in full}
         with_lora = tuple(name for name in NETWORKS if name not in full)
         self.unet_config = base_model.model_config.unet_config
@@ -239,7 +256,7 @@ class SharedBaseBackend:
         self.switch = AdapterSwitch(lora_merged)
         if with_lora:
             self.adapters = UNetLoRA(self.unet, self.unet_config, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), adapters=with_lora, seed=seed, merged=lora_merged)
-            self.adapters.unet.to(self.device)
+            to_device(self.adapters.unet, self.device)
             self.switch = self.adapters.switch
         if gradient_checkpointing is None:
             gradient_checkpointing = on_gpu
@@ -257,7 +274,7 @@ class SharedBaseBackend:
             with torch.random.fork_rng(devices=[]):  # same head for the same seed
                 torch.manual_seed(seed + 1)
                 size = mid_block_size(self.unet_config, self.latent_shape)
-                self.head = GANHead(mid.out_channels, size).to(self.device)
+                self.head = to_device(GANHead(mid.out_channels, size), self.device)
             self._mid_hook = mid.register_forward_hook(self._capture_mid)
         self.has_gan_head = self.head is not None
         self.rng = torch.Generator().manual_seed(seed * 1000 + 17 + rank)
@@ -309,6 +326,11 @@ class SharedBaseBackend:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.set_state(state["rng"])
 
+    @staticmethod
+    def cat_conditions(conds: Sequence[Conditioning]) -> Conditioning:
+        """Batches of conditions as one batch, in order (the trainer's batched discriminator pass)."""
+        return stack_conditionings(conds)
+
     # --- forwards ---
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -319,8 +341,9 @@ class SharedBaseBackend:
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, network: str | None) -> torch.Tensor:
         """The eps prediction of ``network`` ('generator', 'fake_score' or None = the base)."""
         adapter = None if network in self.copies else network
+        options = {"optimized_attention_override": sdpa_attention} if self.attention == "sdpa" else {}
         with self.switch.use(adapter), self._autocast():
-            out = self._module(network)(x_t, t.float(), context=cond.context, y=cond.y)
+            out = self._module(network)(x_t, t.float(), context=cond.context, y=cond.y, transformer_options=options)
         return out.float()
 
     def _x0(self, x_t, t, cond, adapter):

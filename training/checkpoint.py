@@ -139,6 +139,30 @@ def peek_checkpoint(path: str | Path) -> tuple[str, str | None]:
     return classify_keys(keys)
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def header_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as an empty ``meta`` tensor of its shape and dtype: what
+    can be known without reading a weight (a .safetensors header; a .ckpt mapped, not read)."""
+    path = Path(path)
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                out = {}
+                for key in fh.keys():  # noqa: SIM118 (safe_open is no dict)
+                    part = fh.get_slice(key)
+                    out[key] = torch.empty(part.get_shape(), dtype=_SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32), device="meta")
+                return out
+        except Exception as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file ({type(exc).__name__}: {exc})") from exc
+    return {k: torch.empty_like(v, device="meta") for k, v in _read_state_dict(path, mmap=True)[0].items()}
+
+
 def detect_arch(model) -> str:
     """'sd15' or 'sdxl' for an eps-prediction SD1.5/SDXL text-to-image UNet; else UnsupportedModel."""
     import comfy.model_base

@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any run or dmd2 key (docs/training.md), repeatable, e.g. --set lr_generator=2e-5 (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the GPU memory one training iteration needs at its peak (with its parts) and the work per "
+                   "iteration, then exit: nothing is written and no weight is read (the run's own code on fake tensors, "
+                   "about 1 minute for SD1.5, 3 for SDXL on a CPU); --prompts and --output are then optional (default: off)")
+    p.add_argument("--memory-budget", dest="memory_budget", type=float, metavar="GIB",
+                   help="with --estimate: say whether the run fits this much GPU memory and which settings make it fit "
+                   "(default: the GPU's own memory if there is one)")
     return p
 
 
@@ -217,7 +224,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
     if args.timesteps is not None:
         dmd2_values["generator_timesteps"] = parse_timesteps_flag(args.timesteps)
     run = RunConfig(**{k: _coerce_run(k, v) for k, v in run_values.items()})
-    run.validate()
+    run.validate(required=("checkpoint",) if args.estimate else ("checkpoint", "prompts", "output"))
     return run, dmd2_values
 
 
@@ -417,11 +424,13 @@ def train(argv: Sequence[str] | None = None):
 
     args = build_parser().parse_args(argv)
     run, dmd2_values = resolve_settings(args)
+    if args.memory_budget is not None and not args.estimate:
+        raise ConfigError("--memory-budget goes with --estimate")
 
     # 1. Check every input before loading weights or writing anything.
     if run.resolution:
         check_resolution(run.resolution)
-    prompts = read_prompts(run.prompts)
+    prompts = read_prompts(run.prompts) if run.prompts else []  # optional with --estimate only
     image_paths = list_images(run.images) if run.images else []
     captions = [read_caption(p) for p in image_paths]
     kind, arch = C.peek_checkpoint(run.checkpoint)  # the header only, for .safetensors
@@ -433,6 +442,8 @@ def train(argv: Sequence[str] | None = None):
         raise ConfigError(f"steps must be >= 1, got {config.steps} (with 0 the LoRA would be exported untrained)")
     resolution = run.resolution or (1024 if arch == "sdxl" else 512)
     check_resolution(resolution)
+    if args.estimate:
+        return estimate(run, config, arch, resolution, args.memory_budget, with_images=bool(image_paths))
     device = resolve_device(run.device)
     if run.mixed_precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("--mixed-precision bf16: this GPU has no bf16; use --mixed-precision fp16 (trained with loss "
@@ -573,6 +584,36 @@ def train(argv: Sequence[str] | None = None):
         log.info("wrote %s: copy it into ComfyUI's models/loras and open %s", output / lora_name, output / "workflow.json")
     dist.barrier()
     return training.trainer, training.backend, output
+
+
+def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: float | None, with_images: bool) -> None:
+    """``--estimate``: the memory and work of one iteration, printed; nothing written or loaded."""
+    from . import memory
+
+    gpu = not (run.device or "cuda").startswith("cpu")
+    if gpu and not run.mixed_precision and torch.cuda.is_available():
+        from .backend import default_precision
+
+        run = dataclasses.replace(run, mixed_precision=default_precision("cuda"))
+    precision = run.mixed_precision or ("bf16" if gpu else "no")
+    checkpointing = run.gradient_checkpointing == "on" or (run.gradient_checkpointing == "auto" and gpu)
+    where = "the GPU" if gpu else "the CPU"
+    print(f"estimating one iteration on {where}: {arch.upper() if arch == 'sdxl' else 'SD1.5'} at {resolution} px, "
+          f"batch {config.batch_size} x {config.grad_accum} accumulated, LoRA rank {run.lora_rank}, {precision}, "
+          f"gradient checkpointing {'on' if checkpointing else 'off'}, GAN {'on' if with_images else 'off (no --images)'}, "
+          f"moving average {'off' if config.ema_decay == 0 else ('in CPU memory' if config.ema_on_cpu else 'on ' + where)}; "
+          f"no weight is read (the run's own code on fake tensors)...", flush=True)
+    profile = memory.estimate_run(run.checkpoint, run, config, resolution, gpu=gpu, with_images=with_images)
+    for line in memory.report(profile):
+        print(line)
+    if budget_gib is None and gpu and torch.cuda.is_available():
+        budget_gib = torch.cuda.get_device_properties(torch.device(run.device or "cuda")).total_memory / memory.GiB
+    if budget_gib is not None:
+        if not gpu:
+            print("(--memory-budget is about GPU memory; this estimate is for the CPU)")
+        for line in memory.budget_advice(profile, budget_gib, run.lora_rank, resolution,
+                                         ema_on_device=gpu and not config.ema_on_cpu, checkpointing=checkpointing):
+            print(line)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -36,6 +36,14 @@ DEFAULT_TARGETS = (
 ADAPTERS = ("generator", "fake_score")
 
 
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)`` unless it is there already (a no-op then; it also lets the memory
+    estimate build the backend on fake tensors, which ``Module.to`` cannot swap in place)."""
+    if any(t.device != device for t in (*module.parameters(), *module.buffers())):
+        module.to(device)
+    return module
+
+
 class LoRAError(ValueError):
     """A LoRA file or target list does not fit the model."""
 
@@ -178,7 +186,7 @@ class UNetLoRA:
                 layer = LoRALayer(base, self.switch)
                 weight = base.weight
                 for name in self.adapter_names:
-                    layer.adapters[name] = LoRAAdapter(base, self.rank, self.alpha).to(weight.device)
+                    layer.adapters[name] = to_device(LoRAAdapter(base, self.rank, self.alpha), weight.device)
                 _set_module(unet, l_path, layer)
                 self.layers[d_path] = layer
 

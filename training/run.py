@@ -61,10 +61,10 @@ class RunConfig:
     resume: bool = True
     export_raw: bool = False  # also write the raw (not averaged) generator as <lora_name>_raw
 
-    def validate(self) -> None:
+    def validate(self, required: Sequence[str] = ("checkpoint", "prompts", "output")) -> None:
         from .config import ConfigError
 
-        for key in ("checkpoint", "prompts", "output"):
+        for key in required:
             if not getattr(self, key):
                 raise ConfigError(f"{key} is required (--{key} or `{key} = ...` in the config file)")
         if self.lora_rank < 1 or self.lora_alpha <= 0:

@@ -145,6 +145,8 @@ class DMD2Backend(Protocol):
 
     # Optional: ``gan_head_parameters()`` -> the head's parameters among the above; they are
     # then trained at ``config.lr_gan_head`` (when set) instead of ``lr_fake_score``.
+    # Optional: ``cat_conditions([cond_a, cond_b])`` -> one condition batch of both, in that
+    # order; the discriminator then scores real and generated latents in one forward.
 
 
 def warmup_lambda(warmup_steps: int, restart_at: int = 0) -> Callable[[int], float]:
@@ -338,8 +340,16 @@ class DMD2Trainer:
         if use_gan:
             real = batch.real_x0.to(self.device, x.dtype)
             t_real, t_fake = draws["gan_real_t"], draws["gan_fake_t"]
-            logits_real = self.backend.fake_logits(losses.add_noise(real, draws["gan_real_noise"], t_real, self.alphas_cumprod), t_real, batch.real_condition)
-            logits_fake = self.backend.fake_logits(losses.add_noise(x, draws["gan_fake_noise"], t_fake, self.alphas_cumprod), t_fake, batch.gan_condition)
+            noised_real = losses.add_noise(real, draws["gan_real_noise"], t_real, self.alphas_cumprod)
+            noised_fake = losses.add_noise(x, draws["gan_fake_noise"], t_fake, self.alphas_cumprod)
+            cat = getattr(self.backend, "cat_conditions", None)
+            if cat is not None:  # one pass of 2B rows instead of two of B: the same logits
+                logits = self.backend.fake_logits(torch.cat([noised_real, noised_fake]), torch.cat([t_real, t_fake]),
+                                                  cat([batch.real_condition, batch.gan_condition]))
+                logits_real, logits_fake = logits.chunk(2)
+            else:
+                logits_real = self.backend.fake_logits(noised_real, t_real, batch.real_condition)
+                logits_fake = self.backend.fake_logits(noised_fake, t_fake, batch.gan_condition)
             loss_d = losses.gan_discriminator_loss(logits_real, logits_fake)
             loss = loss + config.gan_discriminator_weight * loss_d
             metrics.update(

@@ -1,0 +1,134 @@
+"""The memory estimate (``dmd2-train --estimate``): the run's own code on fake tensors, held
+to the peak of live tensors measured on real ones, and the advice it gives."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from comfyui_dmd2.training import checkpoint as C
+from comfyui_dmd2.training import cli, memory
+from comfyui_dmd2.training.backend import Conditioning, TrainingData
+from comfyui_dmd2.training.config import DMD2Config
+from comfyui_dmd2.training.run import RunConfig, TrainingRun
+from PIL import Image
+
+RES = 128
+
+
+def _measured_peak(path: Path, run: RunConfig, config: DMD2Config, tmp_path: Path) -> int:
+    """Peak of live tensors over one generator-update iteration of a real run (bf16 base
+    weights and autocast, as on a GPU), optimizer state already there."""
+    loaded = C.load_checkpoint(path, weight_dtype=torch.bfloat16)
+    unet = loaded.model.model.model_config.unet_config
+    gen = torch.Generator().manual_seed(0)
+    cond = lambda: Conditioning(torch.randn(1, 77, unet["context_dim"], generator=gen),  # noqa: E731
+                                torch.randn(1, unet["adm_in_channels"], generator=gen) if unet.get("adm_in_channels") else None)
+    latent = RES // 8
+    data = TrainingData([cond(), cond()], cond(), real_latents=torch.randn(3, 4, latent, latent, generator=gen))
+    training = TrainingRun(loaded.model.model, data, run, config, RES, tmp_path, device="cpu")
+    return memory.measure_peak(training, steps=1)
+
+
+def test_tensor_memory_counts_live_storages_and_the_peak():
+    tracker = memory.TensorMemory()
+    kept = torch.zeros(1000)
+    tracker.track(kept)
+    with tracker:
+        a = torch.ones(2000)
+        view = a.view(20, 100)  # a view: no new storage
+        b = a * 2
+        assert tracker.current == 4000 + 8000 + 8000
+        del a, b
+        assert tracker.current == 4000 + 8000  # the view keeps a's storage alive
+        del view
+        assert tracker.current == 4000 and tracker.peak == 20000
+        layer = torch.nn.Linear(64, 64)
+        layer(torch.randn(8, 64, requires_grad=True)).sum().backward()
+    assert tracker.flops == 2 * 8 * 64 * 64 * 3  # forward, and the backward's two products
+
+
+def test_estimate_matches_the_measured_peak_sdxl(tiny_checkpoints, tmp_path):
+    """Fake tensors against real ones: 4-step SDXL student, GAN on, two accumulated
+    micro-batches, moving average on the device, gradient checkpointing, bf16."""
+    run = RunConfig(checkpoint="-", prompts="-", output="-", images="-", lora_rank=8, mixed_precision="bf16",
+                    gradient_checkpointing="on", device="cpu")
+    config = DMD2Config.for_arch("sdxl", batch_size=1, grad_accum=2)
+    estimate = memory.estimate_run(tiny_checkpoints["sdxl"], run, config, RES, gpu=True)
+    measured = _measured_peak(tiny_checkpoints["sdxl"], run, config, tmp_path)
+    assert abs(estimate.peak / measured - 1) < 0.15, (estimate.peak, measured)
+    assert sum(size for _, size in estimate.parts()) == estimate.peak
+    assert estimate.accumulated_gradients > 0 and estimate.ema > 0 and estimate.gan_head > 0
+    fe = estimate.forward_equivalents()
+    # A generator update runs the generator with its backward, the real score's two
+    # passes, the fake score and the GAN head's half; the fake-only iteration less.
+    assert 8 < fe["generator_iteration"] < 30 and 3 < fe["fake_iteration"] < fe["generator_iteration"]
+
+
+def test_estimate_command_reads_no_weight_and_matches_a_real_run(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    """``dmd2-train --estimate`` on an SD1.5 checkpoint: prompts and output not needed,
+    nothing written, no weight read (loading raises), the printed peak within 15 % of a
+    real run's with the same settings, and advice for a budget it does not fit."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (RES, RES), "red").save(images / "a.png")
+    argv = ["--checkpoint", str(tiny_checkpoints["sd15"]), "--images", str(images), "--resolution", str(RES),
+            "--lora-rank", "16", "--estimate", "--memory-budget", "2"]
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("--estimate read the weights")
+
+    monkeypatch.setattr(C, "load_checkpoint", no_loading)
+    monkeypatch.setattr("safetensors.safe_open.get_tensor", no_loading, raising=False)
+    before = set(tmp_path.rglob("*"))
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert set(tmp_path.rglob("*")) == before
+    assert "SD1.5 at 128 px" in out and "GAN on" in out and "gradient checkpointing on" in out
+    printed = float(re.search(r"peak memory: ([0-9.]+) GiB", out).group(1)) * memory.GiB
+    assert "fits 2 GiB" in out
+    assert "forward-equivalents" in out
+
+    monkeypatch.undo()
+    run = RunConfig(checkpoint="-", prompts="-", output="-", images="-", lora_rank=16, mixed_precision="bf16",
+                    gradient_checkpointing="on", device="cpu")
+    measured = _measured_peak(tiny_checkpoints["sd15"], run, DMD2Config.for_arch("sd15"), tmp_path / "run")
+    assert abs(printed / measured - 1) < 0.15, (printed, measured)
+
+
+def test_estimate_flags_are_checked(tiny_checkpoints, capsys):
+    assert cli.main(["--checkpoint", str(tiny_checkpoints["sd15"]), "--memory-budget", "12", "--prompts", "p", "--output", "o"]) == 2
+    assert "--memory-budget goes with --estimate" in capsys.readouterr().err
+
+
+def _profile(**changes) -> memory.IterationProfile:
+    values = dict(peak=14 * memory.GiB, base_weights=5 * memory.GiB, trainable=int(1.6 * memory.GiB), gan_head=int(0.1 * memory.GiB),
+                  ema=int(0.75 * memory.GiB), optimizer_state=int(3.2 * memory.GiB), accumulated_gradients=int(0.75 * memory.GiB),
+                  flops_generator_iteration=150.0, flops_fake_iteration=60.0, unet_forward_flops=10.0, samples=1,
+                  fake_updates_per_generator_update=5)
+    return memory.IterationProfile(**(values | changes))
+
+
+def test_profile_parts_scaling_and_budget_advice():
+    profile = _profile()
+    assert sum(size for _, size in profile.parts()) == profile.peak
+    assert profile.forward_equivalents() == {"generator_iteration": 15.0, "fake_iteration": 6.0, "mean_iteration": (15 + 4 * 6) / 5}
+    assert profile.scaled() == profile.peak
+    assert profile.scaled(ema=False) == profile.peak - profile.ema
+    half = profile.scaled(rank_ratio=0.5)
+    lora = profile.trainable - profile.gan_head
+    lora_optimizer = profile.optimizer_state * lora / profile.trainable
+    assert half == pytest.approx(profile.peak - (lora + profile.ema + lora_optimizer + profile.accumulated_gradients) / 2, abs=2)
+    activations = profile.activations - profile.accumulated_gradients
+    assert profile.scaled(pixel_ratio=0.25) == pytest.approx(profile.peak - 0.75 * activations, abs=2)
+
+    assert memory.budget_advice(profile, 24, rank=64, resolution=1024, ema_on_device=True, checkpointing=True)[0].startswith("fits 24")
+    advice = memory.budget_advice(profile, 14.5, rank=64, resolution=1024, ema_on_device=True, checkpointing=True)
+    assert advice[0].startswith("does not fit 14.5")
+    assert "ema_on_cpu=true" in advice[1] and "fits" not in advice[1]
+    assert "--lora-rank 32" in advice[2] and advice[2].endswith("-> fits")
+    assert advice[-1].startswith("to fit 14.5 GiB: --set ema_on_cpu=true --lora-rank 32")
+    hopeless = memory.budget_advice(profile, 4, rank=64, resolution=1024, ema_on_device=False, checkpointing=False)
+    assert "--gradient-checkpointing on" in hopeless[1] and hopeless[-1].startswith("even with all")

@@ -1,0 +1,354 @@
+"""How much memory a training iteration holds at its peak, measured or estimated.
+
+``TensorMemory`` counts the bytes of every live tensor storage (weights, adapters, optimiser
+state, gradients, saved activations, temporaries) and keeps the peak: what
+``torch.cuda.max_memory_allocated`` reports on a GPU, on any device. Run on real tensors it
+measures; run on fake tensors (``torch._subclasses.FakeTensorMode``: shapes, dtypes and
+devices, no data, no compute) it *estimates* the same figure for the very code the run
+executes, before any weight is loaded: that is ``dmd2-train --estimate``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+GiB = 2**30
+
+
+class TensorMemory(TorchDispatchMode):
+    """A dispatch mode that tracks live storage bytes and their peak.
+
+    Tensors that exist before the mode is entered are counted once passed to ``track``.
+    With ``scalars_as_one`` (fake tensors: there is no value to read), reading a tensor's
+    value (``.item()``, ``float(t)``, ``int(t)``) gives 1 (False for a bool): the loop's metrics and random step
+    choices are then meaningless, but no buffer's size depends on them."""
+
+    def __init__(self, scalars_as_one: bool = False):
+        super().__init__()
+        self.scalars_as_one = scalars_as_one
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self.flops = 0.0  # of the matrix products and convolutions run (torch's FLOP formulas)
+
+    def track(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            self._add(t)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self._live:
+            return
+        size = storage.nbytes()
+        self._live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._drop, key)
+
+    def _drop(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.scalars_as_one and func is torch.ops.aten._local_scalar_dense.default:
+            return False if args[0].dtype == torch.bool else 1
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._add(value)
+        return out
+
+
+# --- one iteration, profiled ----------------------------------------------------------------
+
+
+def _storages_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def _prime(optimizer) -> None:
+    """Create the optimiser's state (AdamW makes it at its first step) without changing a
+    weight: one step at learning rate 0 on zero gradients. The profiled iteration then holds
+    what every iteration after the first holds."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+
+
+@dataclass
+class IterationProfile:
+    """Memory (bytes) and work of training iterations: the parts that live through them,
+    the peak of live tensors, and the FLOPs of a generator-update and a fake-score-only
+    iteration, against one UNet forward of one sample."""
+
+    peak: int
+    base_weights: int
+    trainable: int  # adapters G and F and the GAN head, fp32
+    gan_head: int  # the head's share of ``trainable``
+    ema: int  # the generator's moving average where it counts (0 when held on the CPU)
+    optimizer_state: int
+    accumulated_gradients: int  # gradients held between micro-batches (grad_accum > 1)
+    flops_generator_iteration: float
+    flops_fake_iteration: float
+    unet_forward_flops: float
+    samples: int  # samples per micro-batch
+    fake_updates_per_generator_update: int
+
+    @property
+    def static(self) -> int:
+        return self.base_weights + self.trainable + self.ema + self.optimizer_state
+
+    @property
+    def activations(self) -> int:
+        """Gradients, saved activations and temporaries at the peak: what is not static."""
+        return self.peak - self.static
+
+    def forward_equivalents(self) -> dict[str, float]:
+        """UNet forward-equivalents per sample (FLOPs / one UNet forward of one sample;
+        a backward costs one forward through frozen layers, two where weights train)."""
+        unit = self.unet_forward_flops * self.samples
+        g, f, n = self.flops_generator_iteration / unit, self.flops_fake_iteration / unit, self.fake_updates_per_generator_update
+        return {"generator_iteration": g, "fake_iteration": f, "mean_iteration": (g + (n - 1) * f) / n}
+
+    def parts(self) -> list[tuple[str, int]]:
+        parts = [
+            ("frozen base weights", self.base_weights),
+            ("adapters G + F and GAN head (fp32)", self.trainable),
+            ("generator moving average", self.ema),
+            ("optimizer state (AdamW)", self.optimizer_state),
+            ("activations, gradients, temporaries at the peak", self.activations - self.accumulated_gradients),
+        ]
+        if self.accumulated_gradients:
+            parts.append(("gradients held between micro-batches", self.accumulated_gradients))
+        return parts
+
+    def scaled(self, rank_ratio: float = 1.0, pixel_ratio: float = 1.0, ema: bool = True) -> int:
+        """The peak with the LoRA rank times ``rank_ratio`` (adapters, their optimizer state,
+        average and gradients scale with it exactly), the pixels times ``pixel_ratio``
+        (activations scale about linearly with them: SDPA attention holds no N x N map) and
+        the moving average off the device (``ema=False``). An approximation for advice;
+        ``--estimate`` with those settings gives the figure."""
+        lora = self.trainable - self.gan_head
+        lora_share = lora / self.trainable if self.trainable else 0.0
+        rank_scaled = self.trainable - lora * (1 - rank_ratio)
+        optimizer = self.optimizer_state * (1 - lora_share * (1 - rank_ratio))
+        average = self.ema * rank_ratio if ema else 0
+        grads = self.accumulated_gradients * rank_ratio
+        activations = (self.activations - self.accumulated_gradients) * pixel_ratio
+        return int(self.base_weights + rank_scaled + average + optimizer + grads + activations)
+
+
+# What a GPU needs besides the tensors: the CUDA context and the caching allocator's slack.
+GPU_RESERVE = int(1.5 * GiB)
+
+
+def budget_advice(profile: IterationProfile, budget_gib: float, rank: int, resolution: int, ema_on_device: bool,
+                  checkpointing: bool) -> list[str]:
+    """Lines saying whether the run fits ``budget_gib`` of GPU memory and, if not, which
+    settings to change, cheapest in quality first, each with the peak it leads to."""
+    budget = budget_gib * GiB
+    need = lambda peak: peak + GPU_RESERVE  # noqa: E731
+    gib = lambda n: f"{n / GiB:.1f} GiB"  # noqa: E731
+    if need(profile.peak) <= budget:
+        return [f"fits {budget_gib:g} GiB: {gib(profile.peak)} peak + {gib(GPU_RESERVE)} for the CUDA context and allocator slack"]
+    lines = [f"does not fit {budget_gib:g} GiB: {gib(profile.peak)} peak + {gib(GPU_RESERVE)} for the CUDA context and allocator slack"]
+    if not checkpointing:
+        lines.append("  --gradient-checkpointing on: recomputes activations in the backward pass (much less memory; "
+                     "run --estimate again to see how much)")
+    ema, rank_ratio, pixel_ratio, flags = ema_on_device, 1.0, 1.0, []
+    steps = []
+    if ema_on_device and profile.ema:
+        steps.append(("--set ema_on_cpu=true (the moving average in CPU memory; same result)", dict(ema=False)))
+    for r in (32, 16, 8):
+        if r < rank:
+            steps.append((f"--lora-rank {r} (fewer adapter parameters and optimizer state; less capacity)", dict(rank=r)))
+    for res in (896, 768, 640, 512):
+        if res < resolution:
+            steps.append((f"--resolution {res} (activations scale with the pixels; the LoRA then learns at that size)", dict(resolution=res)))
+    for flag, change in steps:
+        ema = change.get("ema", ema)
+        rank_ratio = change.get("rank", rank * rank_ratio) / rank
+        pixel_ratio = (change.get("resolution", resolution * pixel_ratio**0.5) / resolution) ** 2
+        flags.append(flag.split(" (")[0])
+        peak = profile.scaled(rank_ratio, pixel_ratio, ema)
+        fits = need(peak) <= budget
+        lines.append(f"  + {flag}: about {gib(peak)}{'  -> fits' if fits else ''}")
+        if fits:
+            lines.append(f"to fit {budget_gib:g} GiB: {' '.join(flags)} (check with --estimate and those flags)")
+            return lines
+    lines.append(f"even with all of the above it would not fit {budget_gib:g} GiB")
+    return lines
+
+
+def report(profile: IterationProfile) -> list[str]:
+    """The estimate as the command prints it."""
+    lines = [f"peak memory: {profile.peak / GiB:.2f} GiB of tensors (what torch.cuda.max_memory_allocated reports)"]
+    lines += [f"  {name:50s} {size / GiB:6.2f} GiB" for name, size in profile.parts()]
+    fe = profile.forward_equivalents()
+    lines.append(f"work per sample, in UNet forward-equivalents (FLOPs over one UNet forward; a backward costs one to two): "
+                 f"{fe['generator_iteration']:.1f} in an iteration that updates the generator, {fe['fake_iteration']:.1f} in one "
+                 f"that only updates the fake score; {fe['mean_iteration']:.1f} on average "
+                 f"(one generator update every {profile.fake_updates_per_generator_update} iterations)")
+    return lines
+
+
+def profiling_config(config):
+    """The configuration a profiled run is built with: ``config`` with one micro-batch per
+    update (``profile_iterations`` adds what more micro-batches hold), a generator update
+    every second iteration (one of each kind) and no regression warm start."""
+    import dataclasses
+
+    return dataclasses.replace(config, grad_accum=1, fake_updates_per_generator_update=2, regression_steps=0, warmup_steps=0)
+
+
+def _tracked(trainer, backend, scalars_as_one: bool) -> tuple[TensorMemory, dict[str, list[torch.Tensor]]]:
+    """Prime both optimisers and start tracking everything that lives through iterations."""
+    for optimizer in (trainer.generator_optimizer, trainer.fake_optimizer):
+        _prime(optimizer)
+    trainable = trainer.generator_params + trainer.fake_params
+    trainable_ids = {id(p) for p in trainable}
+    base = [t for t in (*backend.unet.parameters(), *backend.unet.buffers()) if id(t) not in trainable_ids]
+    parts = {
+        "base": base,
+        "trainable": trainable,
+        "ema": list(trainer.generator_ema.values()) if trainer.generator_ema is not None else [],
+        "optimizer": _optimizer_tensors(trainer.generator_optimizer) + _optimizer_tensors(trainer.fake_optimizer),
+    }
+    tracker = TensorMemory(scalars_as_one)
+    tracker.track(*(t for tensors in parts.values() for t in tensors))
+    tracker.reset_peak()
+    return tracker, parts
+
+
+def measure_peak(run, steps: int) -> int:
+    """Peak bytes of live tensors over ``steps`` iterations of a real ``TrainingRun`` (its
+    own configuration, optimiser state primed first): the measurement the estimate is held to."""
+    tracker, _ = _tracked(run.trainer, run.backend, scalars_as_one=False)
+    with tracker:
+        for _ in range(steps):
+            run.trainer.step()
+    return tracker.peak
+
+
+def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device: bool = True) -> IterationProfile:
+    """Profile a fresh ``run.TrainingRun`` built with ``profiling_config(config)``: optimiser
+    state primed, then one generator-update iteration and one fake-score-only iteration,
+    tracked and FLOP-counted. ``config`` is the run's own configuration: with ``grad_accum``
+    > 1 the gradients held between micro-batches are added (an upper bound: the larger group
+    in full). On fake tensors pass ``scalars_as_one``; ``ema_on_device=False`` leaves the
+    moving average out (held on the CPU while the rest is on the GPU)."""
+    trainer, backend = run.trainer, run.backend
+    if trainer.config != profiling_config(trainer.config) or trainer.step_count:
+        raise ValueError("profile a fresh run built with memory.profiling_config")
+    tracker, parts = _tracked(trainer, backend, scalars_as_one)
+
+    flops = []
+    with tracker:
+        x_t = torch.zeros((1, *backend.latent_shape), device=backend.device)
+        t = torch.full((1,), 500, dtype=torch.long, device=backend.device)
+        cond = backend.sample_batch(1).cond
+        with torch.no_grad():
+            backend.eps(x_t, t, cond, None)
+        unet_flops = tracker.flops
+        del x_t, t, cond
+        tracker.reset_peak()
+        for _ in range(2):
+            tracker.flops = 0.0
+            trainer.step()
+            flops.append(tracker.flops)
+    ema_bytes = _storages_bytes(parts["ema"])
+    grads = max(_storages_bytes(trainer.generator_params), _storages_bytes(trainer.fake_params)) if config.grad_accum > 1 else 0
+    off_device = 0 if ema_on_device else ema_bytes
+    return IterationProfile(
+        peak=tracker.peak - off_device + grads,
+        base_weights=_storages_bytes(parts["base"]),
+        trainable=_storages_bytes(parts["trainable"]),
+        gan_head=_storages_bytes(getattr(backend, "gan_head_parameters", list)()),
+        ema=ema_bytes - off_device,
+        optimizer_state=_storages_bytes(parts["optimizer"]),
+        accumulated_gradients=grads,
+        flops_generator_iteration=flops[0],
+        flops_fake_iteration=flops[1],
+        unet_forward_flops=unet_flops,
+        samples=config.batch_size,
+        fake_updates_per_generator_update=config.fake_updates_per_generator_update,
+    )
+
+
+# --- the estimate: the run's own code on fake tensors ---------------------------------------
+
+
+def estimate_run(path, run, config, resolution: int, gpu: bool = True, with_images: bool | None = None) -> IterationProfile:
+    """What one training iteration of ``dmd2-train`` on checkpoint ``path`` holds at its
+    peak, on the GPU (``gpu``) or the CPU, without reading a weight: the model is built from
+    the checkpoint's header (``estimate_model``). ``run``/``config``: the run's ``RunConfig``
+    and ``DMD2Config``; ``with_images`` (default: ``run.images`` set) turns the GAN term on."""
+    from ..comfy_env import ensure_comfy
+    from .checkpoint import UnsupportedModel, header_tensors
+
+    ensure_comfy()
+    import comfy.model_detection
+
+    model_config = comfy.model_detection.model_config_from_unet(header_tensors(path), "model.diffusion_model.")
+    if model_config is None:
+        raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path}")
+    images = bool(run.images) if with_images is None else with_images
+    return estimate_model(model_config, run, config, resolution, gpu, images)
+
+
+def estimate_model(model_config, run, config, resolution: int, gpu: bool, with_images: bool) -> IterationProfile:
+    """``profile_iterations`` of the run's own backend and trainer on a model of ComfyUI
+    ``model_config`` made of fake tensors (no weights, no compute), with the settings the run
+    would use on the GPU (``gpu``: bf16 unless told otherwise, gradient checkpointing on
+    'auto') or the CPU, simulated on fake CPU tensors under the same autocast."""
+    import dataclasses
+    from pathlib import Path
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .backend import Conditioning, TrainingData
+    from .run import TrainingRun
+
+    precision = run.mixed_precision or ("bf16" if gpu else "no")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision] if gpu else torch.float32
+    model_config.set_inference_dtype(dtype, None)
+    checkpointing = run.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = "on" if gpu else "off"
+    simulated = dataclasses.replace(run, mixed_precision=precision, gradient_checkpointing=checkpointing, device="cpu")
+    unet = model_config.unet_config
+    latent = resolution // 8
+    with FakeTensorMode():
+        base = model_config.get_model({})
+        cond = Conditioning(torch.zeros(1, 77, unet["context_dim"]), torch.zeros(1, unet["adm_in_channels"]) if unet.get("adm_in_channels") else None)
+        # two of each: every value read from a fake tensor is 1 (a valid index)
+        data = TrainingData([cond, cond], cond, real_latents=torch.zeros(2, 4, latent, latent) if with_images else None)
+        training = TrainingRun(base, data, simulated, profiling_config(config), resolution, Path("."), device="cpu")
+        return profile_iterations(training, config, scalars_as_one=True, ema_on_device=not (gpu and config.ema_on_cpu))
