@@ -120,23 +120,12 @@ def refuse_non_checkpoint(path: Path, kind: str) -> None:
 
 
 def peek_checkpoint(path: str | Path) -> tuple[str, str | None]:
-    """``classify_keys`` of a checkpoint before loading it: a .safetensors header is read
-    without its tensors; other files are read (weights only). Raises CheckpointError for a
-    missing, corrupt or refused file."""
+    """``classify_keys`` of a checkpoint before loading it (``header_tensors``: no weight is
+    read). Raises CheckpointError for a missing, corrupt or refused file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix.lower() in (".safetensors", ".sft"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                keys = list(fh.keys())  # noqa: SIM118 (safe_open is no dict)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file ({type(exc).__name__}: {exc})") from exc
-    else:  # mapped, not read: load_checkpoint reads it once, afterwards
-        keys = list(_read_state_dict(path, mmap=True)[0])
-    return classify_keys(keys)
+    return classify_keys(header_tensors(path))
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -591,12 +591,8 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
     from . import memory
 
     gpu = not (run.device or "cuda").startswith("cpu")
-    if gpu and not run.mixed_precision and torch.cuda.is_available():
-        from .backend import default_precision
-
-        run = dataclasses.replace(run, mixed_precision=default_precision("cuda"))
-    precision = run.mixed_precision or ("bf16" if gpu else "no")
-    checkpointing = run.gradient_checkpointing == "on" or (run.gradient_checkpointing == "auto" and gpu)
+    run = memory.target_settings(run, gpu)
+    precision, checkpointing = run.mixed_precision, run.gradient_checkpointing == "on"
     where = "the GPU" if gpu else "the CPU"
     print(f"estimating one iteration on {where}: {arch.upper() if arch == 'sdxl' else 'SD1.5'} at {resolution} px, "
           f"batch {config.batch_size} x {config.grad_accum} accumulated, LoRA rank {run.lora_rank}, {precision}, "

@@ -10,6 +10,7 @@ executes, before any weight is loaded: that is ``dmd2-train --estimate``.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -223,8 +224,6 @@ def profiling_config(config):
     """The configuration a profiled run is built with: ``config`` with one micro-batch per
     update (``profile_iterations`` adds what more micro-batches hold), a generator update
     every second iteration (one of each kind) and no regression warm start."""
-    import dataclasses
-
     return dataclasses.replace(config, grad_accum=1, fake_updates_per_generator_update=2, regression_steps=0, warmup_steps=0)
 
 
@@ -323,12 +322,28 @@ def estimate_run(path, run, config, resolution: int, gpu: bool = True, with_imag
     return estimate_model(model_config, run, config, resolution, gpu, images)
 
 
+def target_settings(run, gpu: bool):
+    """``run`` with what 'default' and 'auto' become on the GPU (``gpu``) or the CPU: bf16
+    unless told otherwise (fp16 on a present GPU without bf16), checkpointing on for a GPU."""
+    precision = run.mixed_precision
+    if not precision:
+        if gpu and torch.cuda.is_available():
+            from .backend import default_precision
+
+            precision = default_precision("cuda")
+        else:
+            precision = "bf16" if gpu else "no"
+    checkpointing = run.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = "on" if gpu else "off"
+    return dataclasses.replace(run, mixed_precision=precision, gradient_checkpointing=checkpointing)
+
+
 def estimate_model(model_config, run, config, resolution: int, gpu: bool, with_images: bool) -> IterationProfile:
     """``profile_iterations`` of the run's own backend and trainer on a model of ComfyUI
     ``model_config`` made of fake tensors (no weights, no compute), with the settings the run
     would use on the GPU (``gpu``: bf16 unless told otherwise, gradient checkpointing on
     'auto') or the CPU, simulated on fake CPU tensors under the same autocast."""
-    import dataclasses
     from pathlib import Path
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -336,13 +351,9 @@ def estimate_model(model_config, run, config, resolution: int, gpu: bool, with_i
     from .backend import Conditioning, TrainingData
     from .run import TrainingRun
 
-    precision = run.mixed_precision or ("bf16" if gpu else "no")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision] if gpu else torch.float32
+    simulated = dataclasses.replace(target_settings(run, gpu), device="cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[simulated.mixed_precision] if gpu else torch.float32
     model_config.set_inference_dtype(dtype, None)
-    checkpointing = run.gradient_checkpointing
-    if checkpointing == "auto":
-        checkpointing = "on" if gpu else "off"
-    simulated = dataclasses.replace(run, mixed_precision=precision, gradient_checkpointing=checkpointing, device="cpu")
     unet = model_config.unet_config
     latent = resolution // 8
     with FakeTensorMode():
