@@ -29,14 +29,17 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from .releases import RELEASES_BY_NAME, Release, releases
+from .releases import RELEASES_BY_NAME, Release, releases, tag_release
+from .schedules import as_x0_model
 
 log = logging.getLogger(__name__)
 
 UNET_FOLDER = "diffusion_models"  # ComfyUI also maps the legacy "unet" folder onto it
 LORA_FOLDER = "loras"
+CHECKPOINT_FOLDER = "checkpoints"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-KIND_NAMES = {"unet": "DMD2 unet", "lora": "DMD2 lora", "t2i_adapter": "known T2I-Adapter"}  # for messages
+KIND_NAMES = {"unet": "few-step UNet", "lora": "few-step LoRA", "t2i_adapter": "known T2I-Adapter",
+              "checkpoint": "few-step checkpoint"}  # for messages
 FAMILY_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5", "sd2": "SD2.x", "unknown": "an unknown architecture"}
 
 
@@ -562,6 +565,18 @@ def load_dmd2_lora(model, path: str | os.PathLike, strength: float):
     return new_model
 
 
+def with_release(model, name: str, kind: str):
+    """Tag a freshly loaded model (a clone this pack owns) with the registry release of that
+    name, if it is one, so the sampler can pick or check the family's recipe; an x0 UNet
+    (SDXL-Lightning 1-step) is set to read its output as x0 right here."""
+    release = RELEASES_BY_NAME.get(name)
+    if release is None or release.kind != kind:
+        return model
+    if release.prediction == "x0":
+        model = as_x0_model(model)
+    return tag_release(model, release)
+
+
 # --------------------------------------------------------------------------------------
 # Nodes
 # --------------------------------------------------------------------------------------
@@ -607,7 +622,8 @@ class DMD2UNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, unet_name, convert_to_safetensors=False) -> io.NodeOutput:
         path = resolve_file(UNET_FOLDER, unet_name, "unet")
-        return io.NodeOutput(load_dmd2_unet(model, path, convert_to_safetensors=convert_to_safetensors))
+        model = load_dmd2_unet(model, path, convert_to_safetensors=convert_to_safetensors)
+        return io.NodeOutput(with_release(model, unet_name, "unet"))
 
 
 class DMD2LoraLoader(io.ComfyNode):
@@ -640,7 +656,42 @@ class DMD2LoraLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         path = resolve_file(LORA_FOLDER, lora_name, "lora")
-        return io.NodeOutput(load_dmd2_lora(model, path, strength))
+        return io.NodeOutput(with_release(load_dmd2_lora(model, path, strength), lora_name, "lora"))
 
 
-NODE_CLASSES = [DMD2UNetLoader, DMD2LoraLoader]
+class DMD2CheckpointLoader(io.ComfyNode):
+    """A few-step checkpoint (SDXL-Turbo) fetched on first use, tagged with its release."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DMD2CheckpointLoader",
+            display_name="Few-Step Checkpoint Loader",
+            category="DMD2/loaders",
+            description="Loads a few-step checkpoint (MODEL, CLIP, VAE) with ComfyUI's own checkpoint loading; a known "
+                        "release (e.g. SDXL-Turbo) is downloaded into models/checkpoints on first use, and the sampler "
+                        "nodes then know its family.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=file_options(CHECKPOINT_FOLDER, "checkpoint"),
+                               tooltip="A few-step checkpoint release or any file in models/checkpoints. "
+                                       + _release_table("checkpoint")),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name) -> bool | str:
+        return check_choice(CHECKPOINT_FOLDER, "checkpoint", ckpt_name)
+
+    @classmethod
+    def execute(cls, ckpt_name) -> io.NodeOutput:
+        import comfy.sd
+        import folder_paths
+
+        path = resolve_file(CHECKPOINT_FOLDER, ckpt_name, "checkpoint")
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+        return io.NodeOutput(with_release(model, ckpt_name, "checkpoint"), clip, vae)
+
+
+NODE_CLASSES = [DMD2UNetLoader, DMD2LoraLoader, DMD2CheckpointLoader]

@@ -16,23 +16,34 @@ No CFG (DMD2 bakes guidance in): at cfg 1.0 ComfyUI runs one UNet evaluation per
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 from tqdm.auto import trange
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from .families import STARTS_FROM_SIGMA, UPDATE_RULES, custom_rule, sampling_notes
+from .releases import model_releases
 from .schedules import (
+    CUSTOM,
+    PRESET_NAMES,
+    as_x0_model,
     check_model_sampling,
     custom_timesteps_input,
     preset_input,
-    schedule_sigmas,
+    preset_recipe,
+    sigmas_for_timesteps,
     validate_custom_text,
 )
+
+log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 
@@ -82,33 +93,86 @@ def sample_dmd2(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     ``model`` is ComfyUI's wrapped model, or any k-diffusion denoiser ``model(x, sigma) -> x0``
     (then the re-noise is the k-diffusion forward process x0 + sigma * noise).
     """
+    return sample_few_step(model, x, sigmas, extra_args, callback, disable, noise_sampler, rule="dmd2")
+
+
+def lcm_boundary_scalings(timestep: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """LCM's consistency boundary condition (c_skip, c_out) at an integer timestep."""
+    scaled = timestep.double() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip.float(), c_out.float()
+
+
+@torch.no_grad()
+def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
+                    rule: str = "dmd2", gamma: float = 0.0):
+    """Few-step sampling with one release family's update rule (nodes/families.py), one model
+    evaluation per sigma, in ComfyUI's sigma space (x = x0 + sigma * eps; the model sees
+    x / sqrt(1 + sigma^2), i.e. the VP sample diffusers' schedulers hold).
+
+    - dmd2 / lcm: x0 (lcm: c_skip * x_vp + c_out * x0), re-noised to the next sigma with fresh noise;
+    - euler: x0 + (x - x0) * sigma_next / sigma (deterministic);
+    - euler_ancestral: Euler to sigma_down, then sigma_up * fresh noise (diffusers' split);
+    - tcd: x_s = x0 + sigma_s * eps at s = floor((1 - gamma) * t_next), then fresh noise up to
+      sigma_next; the last step returns the VP sample at s (timestep 0 when t_next is 0, as
+      diffusers' TCD and DDIM with set_alpha_to_one=False do). gamma 0 is DDIM.
+    """
     extra_args = {} if extra_args is None else extra_args
     model_sampling = find_model_sampling(model)
+    if rule != "dmd2" and model_sampling is None:
+        raise ValueError(f"the {rule} update needs a ComfyUI model with a sigma table")
     if noise_sampler is None:
         noise_sampler = fresh_noise_sampler(x, extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if sigmas[i + 1] > 0:
-            noise = noise_sampler(sigmas[i], sigmas[i + 1])
-            if model_sampling is not None:
-                x = model_sampling.noise_scaling(sigmas[i + 1], noise, denoised)
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        last = not sigma_next > 0
+        if rule in ("dmd2", "lcm"):
+            if rule == "lcm":
+                c_skip, c_out = lcm_boundary_scalings(model_sampling.timestep(sigma))
+                denoised = c_out * denoised + c_skip * x / (1.0 + sigma**2) ** 0.5
+            if last:
+                x = denoised
+            elif model_sampling is not None:
+                x = model_sampling.noise_scaling(sigma_next, noise_sampler(sigma, sigma_next), denoised)
             else:
-                x = denoised + sigmas[i + 1] * noise
+                x = denoised + sigma_next * noise_sampler(sigma, sigma_next)
+        elif rule == "euler":
+            x = denoised + (x - denoised) * (sigma_next / sigma)
+        elif rule == "euler_ancestral":
+            sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+            sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+            x = denoised + (x - denoised) * (sigma_down / sigma)
+            if not last:
+                x = x + noise_sampler(sigma, sigma_next) * sigma_up
+        elif rule == "tcd":
+            eps = (x - denoised) / sigma
+            t_next = 0 if last else int(model_sampling.timestep(sigma_next).round().item())
+            sigma_s = model_sampling.sigmas[int((1.0 - gamma) * t_next)].to(x)
+            x = denoised + sigma_s * eps
+            if last:
+                x = x / (1.0 + sigma_s**2) ** 0.5
+            elif gamma > 0:
+                x = x + (sigma_next**2 - sigma_s**2).clamp(min=0) ** 0.5 * noise_sampler(sigma, sigma_next)
         else:
-            x = denoised
+            raise ValueError(f"unknown update rule {rule!r}")
     return x
 
 
 class DMD2KSampler(comfy.samplers.KSAMPLER):
-    """KSAMPLER running sample_dmd2 that starts generation from unit-variance noise at any
-    first timestep. With a non-empty latent (img2img, inpainting) the start is the stock
-    forward-noised latent + sigma * noise instead, which is also what DMD2 trains on."""
+    """KSAMPLER running sample_few_step (the DMD2 update unless another rule is given) that
+    starts generation from unit-variance noise at any first timestep, or, for the rules of
+    diffusers' trailing Euler schedulers, from sigma * noise as they do. With a non-empty
+    latent (img2img, inpainting) the start is the stock forward-noised latent + sigma * noise
+    instead, which is also what DMD2 trains on."""
 
-    def __init__(self):
-        super().__init__(sample_dmd2)
+    def __init__(self, rule: str = "dmd2", gamma: float = 0.0):
+        super().__init__(sample_few_step, extra_options={"rule": rule, "gamma": gamma})
+        self.rule = rule
         self._from_pure_noise = True
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
@@ -118,12 +182,14 @@ class DMD2KSampler(comfy.samplers.KSAMPLER):
         return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
     def max_denoise(self, model_wrap, sigmas):
-        return self._from_pure_noise
+        return self._from_pure_noise and self.rule not in STARTS_FROM_SIGMA
 
 
-def dmd2_ksampler() -> DMD2KSampler:
+def dmd2_ksampler(rule: str = "dmd2", gamma: float = 0.0) -> DMD2KSampler:
     """A SAMPLER object for SamplerCustom / SamplerCustomAdvanced (use cfg 1.0)."""
-    return DMD2KSampler()
+    if rule not in UPDATE_RULES:
+        raise ValueError(f"unknown update rule {rule!r}; choose one of {list(UPDATE_RULES)}")
+    return DMD2KSampler(rule, gamma)
 
 
 class PositiveOnlyGuider(comfy.samplers.CFGGuider):
@@ -133,7 +199,8 @@ class PositiveOnlyGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": positive})
 
 
-def generate(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, cfg: float = 1.0, negative=None) -> dict:
+def generate(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, cfg: float = 1.0, negative=None,
+             rule: str = "dmd2", gamma: float = 0.0) -> dict:
     """Sample a LATENT with the DMD2 sampler. Noise comes from the seed exactly as in
     SamplerCustom (add_noise on), so this equals SamplerCustom + DMD2Sampler at the same cfg.
     cfg 1.0 (DMD2 as distilled): the positive prompt alone, one UNet evaluation per step.
@@ -154,7 +221,7 @@ def generate(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, cfg
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    result = guider.sample(noise, samples, dmd2_ksampler(), sigmas, denoise_mask=latent.get("noise_mask"),
+    result = guider.sample(noise, samples, dmd2_ksampler(rule, gamma), sigmas, denoise_mask=latent.get("noise_mask"),
                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out["samples"] = result.to(comfy.model_management.intermediate_device())
     return out
@@ -209,6 +276,7 @@ class DMD2Generate(io.ComfyNode):
                                        "evaluations per step, with the negative prompt."),
             ],
             outputs=[io.Latent.Output()],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -217,8 +285,72 @@ class DMD2Generate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, preset, custom_timesteps, cfg=1.0, negative=None) -> io.NodeOutput:
-        sigmas = schedule_sigmas(model, preset, custom_timesteps)
-        return io.NodeOutput(generate(model, positive, latent_image, seed, sigmas, cfg, negative))
+        model, recipe, sigmas, notes = prepare(model, preset, custom_timesteps)
+        for note in notes:
+            log.warning("DMD2Generate: %s", note)
+            show_note(note, getattr(cls.hidden, "unique_id", None))
+        latent = generate(model, positive, latent_image, seed, sigmas, cfg, negative, recipe.rule, recipe.gamma)
+        return io.NodeOutput(latent, ui={"text": notes} if notes else None)
 
 
-NODE_CLASSES = [DMD2Sampler, DMD2Generate]
+def prepare(model, preset: str, custom_timesteps: str = ""):
+    """(model, recipe, sigmas, notes) for a preset: the recipe's timesteps on the model's own
+    table, the model read as x0 where the recipe says so, and the warnings of sampling_notes.
+    A custom list runs with the loaded release's update rule (DMD2's if none is known)."""
+    releases = model_releases(model)
+    model_sampling = model.get_model_object("model_sampling")
+    check_model_sampling(model_sampling)
+    rule, gamma = custom_rule(releases)
+    recipe = preset_recipe(preset, custom_timesteps, rule, gamma, len(model_sampling.sigmas))
+    reads_x0 = isinstance(model_sampling, comfy.model_sampling.X0)
+    notes = sampling_notes(recipe, releases, reads_x0)
+    if recipe.prediction == "x0":
+        model = as_x0_model(model)
+    return model, recipe, sigmas_for_timesteps(model.get_model_object("model_sampling"), recipe.timesteps), notes
+
+
+def show_note(text: str, node_id) -> None:
+    """Put a warning on the node in the ComfyUI frontend (progress text), when a server runs."""
+    try:
+        from server import PromptServer
+
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # no server (tests, scripts): the log line is enough
+        pass
+
+
+class DMD2ReleaseSampler(io.ComfyNode):
+    """The update rule of any preset's release family as a SAMPLER for SamplerCustom."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DMD2ReleaseSampler",
+            display_name="Few-Step Release Sampler",
+            category="DMD2/sampling",
+            description="The update rule of a few-step release (DMD2, SDXL-Lightning, Hyper-SD, LCM, TCD, SDXL-Turbo) "
+                        "for SamplerCustom, with the same preset as DMD2Schedule; cfg 1.0. An x0 model "
+                        "(SDXL-Lightning 1-step) must come from the DMD2 UNet Loader or DMD2Generate.",
+            inputs=[
+                io.Combo.Input("preset", options=PRESET_NAMES, default=PRESET_NAMES[0],
+                               tooltip="The preset given to DMD2Schedule: picks the family's update rule."),
+                io.Combo.Input("custom_rule", options=list(UPDATE_RULES), default="dmd2",
+                               tooltip="Used only when preset is 'custom': dmd2/lcm re-noise x0 with fresh noise, "
+                                       "euler / euler_ancestral as diffusers' trailing Euler schedulers, tcd with gamma "
+                                       "(0 = DDIM)."),
+                io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.05,
+                               tooltip="TCD's gamma (diffusers' eta), used only with preset 'custom' and rule tcd."),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, preset, custom_rule, gamma) -> io.NodeOutput:
+        if preset == CUSTOM:
+            return io.NodeOutput(dmd2_ksampler(custom_rule, gamma if custom_rule == "tcd" else 0.0))
+        recipe = preset_recipe(preset)
+        return io.NodeOutput(dmd2_ksampler(recipe.rule, recipe.gamma))
+
+
+NODE_CLASSES = [DMD2Sampler, DMD2Generate, DMD2ReleaseSampler]

@@ -16,16 +16,15 @@ from comfy_api.latest import io
 
 import comfy.model_sampling
 
-FOUR_STEP = "4-step (999,749,499,249)"
-ONE_STEP = "1-step (399)"
+from .families import DMD2_FOUR_STEP as FOUR_STEP
+from .families import DMD2_ONE_STEP as ONE_STEP
+from .families import RECIPES, UPDATE_RULES, Recipe
+
 CUSTOM = "custom"
 
-# Preset name -> timesteps (None: read the custom string).
-PRESETS: dict[str, tuple[int, ...] | None] = {
-    FOUR_STEP: (999, 749, 499, 249),
-    ONE_STEP: (399,),
-    CUSTOM: None,
-}
+# Preset name -> timesteps (None: read the custom string). DMD2's two first, then the other
+# release families (nodes/families.py), then custom.
+PRESETS: dict[str, tuple[int, ...] | None] = {**{r.name: r.timesteps for r in RECIPES}, CUSTOM: None}
 PRESET_NAMES = list(PRESETS)
 
 
@@ -129,6 +128,19 @@ def timesteps_for_preset(preset: str, custom: str = "", table_size: int | None =
     return validate_timesteps(fixed, table_size)
 
 
+def preset_recipe(preset: str, custom: str = "", rule: str = "dmd2", gamma: float = 0.0,
+                  table_size: int | None = None) -> Recipe:
+    """The recipe a preset names; for 'custom', the custom timesteps with ``rule``/``gamma``."""
+    timesteps = timesteps_for_preset(preset, custom, table_size)
+    if preset != CUSTOM:
+        return next(r for r in RECIPES if r.name == preset)
+    if rule not in UPDATE_RULES:
+        raise ScheduleError(f"unknown update rule {rule!r}; choose one of {list(UPDATE_RULES)}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ScheduleError(f"gamma must be in [0, 1], got {gamma}")
+    return Recipe(CUSTOM, "custom", tuple(timesteps), rule, gamma=gamma if rule == "tcd" else 0.0)
+
+
 def schedule_sigmas(model, preset: str, custom: str = "") -> torch.Tensor:
     """SIGMAS for a preset (or the custom list) on a ComfyUI MODEL's sigma table."""
     model_sampling = model.get_model_object("model_sampling")
@@ -137,10 +149,30 @@ def schedule_sigmas(model, preset: str, custom: str = "") -> torch.Tensor:
     return sigmas_for_timesteps(model_sampling, timesteps)
 
 
+class ModelSamplingDiscreteX0(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.X0):
+    """The discrete SD/SDXL table with the UNet's output read as the clean sample."""
+
+
+def as_x0_model(model):
+    """A clone of ``model`` whose UNet output is read as x0 (the SDXL-Lightning 1-step UNet),
+    on the model's own sigma table: what ComfyUI's ModelSamplingDiscrete 'x0' node does, so the
+    user does not have to add it."""
+    current = model.get_model_object("model_sampling")
+    if isinstance(current, comfy.model_sampling.X0):
+        return model
+    check_model_sampling(current)
+    x0_sampling = ModelSamplingDiscreteX0(model.model.model_config)
+    x0_sampling.set_sigmas(current.sigmas.detach().clone())
+    clone = model.clone()
+    clone.add_object_patch("model_sampling", x0_sampling)
+    return clone
+
+
 # -- nodes ----------------------------------------------------------------------------------
 
-PRESET_TOOLTIP = ("DMD2 timesteps: the 4-step schedule the DMD2 4-step models were distilled on, the "
-                  "1-step schedule (conditioning timestep 399) of the 1-step models, or 'custom'.")
+PRESET_TOOLTIP = ("Timesteps and update rule of a few-step release, as its authors sample it: DMD2 4-step "
+                  "(999,749,499,249) and 1-step (399) first, then SDXL-Lightning, Hyper-SD, LCM-LoRA, TCD and "
+                  "SDXL-Turbo at their published step counts (rule and timesteps in the name), or 'custom'.")
 CUSTOM_TOOLTIP = ("Used only when preset is 'custom': integer timesteps of the model's training schedule, "
                   "strictly descending, e.g. '999,749,499,249'.")
 

@@ -104,8 +104,8 @@ def test_files_outside_the_model_folders_are_not_reachable(comfy_server, unet_fo
     time; ComfyUI itself does not check V3 combo values."""
     for name in ("../checkpoints/tiny_sdxl.safetensors", "no_such_file.bin"):
         status, body = comfy_server.submit(unet_graph(name))
-        assert status == 400 and "is neither a DMD2 unet release nor a file" in str(body), body
+        assert status == 400 and "is neither a few-step UNet release nor a file" in str(body), body
     status, body = comfy_server.submit(lora_graph("../checkpoints/tiny_sdxl.safetensors"))
-    assert status == 400 and "is neither a DMD2 lora release nor a file" in str(body), body
+    assert status == 400 and "is neither a few-step LoRA release nor a file" in str(body), body
     good = comfy_server.run(unet_graph("good_tiny_sdxl_dmd2.bin"))
     assert execution_error(good) is None, execution_error(good)

@@ -43,9 +43,9 @@ def expect_file_weights(model, arch: str, file_sd: dict):
 
 @pytest.fixture
 def model_folders(tmp_path, monkeypatch):
-    """ComfyUI's diffusion_models, loras and controlnet folders pointed at empty temporary folders."""
+    """ComfyUI's diffusion_models, loras, controlnet and checkpoints folders pointed at empty temporary folders."""
     folders = {}
-    for name in ("diffusion_models", "loras", "controlnet"):
+    for name in ("diffusion_models", "loras", "controlnet", "checkpoints"):
         folder = tmp_path / name
         folder.mkdir()
         monkeypatch.setitem(folder_paths.folder_names_and_paths, name,
@@ -67,8 +67,15 @@ def test_registry_lists_the_releases_with_usable_presets():
         assert r.url == f"https://huggingface.co/{r.repo_id}/resolve/main/{r.repo_path}"
         if r.kind == "t2i_adapter":
             continue
-        assert r.repo_id == "tianweiy/DMD2" and r.folder in ("diffusion_models", "loras")
+        family_repos = {"dmd2": {"tianweiy/DMD2"}, "lightning": {"ByteDance/SDXL-Lightning"},
+                        "hyper": {"ByteDance/Hyper-SD"},
+                        "lcm": {"latent-consistency/lcm-lora-sdxl", "latent-consistency/lcm-lora-sdv1-5"},
+                        "tcd": {"h1t/TCD-SDXL-LoRA", "h1t/TCD-SD15-LoRA"}, "turbo": {"stabilityai/sdxl-turbo"}}
+        assert r.repo_id in family_repos[r.family], r
+        assert r.folder in ("diffusion_models", "loras", "checkpoints")
         assert r.preset in PRESETS
+        if r.family != "dmd2":  # every other family's file has its family's published recipe
+            assert r.recipe is not None and r.recipe.family == r.family and r.preset != "custom", r
         if r.preset == "custom":  # the SD1.5 generator: one step at 999
             assert parse_timesteps(",".join(map(str, r.timesteps))) == list(r.timesteps)
         else:

@@ -351,5 +351,5 @@ def test_node_schemas():
     assert [o.io_type for o in gen.outputs] == ["LATENT"]
     smp = dmd2.DMD2Sampler.define_schema()
     assert smp.node_id == "DMD2Sampler" and smp.inputs == [] and [o.io_type for o in smp.outputs] == ["SAMPLER"]
-    assert dmd2.NODE_CLASSES == [dmd2.DMD2Sampler, dmd2.DMD2Generate]
+    assert dmd2.NODE_CLASSES == [dmd2.DMD2Sampler, dmd2.DMD2Generate, dmd2.DMD2ReleaseSampler]
     assert "descending" in dmd2.DMD2Generate.validate_inputs("custom", "1,2")

@@ -150,6 +150,8 @@ def write_release(release, folder: str | Path, seed: int = 0) -> Path:
         tiny_adapters.save_adapter(release.arch, path, seed=seed, dtype=dtype)
     elif release.kind == "lora":
         write_lora_release(path, release.arch, dtype, seed)
+    elif release.kind == "checkpoint":  # a tiny single-file checkpoint (UNet, text encoder, VAE)
+        tiny_models.save_checkpoint(release.arch, path, seed=seed)
     else:
         write_unet_release(path, release.arch, dtype, seed)
     return path

@@ -1,0 +1,187 @@
+"""How each few-step release family is sampled: timesteps, update rule, prediction type.
+
+One ``Recipe`` per (family, step count) the authors published, each with the scheduler their
+model card runs in diffusers (``source``), so that the pack samples every release exactly as
+its authors do. The timesteps are computed the way those schedulers compute them (tests check
+them against diffusers' own ``set_timesteps``):
+
+- trailing spacing (SDXL-Lightning, Hyper-SD LoRAs, SDXL-Turbo): ``round(1000 - k*1000/N) - 1``,
+  so 4 steps are 999,749,499,249 (ComfyUI's ``sgm_uniform`` gives 999,749,500,250, ``normal``
+  999,666,333,0);
+- the LCM/TCD grid: every 20th timestep of 1000 (19, 39, ..., 999), N of them evenly spaced by
+  index, so 4 steps are 999,759,499,259.
+
+Update rules (what one step does with the model's x0 prediction; ``nodes/sampler.py`` runs
+them on ComfyUI's sigma table):
+
+- ``dmd2``: x0, re-noised to the next timestep with fresh noise (DMD2);
+- ``lcm``: the same on LCM's boundary-condition x0 (c_skip * x + c_out * x0, timestep scaling 10);
+- ``euler``: deterministic Euler on the sigmas (diffusers' EulerDiscreteScheduler);
+- ``euler_ancestral``: Euler with ancestral noise (EulerAncestralDiscreteScheduler);
+- ``tcd``: TCD's strategic stochastic step with gamma (TCDScheduler's ``eta``); gamma 0 is
+  DDIM (eta 0), which ends on the table's first timestep as the SD schedulers'
+  ``set_alpha_to_one=False`` makes it.
+
+Pure data and integer arithmetic: importable without ComfyUI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAIN_TIMESTEPS = 1000
+UPDATE_RULES = ("dmd2", "lcm", "euler", "euler_ancestral", "tcd")
+# diffusers' Euler schedulers with trailing spacing start from sigma_max * noise; the others
+# (LCM, TCD, DDIM; DMD2's training) from unit-variance noise, sqrt(1 + sigma^2) * noise.
+STARTS_FROM_SIGMA = frozenset({"euler", "euler_ancestral"})
+
+FAMILY_NAMES = {
+    "dmd2": "DMD2",
+    "lightning": "SDXL-Lightning",
+    "hyper": "Hyper-SD",
+    "lcm": "LCM-LoRA",
+    "tcd": "TCD",
+    "turbo": "SDXL-Turbo",
+}
+
+
+def trailing_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS) -> tuple[int, ...]:
+    """diffusers' ``timestep_spacing="trailing"``: round(arange(T, 0, -T/N)) - 1."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    ratio = train_timesteps / steps
+    return tuple(int(round(train_timesteps - k * ratio)) - 1 for k in range(steps))
+
+
+def lcm_timesteps(steps: int, original_steps: int = 50, train_timesteps: int = TRAIN_TIMESTEPS) -> tuple[int, ...]:
+    """LCMScheduler / TCDScheduler ``set_timesteps(N)``: N of the ``original_steps`` grid
+    timesteps (k*T/original - 1), evenly spaced by index from the noisiest."""
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"steps must be in 1..{original_steps}, got {steps}")
+    skip = train_timesteps // original_steps
+    grid = [k * skip - 1 for k in range(original_steps, 0, -1)]
+    # floor(linspace(0, len, N, endpoint=False)) in integers
+    return tuple(grid[(i * original_steps) // steps] for i in range(steps))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One published way to sample a release family at one step count."""
+
+    name: str  # the preset name shown in the sampler nodes
+    family: str  # key of FAMILY_NAMES
+    timesteps: tuple[int, ...]
+    rule: str  # one of UPDATE_RULES
+    gamma: float = 0.0  # TCD's gamma (diffusers' eta); 0 = DDIM
+    prediction: str = "eps"  # "x0" for a UNet that predicts the clean sample (Lightning 1-step)
+    source: str = ""  # the scheduler and settings of the release's model card
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def starts_from_sigma(self) -> bool:
+        return self.rule in STARTS_FROM_SIGMA
+
+    def describe(self) -> str:
+        extra = f", gamma {self.gamma:g}" if self.rule == "tcd" and self.gamma else ""
+        pred = ", x0 prediction" if self.prediction == "x0" else ""
+        return f"{self.rule}{extra}{pred} at {','.join(map(str, self.timesteps))}"
+
+
+# The two DMD2 presets keep the names existing workflows use.
+DMD2_FOUR_STEP = "4-step (999,749,499,249)"
+DMD2_ONE_STEP = "1-step (399)"
+
+_LIGHTNING_CARD = 'EulerDiscreteScheduler(timestep_spacing="trailing"), guidance_scale 0 (ByteDance/SDXL-Lightning)'
+_HYPER_CARD = 'DDIMScheduler(timestep_spacing="trailing"), guidance_scale 0 (ByteDance/Hyper-SD)'
+_LCM_CARD = "LCMScheduler, guidance_scale 1 (latent-consistency/lcm-lora-sdxl, lcm-lora-sdv1-5)"
+_TCD_CARD = "TCDScheduler, eta (gamma) 0.3, guidance_scale 0 (h1t/TCD-SDXL-LoRA, h1t/TCD-SD15-LoRA)"
+_TURBO_CARD = ("the repo's EulerAncestralDiscreteScheduler (trailing), guidance_scale 0 "
+               "(stabilityai/sdxl-turbo)")
+
+
+def _recipes() -> tuple[Recipe, ...]:
+    out = [
+        Recipe(DMD2_FOUR_STEP, "dmd2", (999, 749, 499, 249), "dmd2",
+               source="LCMScheduler with timesteps [999, 749, 499, 249] (tianweiy/DMD2)"),
+        Recipe(DMD2_ONE_STEP, "dmd2", (399,), "dmd2", source="LCMScheduler with timesteps [399] (tianweiy/DMD2)"),
+        Recipe("SDXL-Lightning 1-step x0 (euler, 999)", "lightning", trailing_timesteps(1), "euler",
+               prediction="x0", source=_LIGHTNING_CARD.replace(")", ', prediction_type="sample")', 1)),
+    ]
+    for n in (2, 4, 8):
+        out.append(Recipe(f"SDXL-Lightning {n}-step (euler, trailing)", "lightning", trailing_timesteps(n), "euler",
+                          source=_LIGHTNING_CARD))
+    out += [
+        Recipe("Hyper-SD 1-step UNet (lcm, 800)", "hyper", (800,), "lcm",
+               source="LCMScheduler with timesteps [800], guidance_scale 0 (ByteDance/Hyper-SD, Hyper-SDXL-1step-Unet)"),
+        Recipe("Hyper-SD 1-step LoRA (tcd, gamma 1.0)", "hyper", lcm_timesteps(1), "tcd", gamma=1.0,
+               source="TCDScheduler, eta 1.0, guidance_scale 0 (ByteDance/Hyper-SD, 1-step unified LoRA)"),
+    ]
+    for n in (2, 4, 8):
+        out.append(Recipe(f"Hyper-SD {n}-step LoRA (ddim, trailing)", "hyper", trailing_timesteps(n), "tcd",
+                          source=_HYPER_CARD))
+    for n in (2, 4, 8):
+        out.append(Recipe(f"LCM {n}-step (lcm, {','.join(map(str, lcm_timesteps(n)))})", "lcm", lcm_timesteps(n), "lcm",
+                          source=_LCM_CARD))
+    for n in (2, 4, 8):
+        out.append(Recipe(f"TCD {n}-step (tcd, gamma 0.3)", "tcd", lcm_timesteps(n), "tcd", gamma=0.3, source=_TCD_CARD))
+    out.append(Recipe("SDXL-Turbo 1-step (euler ancestral, 999)", "turbo", trailing_timesteps(1), "euler_ancestral",
+                      source=_TURBO_CARD))
+    for n in (2, 4):
+        out.append(Recipe(f"SDXL-Turbo {n}-step (euler ancestral, trailing)", "turbo", trailing_timesteps(n),
+                          "euler_ancestral", source=_TURBO_CARD))
+    return tuple(out)
+
+
+RECIPES: tuple[Recipe, ...] = _recipes()
+RECIPES_BY_NAME = {r.name: r for r in RECIPES}
+
+
+def recipe(name: str) -> Recipe:
+    try:
+        return RECIPES_BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {list(RECIPES_BY_NAME)}") from None
+
+
+def recipe_for(family: str, timesteps) -> Recipe | None:
+    """The family's published recipe with exactly these timesteps, if any."""
+    timesteps = tuple(timesteps)
+    return next((r for r in RECIPES if r.family == family and r.timesteps == timesteps), None)
+
+
+def custom_rule(releases) -> tuple[str, float]:
+    """The update rule (and gamma) a custom timestep list runs with: the loaded release's
+    family's rule, DMD2's when the model carries no known release."""
+    for release in releases:
+        known = release.recipe or next((r for r in RECIPES if r.family == release.family), None)
+        if known is not None:
+            return known.rule, known.gamma
+    return "dmd2", 0.0
+
+
+def sampling_notes(recipe: Recipe, releases, reads_x0: bool) -> list[str]:
+    """What the user should know before trusting the image: a preset of another family than
+    the loaded release, a step count its authors did not publish, an x0 model sampled as an
+    eps one or the reverse. Both still run: these are warnings, not errors."""
+    notes = []
+    for release in releases:
+        family = FAMILY_NAMES.get(release.family, release.family)
+        if recipe.family not in ("custom", release.family):
+            presets = [r.name for r in RECIPES if r.family == release.family and r.steps in release.steps]
+            notes.append(f"{release.file_name} is a {family} release, but preset '{recipe.name}' samples the "
+                         f"{FAMILY_NAMES[recipe.family]} way; its own preset: {', '.join(presets) or 'custom'}.")
+        elif recipe.steps not in release.steps:
+            counts = "/".join(map(str, release.steps))
+            notes.append(f"{release.file_name} was distilled for {counts} step(s); {recipe.steps} step(s) with the "
+                         f"{recipe.rule} update at {','.join(map(str, recipe.timesteps))} run, but its authors did not "
+                         f"publish that.")
+    if reads_x0 and recipe.prediction != "x0":
+        notes.append(f"the model reads its output as x0 (the SDXL-Lightning 1-step UNet), and preset '{recipe.name}' "
+                     f"was made for eps models: use 'SDXL-Lightning 1-step x0 (euler, 999)'.")
+    x0_files = [r for r in releases if r.kind == "unet"]
+    if recipe.prediction == "x0" and x0_files and all(r.prediction != "x0" for r in x0_files):
+        notes.append(f"preset '{recipe.name}' reads the UNet's output as x0, but {x0_files[0].file_name} predicts eps.")
+    return notes
