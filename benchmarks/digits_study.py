@@ -73,6 +73,11 @@ def rows() -> dict[str, tuple]:
             replace(one, lora_rank=32, lora_alpha=one.lora_alpha * 4, lr_generator=one.lr_generator / 2,
                     lr_fake_score=one.lr_fake_score / 2, regression_steps=300), main),
         "4-step LoRA r8, GAN off": (replace(four, gan=False), single),
+        # the 4-step fake-score rate trend had not levelled off at 5e-3 (see "What makes the LoRA path learn")
+        "4-step LoRA r8, fake-score rate 2.5e-3": (replace(four, lr_fake_score=2.5e-3), main),
+        "4-step LoRA r8, generator rate 1e-3, fake-score rate 2.5e-3": (
+            replace(four, lr_generator=1e-3, lr_fake_score=2.5e-3), single),
+        "4-step LoRA r8, fake-score rate 1.25e-3": (replace(four, lr_fake_score=1.25e-3), single),
     }
 
 

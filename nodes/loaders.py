@@ -600,19 +600,20 @@ class DMD2UNetLoader(io.ComfyNode):
             node_id="DMD2UNetLoader",
             display_name="DMD2 UNet Loader",
             category="DMD2/loaders",
-            description="Loads a DMD2 generator UNet (diffusers .bin or .safetensors) in place of the base model's UNet. "
-                        "The file is read without unpickling and checked against the base model's architecture.",
+            description="Loads a few-step generator UNet (DMD2, SDXL-Lightning, Hyper-SDXL 1-step; diffusers .bin or "
+                        ".safetensors) in place of the base model's UNet. The file is read without unpickling and checked "
+                        "against the base model's architecture; the Lightning 1-step UNet is read as x0.",
             inputs=[
                 io.Model.Input("model", tooltip="The base checkpoint's MODEL (SDXL or SD1.5): gives the architecture, "
                                                 "dtype and sampling settings; its weights are not changed."),
                 io.Combo.Input("unet_name", options=file_options(UNET_FOLDER, "unet"),
-                               tooltip="A DMD2 UNet: the known releases (downloaded into models/diffusion_models on first "
+                               tooltip="A few-step UNet: the known releases (downloaded into models/diffusion_models on first "
                                        "use) or any file in models/diffusion_models or models/unet. " + _release_table("unet")),
                 io.Boolean.Input("convert_to_safetensors", default=False,
                                  tooltip="After a successful check, also write the .bin as .safetensors next to it "
                                          "(same keys), so later loads need no pickle. Off: nothing is written."),
             ],
-            outputs=[io.Model.Output(tooltip="The DMD2 model. Sample it with DMD2Generate at the file's preset.")],
+            outputs=[io.Model.Output(tooltip="The few-step model. Sample it with DMD2Generate at the file's preset.")],
         )
 
     @classmethod
@@ -635,18 +636,19 @@ class DMD2LoraLoader(io.ComfyNode):
             node_id="DMD2LoraLoader",
             display_name="DMD2 LoRA Loader",
             category="DMD2/loaders",
-            description="Applies a DMD2 UNet LoRA with ComfyUI's LoRA machinery; fails if any key of the file would "
-                        "not be applied (ComfyUI's LoraLoader only logs those).",
+            description="Applies a few-step UNet LoRA (DMD2, SDXL-Lightning, Hyper-SD, LCM, TCD, or your own) with "
+                        "ComfyUI's LoRA machinery; fails if any key of the file would not be applied (ComfyUI's "
+                        "LoraLoader only logs those).",
             inputs=[
                 io.Model.Input("model", tooltip="The base model (SDXL 1.0 or an SDXL finetune)."),
                 io.Combo.Input("lora_name", options=file_options(LORA_FOLDER, "lora"),
-                               tooltip="The DMD2 4-step LoRA (downloaded into models/loras on first use) or a local "
-                                       "LoRA in kohya format (lora_unet_*). " + _release_table("lora")),
+                               tooltip="A few-step LoRA release (downloaded into models/loras on first use) or a local "
+                                       "UNet LoRA. " + _release_table("lora")),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="LoRA strength. 1.0 on SDXL base; community finetunes often look better "
                                        "at about 0.5-0.8."),
             ],
-            outputs=[io.Model.Output(tooltip="The model with the DMD2 LoRA; sample it with the 4-step preset.")],
+            outputs=[io.Model.Output(tooltip="The model with the LoRA; sample it with the file's preset.")],
         )
 
     @classmethod

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 import comfy.model_sampling
 
 from .families import DMD2_FOUR_STEP as FOUR_STEP
-from .families import DMD2_ONE_STEP as ONE_STEP
+from .families import DMD2_ONE_STEP as ONE_STEP  # noqa: F401  (re-exported: the preset name)
 from .families import RECIPES, UPDATE_RULES, Recipe
 
 CUSTOM = "custom"

@@ -51,7 +51,8 @@ def comfy_server(tmp_path_factory, tiny_checkpoints):
 
 
 # Names the shipped workflows use (workflows/*.json); tiny stand-ins are installed under them.
-WORKFLOW_BASE_CHECKPOINTS = {"sd_xl_base_1.0.safetensors": "sdxl", "v1-5-pruned-emaonly.safetensors": "sd15"}
+WORKFLOW_BASE_CHECKPOINTS = {"sd_xl_base_1.0.safetensors": "sdxl", "v1-5-pruned-emaonly.safetensors": "sd15",
+                             "juggernautXL_v9.safetensors": "sdxl"}  # a community SDXL finetune
 WORKFLOW_ADAPTER = "t2i-adapter-canny-sdxl-1.0.safetensors"
 WORKFLOW_INPUT_IMAGE = "example.png"
 

@@ -47,6 +47,8 @@ def card_scheduler(recipe):
                                                             prediction_type=prediction), {}
     if recipe.rule == "euler_ancestral":
         return diffusers.EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER, timestep_spacing="trailing"), {}
+    if recipe.rule == "dmd2":  # DMD2's card: LCMScheduler with its timesteps passed explicitly
+        return diffusers.LCMScheduler.from_config(SD_SCHEDULER, original_inference_steps=1000), {}
     if recipe.rule == "lcm":
         return diffusers.LCMScheduler.from_config(SD_SCHEDULER), {}
     if recipe.rule == "tcd" and recipe.family == "hyper" and recipe.gamma == 0:
@@ -57,7 +59,7 @@ def card_scheduler(recipe):
 
 
 def card_set_timesteps(scheduler, recipe):
-    if recipe.family == "hyper" and recipe.rule == "lcm":  # Hyper-SDXL-1step-Unet: timesteps=[800]
+    if recipe.rule == "dmd2" or (recipe.family == "hyper" and recipe.rule == "lcm"):  # DMD2; Hyper-SDXL-1step-Unet: [800]
         scheduler.set_timesteps(timesteps=list(recipe.timesteps))
     else:
         scheduler.set_timesteps(recipe.steps)
