@@ -42,7 +42,11 @@ def test_nodes_are_registered_with_their_schemas(comfy_server):
     gen = info["DMD2Generate"]
     assert gen["category"] == "DMD2/sampling" and gen["output"] == ["LATENT"]
     assert list(gen["input"]["required"]) == ["model", "positive", "latent_image", "seed", "preset", "custom_timesteps"]
-    assert gen["input"]["required"]["preset"][1]["options"] == ["4-step (999,749,499,249)", "1-step (399)", "custom"]
+    from comfyui_dmd2.nodes.schedules import PRESET_NAMES
+
+    options = gen["input"]["required"]["preset"][1]["options"]
+    assert options == PRESET_NAMES and options[:2] == ["4-step (999,749,499,249)", "1-step (399)"]
+    assert options[-1] == "custom" and "SDXL-Lightning 4-step (euler, trailing)" in options
     assert all(spec[1].get("tooltip") for spec in gen["input"]["required"].values())
     assert info["DMD2Schedule"]["output"] == ["SIGMAS"]
     assert info["DMD2Sampler"]["output"] == ["SAMPLER"]
