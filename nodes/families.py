@@ -80,15 +80,6 @@ class Recipe:
     def steps(self) -> int:
         return len(self.timesteps)
 
-    @property
-    def starts_from_sigma(self) -> bool:
-        return self.rule in STARTS_FROM_SIGMA
-
-    def describe(self) -> str:
-        extra = f", gamma {self.gamma:g}" if self.rule == "tcd" and self.gamma else ""
-        pred = ", x0 prediction" if self.prediction == "x0" else ""
-        return f"{self.rule}{extra}{pred} at {','.join(map(str, self.timesteps))}"
-
 
 # The two DMD2 presets keep the names existing workflows use.
 DMD2_FOUR_STEP = "4-step (999,749,499,249)"
@@ -139,13 +130,6 @@ RECIPES: tuple[Recipe, ...] = _recipes()
 RECIPES_BY_NAME = {r.name: r for r in RECIPES}
 
 
-def recipe(name: str) -> Recipe:
-    try:
-        return RECIPES_BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {list(RECIPES_BY_NAME)}") from None
-
-
 def recipe_for(family: str, timesteps) -> Recipe | None:
     """The family's published recipe with exactly these timesteps, if any."""
     timesteps = tuple(timesteps)
@@ -181,7 +165,7 @@ def sampling_notes(recipe: Recipe, releases, reads_x0: bool) -> list[str]:
     if reads_x0 and recipe.prediction != "x0":
         notes.append(f"the model reads its output as x0 (the SDXL-Lightning 1-step UNet), and preset '{recipe.name}' "
                      f"was made for eps models: use 'SDXL-Lightning 1-step x0 (euler, 999)'.")
-    x0_files = [r for r in releases if r.kind == "unet"]
-    if recipe.prediction == "x0" and x0_files and all(r.prediction != "x0" for r in x0_files):
-        notes.append(f"preset '{recipe.name}' reads the UNet's output as x0, but {x0_files[0].file_name} predicts eps.")
+    unets = [r for r in releases if r.kind == "unet"]
+    if recipe.prediction == "x0" and unets and all(r.prediction != "x0" for r in unets):
+        notes.append(f"preset '{recipe.name}' reads the UNet's output as x0, but {unets[0].file_name} predicts eps.")
     return notes

@@ -18,7 +18,7 @@ import comfy.model_sampling
 
 from .families import DMD2_FOUR_STEP as FOUR_STEP
 from .families import DMD2_ONE_STEP as ONE_STEP  # noqa: F401  (re-exported: the preset name)
-from .families import RECIPES, UPDATE_RULES, Recipe
+from .families import RECIPES, RECIPES_BY_NAME, UPDATE_RULES, Recipe
 
 CUSTOM = "custom"
 
@@ -133,7 +133,7 @@ def preset_recipe(preset: str, custom: str = "", rule: str = "dmd2", gamma: floa
     """The recipe a preset names; for 'custom', the custom timesteps with ``rule``/``gamma``."""
     timesteps = timesteps_for_preset(preset, custom, table_size)
     if preset != CUSTOM:
-        return next(r for r in RECIPES if r.name == preset)
+        return RECIPES_BY_NAME[preset]
     if rule not in UPDATE_RULES:
         raise ScheduleError(f"unknown update rule {rule!r}; choose one of {list(UPDATE_RULES)}")
     if not 0.0 <= gamma <= 1.0:

@@ -19,6 +19,7 @@ from comfyui_dmd2.nodes import adapter as A
 from comfyui_dmd2.nodes import sampler as dmd2
 from comfyui_dmd2.nodes.schedules import FOUR_STEP, schedule_sigmas
 from safetensors.torch import save_file
+from test_sampler import diffusers_conditioning
 
 LATENT_SIDE = 16
 IMAGE_SIDE = LATENT_SIDE * 8
@@ -90,12 +91,7 @@ def diffusers_adapter_reference(arch, unet, adapter, image, conditioning, start_
     at explicit timesteps. Returns the denoised prediction of every step."""
     scheduler = diffusers.LCMScheduler(original_inference_steps=1000)
     scheduler.set_timesteps(timesteps=list(timesteps))
-    context, extra = conditioning[0]
-    added = None
-    if arch == "sdxl":
-        side = start_noise.shape[-1] * 8
-        added = {"text_embeds": extra["pooled_output"],
-                 "time_ids": torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)}
+    context, added = diffusers_conditioning(arch, conditioning, start_noise.shape[-1])
     features = [f * scale for f in adapter(image.movedim(-1, 1))]
     active = int(len(timesteps) * factor)
     latents = start_noise * scheduler.init_noise_sigma

@@ -25,7 +25,15 @@ from comfyui_dmd2.nodes.families import (
 )
 from comfyui_dmd2.nodes.releases import RELEASES, RELEASES_BY_NAME, model_releases
 from comfyui_dmd2.nodes.schedules import DMD2Schedule
-from test_sampler import counting_unet, diffusers_unet, empty_latent, model_space, relative_error, text_conditioning
+from test_sampler import (
+    counting_unet,
+    diffusers_conditioning,
+    diffusers_unet,
+    empty_latent,
+    model_space,
+    relative_error,
+    text_conditioning,
+)
 
 # The SD1.5 / SDXL scheduler configs (both repos): scaled_linear 0.00085..0.012 over 1000 steps;
 # from_config keeps what a scheduler knows of it, as the cards' from_config(pipe.scheduler.config) does.
@@ -70,12 +78,7 @@ def diffusers_reference(arch, unet, conditioning, start_noise, recipe, renoise_g
     """The model card's diffusers loop (as the SD/SDXL pipelines run it at guidance 0)."""
     scheduler, step_kwargs = card_scheduler(recipe)
     card_set_timesteps(scheduler, recipe)
-    context, extra = conditioning[0]
-    added = None
-    if arch == "sdxl":
-        side = start_noise.shape[-1] * 8
-        added = {"text_embeds": extra["pooled_output"],
-                 "time_ids": torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)}
+    context, added = diffusers_conditioning(arch, conditioning, start_noise.shape[-1])
     latents = start_noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         out = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=context,

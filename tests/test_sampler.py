@@ -69,18 +69,24 @@ def diffusers_unet(arch, model, prediction="epsilon"):
     return unet.eval()
 
 
+def diffusers_conditioning(arch, conditioning, latent_side):
+    """(encoder_hidden_states, added_cond_kwargs) of a ComfyUI conditioning for a diffusers UNet;
+    SDXL's time ids at ComfyUI's default size (latent side * 8), no crop."""
+    context, extra = conditioning[0]
+    if arch != "sdxl":
+        return context, None
+    side = latent_side * 8
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)
+    return context, {"text_embeds": extra["pooled_output"], "time_ids": time_ids}
+
+
 @torch.no_grad()
 def diffusers_lcm(arch, unet, conditioning, start_noise, timesteps, renoise_generator, prediction="epsilon"):
     """The reference: diffusers' LCMScheduler with explicit timesteps, returning the final x0."""
     scheduler = diffusers.LCMScheduler(original_inference_steps=1000, prediction_type=prediction)
     scheduler.set_timesteps(timesteps=list(timesteps))
     assert scheduler.timesteps.tolist() == list(timesteps)
-    context, extra = conditioning[0]
-    added = None
-    if arch == "sdxl":
-        side = start_noise.shape[-1] * 8  # ComfyUI's default width/height: latent size * 8
-        time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)
-        added = {"text_embeds": extra["pooled_output"], "time_ids": time_ids}
+    context, added = diffusers_conditioning(arch, conditioning, start_noise.shape[-1])
     latents = start_noise * scheduler.init_noise_sigma
     denoised = None
     for t in scheduler.timesteps:
