@@ -102,6 +102,11 @@ def rows() -> dict[str, tuple]:
             replace(full_one, regression_steps=300, regression_teacher_steps=10), main),
         "4-step LoRA r8 (demo), GAN off": (
             replace(four, lr_fake_score=2.5e-3, regression_steps=300, regression_teacher_steps=10, gan=False), main),
+        # which half of the 1-step gap after the warm start is the generator's, which the fake score's
+        "1-step LoRA G r8 + full fake score, regression warm start (300 it, teacher DDIM 10)": (
+            replace(one, full_copies=("fake_score",), lr_fake_score=2e-3, regression_steps=300, regression_teacher_steps=10), main),
+        "1-step full generator + LoRA F r8, regression warm start (300 it, teacher DDIM 10)": (
+            replace(one, full_copies=("generator",), lr_generator=8e-4, regression_steps=300, regression_teacher_steps=10), single),
         # after the warm start the generator starts close: does it still want the fast rates?
         "1-step LoRA r8, regression warm start (300 it), rates G 1e-3, F 1e-2": (
             replace(one, regression_steps=300, lr_generator=1e-3, lr_fake_score=1e-2), single),
