@@ -54,7 +54,10 @@ def rows() -> dict[str, tuple]:
     # a discriminator given an easier task: low noise only, its own rate, 10x the generator weight
     strong_gan = {"gan_max_timestep": 250}
     table = {
-        "1-step LoRA r8 (demo)": (one, main),
+        "1-step LoRA r8, first rates (the previous demo)": (one, main),
+        # the warm start, and the fake score's rate halved after it (LoRA F held the student back)
+        "1-step LoRA r8 (demo): fake-score rate 2e-2, regression warm start (300 it, teacher DDIM 10)": (
+            replace(one, regression_steps=300, regression_teacher_steps=10, lr_fake_score=2e-2), main),
         "1-step full copies": (full_one, main),
         "4-step LoRA r8, first rates (the previous demo)": (four, main),
         # the rates re-tuned and the warm start (its target the teacher's DDIM 10: as good as DDIM 25 with 2/5 of the teacher's evaluations)
@@ -107,6 +110,9 @@ def rows() -> dict[str, tuple]:
             replace(one, full_copies=("fake_score",), lr_fake_score=2e-3, regression_steps=300, regression_teacher_steps=10), main),
         "1-step full generator + LoRA F r8, regression warm start (300 it, teacher DDIM 10)": (
             replace(one, full_copies=("generator",), lr_generator=8e-4, regression_steps=300, regression_teacher_steps=10), single),
+        # can LoRA F keep up after the warm start at another rate?
+        "1-step LoRA r8, regression warm start (300 it, teacher DDIM 10), fake-score rate 8e-2": (
+            replace(one, regression_steps=300, regression_teacher_steps=10, lr_fake_score=8e-2), single),
         # after the warm start the generator starts close: does it still want the fast rates?
         "1-step LoRA r8, regression warm start (300 it), rates G 1e-3, F 1e-2": (
             replace(one, regression_steps=300, lr_generator=1e-3, lr_fake_score=1e-2), single),
