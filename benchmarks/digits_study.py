@@ -43,7 +43,7 @@ def rows() -> dict[str, tuple]:
     from comfyui_dmd2.training.digits.students import StudentSettings
 
     # The rates tuned first (docs/digits.md, "What makes the LoRA path learn"); the ablations
-    # are changes to these. The demo's students are rows too (checked below).
+    # are changes to these. The demo's students are rows too (checked against the demo).
     one = StudentSettings(timesteps=ONE_STEP, lr_generator=4e-3, lr_fake_score=4e-2, ema_decay=0.99)
     four = StudentSettings(timesteps=FOUR_STEP, lr_generator=5e-4, lr_fake_score=5e-3, ema_decay=0.995)
     both = ("generator", "fake_score")
@@ -53,16 +53,20 @@ def rows() -> dict[str, tuple]:
     main, single = (0, 1, 2), (0,)
     # a discriminator given an easier task: low noise only, its own rate, 10x the generator weight
     strong_gan = {"gan_max_timestep": 250}
-    table = {
+    # the regression warm start the demo uses: 300 iterations onto the teacher's DDIM-10 samples
+    warm_start = {"regression_steps": 300, "regression_teacher_steps": 10}
+    # the demo's students: the warm start, the 4-step fake-score rate re-tuned, the 1-step one
+    # halved after the warm start (LoRA F held the student back)
+    demo_one = replace(one, **warm_start, lr_fake_score=2e-2)
+    demo_four = replace(four, lr_fake_score=2.5e-3, **warm_start)
+    assert (demo_one, demo_four) == (FULL.one_step, FULL.four_step), "the (demo) rows must be the demo's students"
+    return {
         "1-step LoRA r8, first rates (the previous demo)": (one, main),
-        # the warm start, and the fake score's rate halved after it (LoRA F held the student back)
-        "1-step LoRA r8 (demo): fake-score rate 2e-2, regression warm start (300 it, teacher DDIM 10)": (
-            replace(one, regression_steps=300, regression_teacher_steps=10, lr_fake_score=2e-2), main),
+        "1-step LoRA r8 (demo): fake-score rate 2e-2, regression warm start (300 it, teacher DDIM 10)": (demo_one, main),
         "1-step full copies": (full_one, main),
         "4-step LoRA r8, first rates (the previous demo)": (four, main),
-        # the rates re-tuned and the warm start (its target the teacher's DDIM 10: as good as DDIM 25 with 2/5 of the teacher's evaluations)
-        "4-step LoRA r8 (demo): fake-score rate 2.5e-3, regression warm start (300 it, teacher DDIM 10)": (
-            replace(four, lr_fake_score=2.5e-3, regression_steps=300, regression_teacher_steps=10), main),
+        # the warm start's target is the teacher's DDIM 10: as good as DDIM 25 with 2/5 of the teacher's evaluations
+        "4-step LoRA r8 (demo): fake-score rate 2.5e-3, regression warm start (300 it, teacher DDIM 10)": (demo_four, main),
         "4-step full copies": (full_four, main),
         "1-step LoRA r8, GAN off": (replace(one, gan=False), single),
         "1-step LoRA r8, GAN on low noise (t <= 250), generator weight 5e-2": (
@@ -97,31 +101,27 @@ def rows() -> dict[str, tuple]:
         "4-step LoRA r8, fake-score rate 2.5e-3, moving average 0.998": (replace(four, lr_fake_score=2.5e-3, ema_decay=0.998), single),
         "1-step LoRA r8, moving average 0.995": (replace(one, ema_decay=0.995), single),
         "1-step LoRA r8, regression warm start (300 it, teacher DDIM 10)": (
-            replace(one, regression_steps=300, regression_teacher_steps=10), main),
+            replace(one, **warm_start), main),
         # the same budget for the full-copy path: the same warm start before DMD2
         "4-step full copies, regression warm start (300 it, teacher DDIM 10)": (
-            replace(full_four, regression_steps=300, regression_teacher_steps=10), main),
+            replace(full_four, **warm_start), main),
         "1-step full copies, regression warm start (300 it, teacher DDIM 10)": (
-            replace(full_one, regression_steps=300, regression_teacher_steps=10), main),
-        "4-step LoRA r8 (demo), GAN off": (
-            replace(four, lr_fake_score=2.5e-3, regression_steps=300, regression_teacher_steps=10, gan=False), main),
+            replace(full_one, **warm_start), main),
+        "4-step LoRA r8 (demo), GAN off": (replace(demo_four, gan=False), main),
         # which half of the 1-step gap after the warm start is the generator's, which the fake score's
         "1-step LoRA G r8 + full fake score, regression warm start (300 it, teacher DDIM 10)": (
-            replace(one, full_copies=("fake_score",), lr_fake_score=2e-3, regression_steps=300, regression_teacher_steps=10), main),
+            replace(one, full_copies=("fake_score",), lr_fake_score=2e-3, **warm_start), main),
         "1-step full generator + LoRA F r8, regression warm start (300 it, teacher DDIM 10)": (
-            replace(one, full_copies=("generator",), lr_generator=8e-4, regression_steps=300, regression_teacher_steps=10), single),
+            replace(one, full_copies=("generator",), lr_generator=8e-4, **warm_start), single),
         # can LoRA F keep up after the warm start at another rate?
         "1-step LoRA r8, regression warm start (300 it, teacher DDIM 10), fake-score rate 8e-2": (
-            replace(one, regression_steps=300, regression_teacher_steps=10, lr_fake_score=8e-2), single),
+            replace(one, **warm_start, lr_fake_score=8e-2), single),
         # after the warm start the generator starts close: does it still want the fast rates?
         "1-step LoRA r8, regression warm start (300 it), rates G 1e-3, F 1e-2": (
             replace(one, regression_steps=300, lr_generator=1e-3, lr_fake_score=1e-2), single),
         "1-step LoRA r8, regression warm start (300 it), the 4-step rates (G 5e-4, F 2.5e-3)": (
             replace(one, regression_steps=300, lr_generator=5e-4, lr_fake_score=2.5e-3, ema_decay=0.995), single),
     }
-    demo_rows = [name for name in table if name.endswith("(demo)") or "(demo):" in name]
-    assert [table[name][0] for name in demo_rows] == [FULL.one_step, FULL.four_step], "the (demo) rows must be the demo's students"
-    return table
 
 
 def _yardstick(teacher_file: str, samples: int, seeds: int):
