@@ -41,6 +41,7 @@ def rows() -> dict[str, tuple]:
     """{row name: (StudentSettings, training seeds)}."""
     from comfyui_dmd2.training.digits.demo import FOUR_STEP, FULL, ONE_STEP
     from comfyui_dmd2.training.digits.students import StudentSettings
+    from comfyui_dmd2.training.lora import TARGET_SETS
 
     # The rates tuned first (docs/digits.md, "What makes the LoRA path learn"); the ablations
     # are changes to these. The demo's students are rows too (checked against the demo).
@@ -51,18 +52,21 @@ def rows() -> dict[str, tuple]:
     full_one = replace(one, full_copies=both, lr_generator=8e-4, lr_fake_score=2e-3)
     full_four = replace(four, full_copies=both, lr_generator=1e-4, lr_fake_score=2e-3)
     main, single = (0, 1, 2), (0,)
+    ALL_LAYERS = TARGET_SETS["all"]  # dmd2-train --lora-targets all: the in/out convs and the embeddings too
     # a discriminator given an easier task: low noise only, its own rate, 10x the generator weight
     strong_gan = {"gan_max_timestep": 250}
     # the regression warm start the demo uses: 300 iterations onto the teacher's DDIM-10 samples
     warm_start = {"regression_steps": 300, "regression_teacher_steps": 10}
-    # the demo's students: the warm start, the 4-step fake-score rate re-tuned, the 1-step one
-    # halved after the warm start (LoRA F held the student back)
-    demo_one = replace(one, **warm_start, lr_fake_score=2e-2)
+    # the demo's students: the warm start, the 4-step fake-score rate re-tuned; the 1-step one
+    # with all layers adapted and a full fake score (after the warm start LoRA F held it back)
+    previous_one = replace(one, **warm_start, lr_fake_score=2e-2)
+    demo_one = replace(one, full_copies=("fake_score",), lr_fake_score=2e-3, lora_targets=ALL_LAYERS, **warm_start)
     demo_four = replace(four, lr_fake_score=2.5e-3, **warm_start)
     assert (demo_one, demo_four) == (FULL.one_step, FULL.four_step), "the (demo) rows must be the demo's students"
     return {
-        "1-step LoRA r8, first rates (the previous demo)": (one, main),
-        "1-step LoRA r8 (demo): fake-score rate 2e-2, regression warm start (300 it, teacher DDIM 10)": (demo_one, main),
+        "1-step LoRA r8, first rates (the demo before last)": (one, main),
+        "1-step LoRA G r8 (demo): all layers adapted, full fake score, regression warm start (300 it, teacher DDIM 10)": (demo_one, main),
+        "1-step LoRA r8 (previous demo): fake-score rate 2e-2, regression warm start (300 it, teacher DDIM 10)": (previous_one, main),
         "1-step full copies": (full_one, main),
         "4-step LoRA r8, first rates (the previous demo)": (four, main),
         # the warm start's target is the teacher's DDIM 10: as good as DDIM 25 with 2/5 of the teacher's evaluations
@@ -119,6 +123,22 @@ def rows() -> dict[str, tuple]:
         # after the warm start the generator starts close: does it still want the fast rates?
         "1-step LoRA r8, regression warm start (300 it), rates G 1e-3, F 1e-2": (
             replace(one, regression_steps=300, lr_generator=1e-3, lr_fake_score=1e-2), single),
+        # every Linear/Conv2d of the UNet adapted: input and output convs, time and class embeddings too
+        "1-step LoRA r8 (previous demo), all layers adapted": (replace(previous_one, lora_targets=ALL_LAYERS), single),
+        # LoRA F with more capacity than the exported generator: its own rank (same scale alpha/rank)
+        "1-step LoRA G r8 + LoRA F r32, all layers adapted, regression warm start, fake-score rate 1e-2": (
+            replace(previous_one, lora_targets=ALL_LAYERS, fake_score_rank=32, lr_fake_score=1e-2), single),
+        "1-step LoRA G r8 + LoRA F r32, all layers adapted, regression warm start, fake-score rate 2e-2": (
+            replace(previous_one, lora_targets=ALL_LAYERS, fake_score_rank=32), single),
+        "1-step LoRA G r8 + LoRA F r32, all layers adapted, regression warm start, fake-score rate 5e-3": (
+            replace(previous_one, lora_targets=ALL_LAYERS, fake_score_rank=32, lr_fake_score=5e-3), main),
+        "1-step LoRA G r8 + LoRA F r32, all layers adapted, regression warm start, fake-score rate 2.5e-3": (
+            replace(previous_one, lora_targets=ALL_LAYERS, fake_score_rank=32, lr_fake_score=2.5e-3), single),
+        "1-step LoRA r8 (previous demo), all layers adapted, fake-score rate 5e-3": (
+            replace(previous_one, lora_targets=ALL_LAYERS, lr_fake_score=5e-3), single),
+        "4-step LoRA r8 (demo), all layers adapted": (replace(demo_four, lora_targets=ALL_LAYERS), single),
+        "4-step LoRA G r8, all layers adapted + full fake score (demo rates, F 2e-3)": (
+            replace(demo_four, lora_targets=ALL_LAYERS, full_copies=("fake_score",), lr_fake_score=2e-3), single),
         "1-step LoRA r8, regression warm start (300 it), the 4-step rates (G 5e-4, F 2.5e-3)": (
             replace(one, regression_steps=300, lr_generator=5e-4, lr_fake_score=2.5e-3, ema_decay=0.995), single),
     }
@@ -268,7 +288,9 @@ def main() -> int:
         if not run_file(job).is_file():
             return None
         kept = json.loads(run_file(job).read_text())
-        return kept if kept["settings"] == json.loads(json.dumps(asdict(job[1]))) else None
+        # a settings field added since a result was kept reads as its default there
+        defaults = json.loads(json.dumps(asdict(type(job[1])())))
+        return kept if {**defaults, **kept["settings"]} == json.loads(json.dumps(asdict(job[1]))) else None
 
     results = [kept for kept in map(finished, jobs) if kept is not None]
     todo = [job for job in jobs if finished(job) is None]

@@ -298,6 +298,9 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_checkpoints, inputs, tm
     _bad([*common, "--batch-size", "0"], capsys, "batch_size must be >= 1, got 0")
     _bad([*common, "--ema-decay", "1"], capsys, "ema_decay must be in [0, 1)")
     _bad([*common, "--regression-steps", "-3"], capsys, "regression_steps must be >= 0, got -3")
+    _bad([*common, "--fake-score-rank", "-1"], capsys, "fake_score_rank must be >= 1 (0: lora_rank), got -1")
+    _bad([*common, "--set", "fake_score=half"], capsys, "fake_score must be lora or full, got 'half'")
+    _bad([*common, "--lora-targets", "all,to_qq", "--steps", "1"], capsys, "LoRA target 'to_qq' matches no Linear/Conv2d layer")
     _bad([*common, "--timesteps", "fast"], capsys, "--timesteps: expected 4-step, 1-step")
     _bad([*common, "--timesteps", "249,999"], capsys, "strictly decrease")
     captioned = tmp_path / "captioned"
@@ -444,6 +447,9 @@ def test_resume_with_other_settings_is_refused_naming_the_key(finished, tiny_che
     err = _bad(args("--lora-rank", "8"), capsys, "lora_rank is 8 now but the saved run used 4")
     assert "--no-resume" in err and "Traceback" not in err
     _bad(args("--grad-accum", "2"), capsys, "grad_accum is 2 now but the saved run used 1")
+    _bad(args("--fake-score-rank", "16"), capsys, "fake_score is {'rank': 16} now but the saved run used {'rank': 4}")
+    _bad(args("--fake-score", "full"), capsys, "fake_score is 'full' now but the saved run used {'rank': 4}")
+    _bad(args("--lora-targets", "all"), capsys, "lora_targets is")
     _bad(args("--ema-decay", "0.5"), capsys, "ema_decay is 0.5 now but the saved run used 0.99")
     _bad(args("--resolution", "64"), capsys, "resolution is 64 now but the saved run used 128")
     _bad(args("--timesteps", "1-step"), capsys, "generator_timesteps is [999] now but the saved run used [999, 749, 499, 249]")  # SD1.5: 999
@@ -457,6 +463,33 @@ def test_one_step_preset_flag_trains_a_399_student(tiny_checkpoints, inputs, tmp
         assert fh.metadata()["dmd2_timesteps"] == "399"
     graph = json.loads((output / "workflow_api.json").read_text())
     assert {n["class_type"]: n["inputs"] for n in graph.values()}["DMD2Generate"]["preset"] == "1-step (399)"
+
+
+def test_full_fake_score_and_all_targets_train_resume_and_export_the_generator(tiny_checkpoints, inputs, tmp_path):
+    """``--fake-score full --lora-targets all`` (the digits' 1-step student): the fake score is
+    an fp32 copy of the UNet saved in the checkpoints, a run stopped at 2 and resumed to 4
+    ends where an uninterrupted one does, and the exported LoRA holds the generator's every
+    layer (embeddings too) and nothing of the fake score."""
+    def args(output, steps, *extra):
+        return _args(tiny_checkpoints["sdxl"], inputs, output, steps, "--save-every", "2", "--sample-every", "0",
+                     "--fake-score", "full", "--lora-targets", "all", *extra)
+
+    trainer, backend, whole = cli.train(args(tmp_path / "whole", 4))
+    assert trainer.config.lr_fake_score == 5e-5  # the reference's full fake score rate for SDXL, not LoRA F's
+    assert "fake_score.input_blocks.0.0.weight" in dict(trainer.fake_named)
+    assert all(p.dtype == torch.float32 for p in trainer.fake_params)
+    assert not any(".lora_" in name for name, _ in trainer.fake_named)
+    cli.train(args(tmp_path / "resumed", 2))
+    trainer, _, resumed = cli.train(args(tmp_path / "resumed", 4))
+    assert trainer.step_count == 4
+    ref = load_file(str(whole / "checkpoints" / "step_0000004" / "tensors.safetensors"))
+    now = load_file(str(resumed / "checkpoints" / "step_0000004" / "tensors.safetensors"))
+    assert any(k.startswith("fake_score/fake_score.input_blocks.") for k in ref), sorted(ref)[:3]
+    assert set(ref) == set(now) and all(torch.equal(ref[k], now[k]) for k in ref)
+    lora = load_file(str(whole / "dmd2_tiny_sdxl_lora.safetensors"))
+    for layer in ("conv_in", "conv_out", "time_embedding_linear_1", "add_embedding_linear_2"):
+        assert f"lora_unet_{layer}.lora_down.weight" in lora
+    assert len(lora) == 3 * len(trainer.generator_params) // 2  # down, up, alpha per adapted layer
 
 
 def test_toml_then_set_then_flags(tmp_path, inputs):

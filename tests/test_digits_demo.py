@@ -95,9 +95,14 @@ def test_exported_lora_on_the_teacher_in_comfyui_is_the_student(data, tmp_path):
 
     from comfyui_dmd2.nodes.sampler import DMD2Generate
 
+    from comfyui_dmd2.training.digits.demo import ONE_STEP_STUDENT
+
     teacher = T.new_teacher(seed=2)
-    settings = students.StudentSettings(iterations=6, batch_size=8, fake_updates_per_generator_update=2, ema_decay=0.5, warmup_steps=0)
+    # the demo's 1-step layout: every layer adapted (embeddings, in/out convs), a full fake score
+    settings = students.StudentSettings(iterations=6, batch_size=8, fake_updates_per_generator_update=2, ema_decay=0.5, warmup_steps=0,
+                                        lora_targets=ONE_STEP_STUDENT.lora_targets, full_copies=ONE_STEP_STUDENT.full_copies)
     student = students.distill(teacher, data, settings)
+    assert list(student.backend.copies) == ["fake_score"] and "label_emb.0.0" in student.backend.adapters.paths.values()
     path = student.export(tmp_path / "student.safetensors")
     labels = D.balanced_labels(30)
     with student.trainer.averaged_generator():

@@ -33,15 +33,15 @@ def _randomise_(adapters: lora_mod.UNetLoRA, name: str, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+@pytest.fixture(scope="module", params=[("sd15", "dmd2"), ("sdxl", "dmd2"), ("sd15", "all"), ("sdxl", "all")], ids="-".join)
 def trained(request, tmp_path_factory):
-    arch = request.param
+    arch, targets = request.param
     model = tiny_models.build_model(arch, seed=0)
     unet = copy.deepcopy(model.model.diffusion_model)
-    adapters = lora_mod.UNetLoRA(unet, model.model.model_config.unet_config, rank=4, alpha=2.0, seed=1)
+    adapters = lora_mod.UNetLoRA(unet, model.model.model_config.unet_config, rank=4, alpha=2.0, seed=1, targets=(targets,))
     _randomise_(adapters, "generator", 2)
     _randomise_(adapters, "fake_score", 3)
-    path = adapters.export(tmp_path_factory.mktemp("lora") / f"{arch}_lora.safetensors", metadata={"dmd2_steps": 7})
+    path = adapters.export(tmp_path_factory.mktemp("lora") / f"{arch}_{targets}_lora.safetensors", metadata={"dmd2_steps": 7})
     return arch, model, unet, adapters, path
 
 
@@ -54,6 +54,14 @@ def test_targets_cover_attention_resnets_and_samplers(trained):
     assert any(p.endswith("ff.net.0.proj") for p in adapters.paths)
     assert any(p.endswith("downsamplers.0.conv") for p in adapters.paths)
     assert any(p.endswith("upsamplers.0.conv") for p in adapters.paths)
+    # "all" adds the input/output convolutions and the embeddings (SDXL's ADM one too)
+    embeddings = {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
+    if adapters.targets[-1] == "add_embedding.linear_2":
+        if model.model.model_config.unet_config.get("adm_in_channels"):
+            embeddings |= {"add_embedding.linear_1", "add_embedding.linear_2"}
+        assert embeddings <= set(adapters.paths)
+    else:
+        assert not embeddings & set(adapters.paths)
     # Every wrapped module really is a Linear/Conv2d of the UNet under its LDM path.
     for l_path in adapters.paths.values():
         assert isinstance(unet.get_submodule(l_path), lora_mod.LoRALayer)
@@ -201,3 +209,23 @@ def test_remove_restores_the_plain_unet():
     assert set(unet.state_dict()) != keys
     adapters.remove()
     assert set(unet.state_dict()) == keys
+
+
+def test_fake_score_has_its_own_rank_at_the_same_scale(tmp_path):
+    model = tiny_models.build_model("sd15", seed=0)
+    unet = copy.deepcopy(model.model.diffusion_model)
+    adapters = lora_mod.UNetLoRA(unet, model.model.model_config.unet_config, rank=2, alpha=1.0, ranks={"fake_score": 6})
+    layer = next(iter(adapters.layers.values()))
+    g, f = layer.adapters["generator"], layer.adapters["fake_score"]
+    assert (g.rank, f.rank) == (2, 6)
+    assert g.scale == f.scale == 0.5
+    assert sum(p.numel() for p in adapters.parameters("fake_score")) == 3 * sum(p.numel() for p in adapters.parameters("generator"))
+    # the export is the generator's, at its own rank and alpha
+    path = adapters.export(tmp_path / "g.safetensors")
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "1.0")
+        down = next(k for k in fh.keys() if k.endswith("lora_down.weight"))
+        assert fh.get_tensor(down).shape[0] == 2
+    with pytest.raises(lora_mod.LoRAError, match="rank must be >= 1, got 0 for 'fake_score'"):
+        lora_mod.UNetLoRA(copy.deepcopy(model.model.diffusion_model), model.model.model_config.unet_config, rank=2, ranks={"fake_score": 0})

@@ -67,6 +67,23 @@ def test_estimate_matches_the_measured_peak_sdxl(tiny_checkpoints, tmp_path):
     assert 8 < fe["generator_iteration"] < 30 and 3 < fe["fake_iteration"] < fe["generator_iteration"]
 
 
+def test_estimate_matches_a_full_fake_score(tiny_checkpoints, tmp_path):
+    """``--fake-score full``: a trained fp32 copy of the (bf16) UNet instead of LoRA F. The
+    estimate builds it on fake tensors too and holds to the measured peak; it costs the copy
+    and twice that in AdamW state on top of the LoRA run."""
+    common = dict(checkpoint="-", prompts="-", output="-", images="-", lora_rank=8, mixed_precision="bf16", gradient_checkpointing="on", device="cpu")
+    config = DMD2Config.for_arch("sd15", batch_size=1, grad_accum=1)
+    estimate = memory.estimate_run(tiny_checkpoints["sd15"], RunConfig(**common, fake_score="full"), config, RES, gpu=True)
+    plain = memory.estimate_run(tiny_checkpoints["sd15"], RunConfig(**common), config, RES, gpu=True)
+    measured = _measured_peak(tiny_checkpoints["sd15"], RunConfig(**common, fake_score="full"), config, tmp_path)
+    assert abs(estimate.peak / measured - 1) < 0.15, (estimate.peak, measured)
+    extra = estimate.trainable - plain.trainable
+    lora_f = (plain.trainable - plain.gan_head) / 2  # G and F have the same size in the plain run
+    assert extra + lora_f == pytest.approx(2 * estimate.base_weights, rel=0.02)  # fp32 copy of the bf16 base
+    assert estimate.optimizer_state - plain.optimizer_state == pytest.approx(2 * extra, rel=1e-3)  # + step counters
+    assert estimate.peak > plain.peak + 3 * extra
+
+
 def test_estimate_command_reads_no_weight_and_matches_a_real_run(tiny_checkpoints, tmp_path, monkeypatch, capsys):
     """``dmd2-train --estimate`` on an SD1.5 checkpoint: prompts and output not needed,
     nothing written, no weight read (loading raises), the printed peak within 15 % of a
@@ -132,3 +149,5 @@ def test_profile_parts_scaling_and_budget_advice():
     assert advice[-1].startswith("to fit 14.5 GiB: --set ema_on_cpu=true --lora-rank 32")
     hopeless = memory.budget_advice(profile, 4, rank=64, resolution=1024, ema_on_device=False, checkpointing=False)
     assert "--gradient-checkpointing on" in hopeless[1] and hopeless[-1].startswith("even with all")
+    full = memory.budget_advice(profile, 14.5, rank=64, resolution=1024, ema_on_device=True, checkpointing=True, full_fake_score=True)
+    assert full[0].startswith("does not fit 14.5") and full[1].startswith("  --fake-score lora") and len(full) == 2

@@ -180,6 +180,16 @@ def enable_gradient_checkpointing(unet: nn.Module, switch) -> int:
 NETWORKS = ("generator", "fake_score")
 
 
+def trainable_copy(unet: nn.Module) -> nn.Module:
+    """A deep copy of ``unet`` whose parameters train in fp32 (the master weights AdamW needs,
+    whatever the base's dtype; autocast computes in bf16/fp16). The parameters are copied
+    first and handed to ``deepcopy`` through its memo, which also keeps the fake tensors of
+    ``--estimate`` in their own mode (deep-copying those directly fails)."""
+    memo = {id(p): nn.Parameter(p.detach().float().clone()) for p in unet.parameters()}
+    memo |= {id(b): b.detach().clone() for b in unet.buffers()}
+    return copy.deepcopy(unet, memo)
+
+
 def sdpa_attention(func, *args, **kwargs):
     """Attention for training: torch's ``scaled_dot_product_attention`` (ComfyUI's
     ``attention_pytorch``), passed as ComfyUI's ``optimized_attention_override``. It is what
@@ -209,6 +219,8 @@ class SharedBaseBackend:
     ("generator", "fake_score") that are instead a fully trained copy of the base: the
     reference's layout, at the memory cost of one more UNet with gradients and optimiser state
     each (the digits study's ablation; a full-rank fake score where LoRA F cannot keep up).
+    ``fake_score_rank``: LoRA F's own rank (default ``lora_rank``; same scale alpha/rank): the
+    fake score must track the generator's distribution, the exported generator can be smaller.
     ``lora_merged``: run adapted layers with merged weights (``lora.AdapterSwitch``).
     ``attention``: "sdpa" runs every attention through ``sdpa_attention`` whatever ComfyUI
     picked for inference; "comfy" keeps ComfyUI's choice."""
@@ -229,6 +241,7 @@ class SharedBaseBackend:
         full_copies: Iterable[str] = (),
         lora_merged: bool = False,
         attention: str = "sdpa",
+        fake_score_rank: int | None = None,
     ):
         if attention not in ("sdpa", "comfy"):
             raise ValueError(f"attention must be 'sdpa' or 'comfy', got {attention!r}")
@@ -249,13 +262,14 @@ class SharedBaseBackend:
         sigmas = base_model.model_sampling.sigmas.double()
         self.alphas_cumprod = (1.0 / (1.0 + sigmas**2)).to(self.device)
         self.unet = to_device(base_model.diffusion_model, self.device).requires_grad_(False).eval()
-        self.copies = {name: copy.deepcopy(self.unet).requires_grad_(True) for name in full}
+        self.copies = {name: trainable_copy(self.unet) for name in full}
         with_lora = tuple(name for name in NETWORKS if name not in full)
         self.unet_config = base_model.model_config.unet_config
         self.adapters = None
         self.switch = AdapterSwitch(lora_merged)
         if with_lora:
-            self.adapters = UNetLoRA(self.unet, self.unet_config, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), adapters=with_lora, seed=seed, merged=lora_merged)
+            self.adapters = UNetLoRA(self.unet, self.unet_config, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), adapters=with_lora, seed=seed, merged=lora_merged,
+                                     ranks={"fake_score": fake_score_rank or lora_rank})
             to_device(self.adapters.unet, self.device)
             self.switch = self.adapters.switch
         if gradient_checkpointing is None:

@@ -88,9 +88,11 @@ examples:
   dmd2-train --checkpoint ComfyUI/models/checkpoints/myFinetune.safetensors \\
              --prompts prompts.txt --images real_images/ --output runs/myFinetune-4step
 
-  # SD1.5 checkpoint -> 1-step LoRA (timestep 999), regression warm start first
+  # SD1.5 checkpoint -> 1-step LoRA (timestep 999): regression warm start first, every layer
+  # adapted and a full fake score, as the digits' 1-step student (about 16 GiB at 512 px)
   dmd2-train --checkpoint ComfyUI/models/checkpoints/mySD15.safetensors \\
-             --prompts prompts.txt --output runs/mySD15-1step --timesteps 1-step --regression-steps 1000
+             --prompts prompts.txt --output runs/mySD15-1step --timesteps 1-step --regression-steps 1000 \\
+             --lora-targets all --fake-score full
 
   From a ComfyUI install without installing the pack, with ComfyUI's own Python:
     python ComfyUI/custom_nodes/comfyui-dmd2/dmd2_train.py --checkpoint ... (same flags)
@@ -142,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-raw", dest="export_raw", action="store_true", default=None,
                    help="also export the raw generator as <name>_raw.safetensors (default: off)")
     p.add_argument("--lora-rank", type=int, dest="lora_rank", help=f"rank of the generator and fake-score LoRAs (default: {run.lora_rank})")
+    p.add_argument("--lora-targets", dest="lora_targets",
+                   help="layers the LoRAs adapt: dmd2 (the reference's list), all (also the input/output convolutions and the "
+                   "time and class embeddings) or diffusers module names separated by commas (default: dmd2)")
+    p.add_argument("--fake-score", dest="fake_score", choices=["lora", "full"],
+                   help="the fake score: a LoRA on the shared base, or a full trained fp32 copy of the UNet (the reference's "
+                   "layout: 16 bytes per UNet parameter more with AdamW, about 14 GB for SD1.5, 41 GB for SDXL; on the digits "
+                   "it made the 1-step student as good as full copies) (default: lora)")
+    p.add_argument("--fake-score-rank", type=int, dest="fake_score_rank",
+                   help="the fake score's own LoRA rank, e.g. 4x --lora-rank: it must follow the generator's samples, and is "
+                   "never exported (default: --lora-rank)")
     p.add_argument("--lora-alpha", type=float, dest="lora_alpha", help=f"LoRA alpha; the update is scaled by alpha/rank (default: {run.lora_alpha})")
     p.add_argument("--lora-name", dest="lora_name", help="file name of the exported LoRA (default: dmd2_<checkpoint name>_lora)")
     p.add_argument("--save-every", type=int, dest="save_every", help=f"iterations between resumable checkpoints (default: {run.save_every})")
@@ -407,7 +419,7 @@ def train(argv: Sequence[str] | None = None):
     """Run the command; returns (trainer, backend, output folder). Raises on bad input, and
     ``Stopped`` when a signal stopped it (after saving a checkpoint)."""
     from . import checkpoint as C
-    from .config import ConfigError, DMD2Config
+    from .config import FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
     from .data import (
         cache_key,
         check_resolution,
@@ -420,7 +432,7 @@ def train(argv: Sequence[str] | None = None):
         write_text_atomic,
     )
     from .run import resume_settings
-    from .lora import DEFAULT_TARGETS
+    from .lora import resolve_targets
 
     args = build_parser().parse_args(argv)
     run, dmd2_values = resolve_settings(args)
@@ -437,6 +449,8 @@ def train(argv: Sequence[str] | None = None):
     C.refuse_non_checkpoint(Path(run.checkpoint), kind)
     if "arch" in dmd2_values and dmd2_values["arch"] != arch:
         raise ConfigError(f"config says arch={dmd2_values['arch']!r} but {run.checkpoint} is an {arch} checkpoint")
+    if run.fake_score == "full":  # a full network's rate unless one is given
+        dmd2_values.setdefault("lr_fake_score", FULL_FAKE_SCORE_LR[arch])
     config = DMD2Config.for_arch(arch, **{k: v for k, v in dmd2_values.items() if k != "arch"})
     if config.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {config.steps} (with 0 the LoRA would be exported untrained)")
@@ -459,7 +473,7 @@ def train(argv: Sequence[str] | None = None):
     cache = output / "cache"
     latest = find_latest_checkpoint(checkpoints) if run.resume else None
     if latest is not None:
-        check_resume_settings(latest, resume_settings(run, config, resolution, run.lora_targets or DEFAULT_TARGETS))
+        check_resume_settings(latest, resume_settings(run, config, resolution, resolve_targets(run.lora_targets)))
     created = prepare_output(output) if dist.main else None
     try:
         # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.
@@ -594,8 +608,9 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
     run = memory.target_settings(run, gpu)
     precision, checkpointing = run.mixed_precision, run.gradient_checkpointing == "on"
     where = "the GPU" if gpu else "the CPU"
+    fake = "a full copy" if run.fake_score == "full" else f"LoRA rank {run.fake_score_rank or run.lora_rank}"
     print(f"estimating one iteration on {where}: {arch.upper() if arch == 'sdxl' else 'SD1.5'} at {resolution} px, "
-          f"batch {config.batch_size} x {config.grad_accum} accumulated, LoRA rank {run.lora_rank}, {precision}, "
+          f"batch {config.batch_size} x {config.grad_accum} accumulated, LoRA rank {run.lora_rank}, fake score {fake}, {precision}, "
           f"gradient checkpointing {'on' if checkpointing else 'off'}, GAN {'on' if with_images else 'off (no --images)'}, "
           f"moving average {'off' if config.ema_decay == 0 else ('in CPU memory' if config.ema_on_cpu else 'on ' + where)}; "
           f"no weight is read (the run's own code on fake tensors)...", flush=True)
@@ -608,7 +623,8 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
         if not gpu:
             print("(--memory-budget is about GPU memory; this estimate is for the CPU)")
         for line in memory.budget_advice(profile, budget_gib, run.lora_rank, resolution,
-                                         ema_on_device=gpu and not config.ema_on_cpu, checkpointing=checkpointing):
+                                         ema_on_device=gpu and not config.ema_on_cpu, checkpointing=checkpointing,
+                                         full_fake_score=run.fake_score == "full"):
             print(line)
 
 

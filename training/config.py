@@ -47,6 +47,12 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The fake score's rate when it is a full network (``dmd2-train --fake-score full``): the
+# reference trains its full fake score at ``--guidance_lr`` 5e-5 for SDXL (X4L) and 1e-5 for
+# SD1.5 (S1); ``lr_fake_score`` above is for a LoRA F (docs/training.md).
+FULL_FAKE_SCORE_LR = {"sdxl": 5e-5, "sd15": 1e-5}
+
+
 # Student schedules by name. The reference's 1-step students condition at 399 for SDXL
 # (experiments/sdxl/sdxl_cond399_*.sh) and at its default 999 for SD1.5 (the released
 # dmd2_sd15_1step_unet_fid8.35.bin); its 4-step schedule is 999, 749, 499, 249.

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -33,7 +33,21 @@ DEFAULT_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 )
+# The rest of an SD-style UNet's Linear/Conv2d layers: the input and output convolutions and
+# the timestep and class/ADM (SDXL's pooled text and sizes) embeddings. ComfyUI's stock loader
+# reads them as it does the rest; the digits' 1-step student needs them (docs/digits.md).
+EMBEDDING_TARGETS = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1", "add_embedding.linear_2")
+TARGET_SETS = {"dmd2": DEFAULT_TARGETS, "all": DEFAULT_TARGETS + EMBEDDING_TARGETS}
 ADAPTERS = ("generator", "fake_score")
+
+
+def resolve_targets(names: Iterable[str]) -> tuple[str, ...]:
+    """Target names with the sets of ``TARGET_SETS`` ("dmd2", "all") expanded, in order,
+    without repeats; empty: the DMD2 list."""
+    out: dict[str, None] = {}
+    for name in names or ("dmd2",):
+        out.update(dict.fromkeys(TARGET_SETS.get(name, (name,))))
+    return tuple(out)
 
 
 def to_device(module: nn.Module, device: torch.device) -> nn.Module:
@@ -169,13 +183,24 @@ class UNetLoRA:
         adapters=ADAPTERS,
         seed: int = 0,
         merged: bool = False,
+        ranks: Mapping[str, int] | None = None,
     ):
-        if rank < 1:
-            raise LoRAError(f"LoRA rank must be >= 1, got {rank}")
-        self.unet, self.rank, self.alpha, self.targets = unet, int(rank), float(alpha), tuple(targets)
+        self.unet, self.rank, self.alpha, self.targets = unet, int(rank), float(alpha), resolve_targets(targets)
         self.adapter_names = tuple(adapters)
+        # ``ranks``: an adapter's own rank where it differs from ``rank`` (e.g. a fake score
+        # with more capacity than the exported generator); its alpha keeps the scale alpha/rank.
+        self.ranks = {name: int((ranks or {}).get(name, rank)) for name in self.adapter_names}
+        for name, r in self.ranks.items():
+            if r < 1:
+                raise LoRAError(f"LoRA rank must be >= 1, got {r} for {name!r}")
         self.switch = AdapterSwitch(merged)
-        self.paths = lora_targets(unet, unet_config, targets)
+        self.paths = lora_targets(unet, unet_config, self.targets)
+        # a name outside the known lists must match a layer (a typo fails; a known name may not
+        # exist in every model, e.g. attention layers in the digits UNet)
+        known = {*TARGET_SETS, *TARGET_SETS["all"]}
+        for name in (t for t in self.targets if t not in known):
+            if not any(p == name or p.endswith("." + name) for p in self.paths):
+                raise LoRAError(f"LoRA target {name!r} matches no Linear/Conv2d layer of this UNet (diffusers module names, e.g. to_q, conv1)")
         self.layers: dict[str, LoRALayer] = {}
         with torch.random.fork_rng(devices=[]):  # same init for the same seed, caller's RNG untouched
             torch.manual_seed(seed)
@@ -186,7 +211,8 @@ class UNetLoRA:
                 layer = LoRALayer(base, self.switch)
                 weight = base.weight
                 for name in self.adapter_names:
-                    layer.adapters[name] = to_device(LoRAAdapter(base, self.rank, self.alpha), weight.device)
+                    r = self.ranks[name]
+                    layer.adapters[name] = to_device(LoRAAdapter(base, r, self.alpha * r / self.rank), weight.device)
                 _set_module(unet, l_path, layer)
                 self.layers[d_path] = layer
 
@@ -237,15 +263,15 @@ class UNetLoRA:
             prefix = "lora_unet_" + d_path.replace(".", "_")
             out[f"{prefix}.lora_down.weight"] = a.down.weight.detach().to("cpu", dtype).contiguous()
             out[f"{prefix}.lora_up.weight"] = a.up.weight.detach().to("cpu", dtype).contiguous()
-            out[f"{prefix}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
+            out[f"{prefix}.alpha"] = torch.tensor(a.alpha, dtype=dtype)
         return out
 
     def export(self, path: str | Path, adapter: str = "generator", metadata: Mapping[str, object] | None = None) -> Path:
         """Write the adapter as a kohya LoRA safetensors file (fp16), atomically."""
         meta = {
             "ss_network_module": "networks.lora",
-            "ss_network_dim": str(self.rank),
-            "ss_network_alpha": str(self.alpha),
+            "ss_network_dim": str(self.ranks[adapter]),
+            "ss_network_alpha": str(self.alpha * self.ranks[adapter] / self.rank),
             "dmd2_lora_targets": ",".join(self.targets),
         }
         for key, value in (metadata or {}).items():

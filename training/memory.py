@@ -141,7 +141,7 @@ class IterationProfile:
     def parts(self) -> list[tuple[str, int]]:
         parts = [
             ("frozen base weights", self.base_weights),
-            ("adapters G + F and GAN head (fp32)", self.trainable),
+            ("trained weights: G, F, GAN head (fp32)", self.trainable),
             ("generator moving average", self.ema),
             ("optimizer state (AdamW)", self.optimizer_state),
             ("activations, gradients, temporaries at the peak", self.activations - self.accumulated_gradients),
@@ -171,15 +171,20 @@ GPU_RESERVE = int(1.5 * GiB)
 
 
 def budget_advice(profile: IterationProfile, budget_gib: float, rank: int, resolution: int, ema_on_device: bool,
-                  checkpointing: bool) -> list[str]:
+                  checkpointing: bool, full_fake_score: bool = False) -> list[str]:
     """Lines saying whether the run fits ``budget_gib`` of GPU memory and, if not, which
-    settings to change, cheapest in quality first, each with the peak it leads to."""
+    settings to change, cheapest in quality first, each with the peak it leads to (with a
+    full fake score: first go back to LoRA F, which holds 16 bytes per UNet parameter less)."""
     budget = budget_gib * GiB
     need = lambda peak: peak + GPU_RESERVE  # noqa: E731
     gib = lambda n: f"{n / GiB:.1f} GiB"  # noqa: E731
     if need(profile.peak) <= budget:
         return [f"fits {budget_gib:g} GiB: {gib(profile.peak)} peak + {gib(GPU_RESERVE)} for the CUDA context and allocator slack"]
     lines = [f"does not fit {budget_gib:g} GiB: {gib(profile.peak)} peak + {gib(GPU_RESERVE)} for the CUDA context and allocator slack"]
+    if full_fake_score:
+        lines.append("  --fake-score lora: a LoRA fake score instead of the full copy (its fp32 weights, gradients and AdamW "
+                     "state: 16 bytes per UNet parameter); run --estimate again with it for further advice")
+        return lines
     if not checkpointing:
         lines.append("  --gradient-checkpointing on: recomputes activations in the backward pass (much less memory; "
                      "run --estimate again to see how much)")

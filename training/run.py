@@ -48,7 +48,9 @@ class RunConfig:
     resolution: int = 0  # 0: 1024 for SDXL, 512 for SD1.5
     lora_rank: int = 64
     lora_alpha: float = 8.0
-    lora_targets: tuple[str, ...] = ()  # empty: the DMD2 defaults (training.lora.DEFAULT_TARGETS)
+    fake_score_rank: int = 0  # LoRA F's own rank; 0: lora_rank (docs/training.md: why more can help)
+    fake_score: str = "lora"  # "lora": LoRA F on the shared base; "full": a trained fp32 copy of the UNet (16 B/parameter more)
+    lora_targets: tuple[str, ...] = ()  # empty or "dmd2": the reference's list; "all": also the in/out convs and embeddings (training.lora)
     lora_name: str = ""  # file name of the exported LoRA; empty: dmd2_<checkpoint stem>_lora
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -69,6 +71,10 @@ class RunConfig:
                 raise ConfigError(f"{key} is required (--{key} or `{key} = ...` in the config file)")
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise ConfigError("lora_rank must be >= 1 and lora_alpha > 0")
+        if self.fake_score not in ("lora", "full"):
+            raise ConfigError(f"fake_score must be lora or full, got {self.fake_score!r}")
+        if self.fake_score_rank < 0:
+            raise ConfigError(f"fake_score_rank must be >= 1 (0: lora_rank), got {self.fake_score_rank}")
         if self.save_every < 1 or self.sample_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("save_every and keep_checkpoints must be >= 1, sample_every >= 0")
         if self.gradient_checkpointing not in ("auto", "on", "off"):
@@ -364,7 +370,9 @@ def resume_settings(run: RunConfig, config, resolution: int, targets: Sequence[s
     """The settings a checkpoint can only be resumed with: everything that shapes the trained
     tensors (LoRA size and targets, resolution, every algorithm key but ``steps``)."""
     dmd2 = {k: v for k, v in config.to_dict().items() if k not in ("steps", "ema_on_cpu")}
-    return {"lora_rank": run.lora_rank, "lora_alpha": run.lora_alpha, "lora_targets": list(targets), "resolution": resolution, **dmd2}
+    fake_score = "full" if run.fake_score == "full" else {"rank": run.fake_score_rank or run.lora_rank}
+    return {"lora_rank": run.lora_rank, "fake_score": fake_score, "lora_alpha": run.lora_alpha,
+            "lora_targets": list(targets), "resolution": resolution, **dmd2}
 
 
 def check_resume_settings(path: Path, current: dict[str, Any]) -> None:
@@ -420,18 +428,19 @@ class TrainingRun:
     def __init__(self, base_model, data, run: RunConfig, config, resolution: int, folder: Path, device: str, dist: Dist | None = None,
                  extra_settings: dict | None = None):
         from .backend import SharedBaseBackend
-        from .lora import DEFAULT_TARGETS
+        from .lora import resolve_targets
         from .trainer import DMD2Trainer
 
         self.run, self.config, self.resolution, self.folder = run, config, resolution, Path(folder)
         self.dist = dist or Dist()
-        self.targets = run.lora_targets or DEFAULT_TARGETS
+        self.targets = resolve_targets(run.lora_targets)
         # what a resume must match; ``extra_settings``: the caller's own (the node: its base model)
         self.settings = resume_settings(run, config, resolution, self.targets) | dict(extra_settings or {})
         self.checkpoints = self.folder / "checkpoints"
         self.backend = SharedBaseBackend(
             base_model, data, (4, resolution // 8, resolution // 8),
-            lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=self.targets,
+            lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=run.lora_targets or ("dmd2",), fake_score_rank=run.fake_score_rank or None,
+            full_copies=("fake_score",) if run.fake_score == "full" else (),
             device=device, mixed_precision=run.mixed_precision or None,
             gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
             seed=config.seed, rank=self.dist.rank,

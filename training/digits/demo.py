@@ -4,9 +4,9 @@ The digits are the proof of what ``dmd2-train`` runs, so the demo runs the produ
 
 1. trains (or reuses a cached) class-conditioned teacher on scikit-learn's 8x8 digits;
 2. distils a 1-step and a 4-step student with the pack's trainer over its shared-base
-   backend: LoRA G and LoRA F (rank 8) on the frozen teacher, the GAN head on the fake
-   score's mid-block, the generator's moving average, each after a regression warm start
-   (``students``);
+   backend: a rank-8 LoRA generator on the frozen teacher, a fake score (LoRA F for 4 steps,
+   a full copy for 1 step) with the GAN head on its mid-block, the generator's moving
+   average, each after a regression warm start (``students``);
 3. exports each student with the export ``dmd2-train`` uses (a kohya LoRA file) and samples
    it in real ComfyUI graphs run by ComfyUI's own server and executor (``comfy_runner``:
    teacher file -> stock ``LoraLoaderModelOnly`` -> class conditioning -> the pack's
@@ -31,21 +31,25 @@ from pathlib import Path
 
 import torch
 
+from ..lora import TARGET_SETS
 from .students import StudentSettings
 
 ONE_STEP, FOUR_STEP = (399,), (999, 749, 499, 249)
 
 
-# The students: LoRA rank 8 (alpha 8) on the frozen teacher. A LoRA moves far less per step
-# than a full copy at the same rate, so the rates are higher than the full-copy path's
-# (8e-4 / 2e-3 for 1 step, 1e-4 / 2e-3 for 4 steps), the fake score's most of all; the GAN
-# head keeps the full-copy path's rate. Both students start from a regression warm start
-# (300 iterations onto the teacher's DDIM-10 samples, then DMD2 afresh): over three trainings
-# it took the 4-step student from 2.94 to 2.30 and, with the fake score's rate halved, the
-# 1-step one from 3.30 to 2.67, both below the teacher's 4 DDIM steps (2.83). The tuning
-# record is in docs/digits.md.
-ONE_STEP_STUDENT = StudentSettings(timesteps=ONE_STEP, lr_generator=4e-3, lr_fake_score=2e-2, ema_decay=0.99,
-                                   regression_steps=300, regression_teacher_steps=10)
+# The students: a rank-8 (alpha 8) LoRA generator on the frozen teacher. A LoRA moves far less
+# per step than a full copy at the same rate, so the rates are higher than the full-copy
+# path's (8e-4 / 2e-3 for 1 step, 1e-4 / 2e-3 for 4 steps); the GAN head keeps the full-copy
+# path's rate. Both students start from a regression warm start (300 iterations onto the
+# teacher's DDIM-10 samples, then DMD2 afresh): over three trainings it took the 4-step
+# student from 2.94 to 2.30, below the teacher's 4 DDIM steps (2.83). The 1-step student is
+# ``dmd2-train --lora-targets all --fake-score full``: after the warm start a LoRA fake score
+# held it back (2.67), a full one at the full-copy rate brings it to the full copies (1.99
+# against 1.89), and its LoRA generator also adapts the input/output convolutions and the
+# time and class embeddings (2.29 to 1.90 for seed 0). The tuning record is in docs/digits.md.
+ONE_STEP_STUDENT = StudentSettings(timesteps=ONE_STEP, lr_generator=4e-3, lr_fake_score=2e-3, ema_decay=0.99,
+                                   regression_steps=300, regression_teacher_steps=10,
+                                   lora_targets=TARGET_SETS["all"], full_copies=("fake_score",))
 FOUR_STEP_STUDENT = StudentSettings(timesteps=FOUR_STEP, lr_generator=5e-4, lr_fake_score=2.5e-3, ema_decay=0.995,
                                     regression_steps=300, regression_teacher_steps=10)
 

@@ -5,8 +5,9 @@ UNet (rank 8 by default: below the 32-channel layer widths, so the update really
 rank) and the GAN head on the fake score's mid-block; every real digit is paired with its
 own label. The student leaves as the same kohya LoRA file ``dmd2-train`` writes
 (``export_generator_lora``), which ComfyUI's stock ``LoraLoaderModelOnly`` puts on the teacher.
-``full_copies`` keeps the reference's layout (a fully trained copy per network) as an
-ablation.
+``full_copies`` makes a network a fully trained copy instead: the fake score alone is
+``dmd2-train --fake-score full`` (the demo's 1-step student), both is the reference's layout
+(the study's ablation rows).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class StudentSettings:
     batch_size: int = 64
     lora_rank: int = 8
     lora_alpha: float = 8.0
+    fake_score_rank: int = 0  # 0: lora_rank
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     gan: bool = True
     gan_generator_weight: float = 5e-3
@@ -94,6 +96,7 @@ def student_backend(teacher: DigitsDenoiser, data: DigitsData, settings: Student
         teacher_base_model(teacher), training_data(data, settings.gan), (1, 8, 8),
         lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_targets=settings.lora_targets, device="cpu",
         gradient_checkpointing=False, seed=seed, full_copies=settings.full_copies,
+        fake_score_rank=settings.fake_score_rank or None,
         lora_merged=True,  # small layers: one merged kernel per layer is 1.4x faster per iteration
     )
 
