@@ -139,6 +139,9 @@ def rows() -> dict[str, tuple]:
         "4-step LoRA r8 (demo), all layers adapted": (replace(demo_four, lora_targets=ALL_LAYERS), single),
         "4-step LoRA G r8, all layers adapted + full fake score (demo rates, F 2e-3)": (
             replace(demo_four, lora_targets=ALL_LAYERS, full_copies=("fake_score",), lr_fake_score=2e-3), single),
+        # the GAN and the warm start on the demo's 1-step layout
+        "1-step LoRA G r8 (demo), GAN off": (replace(demo_one, gan=False), main),
+        "1-step LoRA G r8 (demo), no regression warm start": (replace(demo_one, regression_steps=0), single),
         "1-step LoRA r8, regression warm start (300 it), the 4-step rates (G 5e-4, F 2.5e-3)": (
             replace(one, regression_steps=300, lr_generator=5e-4, lr_fake_score=2.5e-3, ema_decay=0.995), single),
     }
