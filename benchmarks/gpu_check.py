@@ -11,6 +11,7 @@ parallel process while the GPU trains). Prints one table; ``--json`` keeps the f
 
     bash benchmarks/gpu_check.sh                       # SDXL 1024, batch 1 and 2, bf16 (+ fp16)
     python benchmarks/gpu_check.py --device cpu --model mid-sd15 --resolution 64 --iterations 2 --precisions no   # smoke test
+    python benchmarks/gpu_check.py --model sd15 --resolution 512 --batches 1 --precisions bf16 --fake-score full --iterations 10
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def start_estimate(args, precision: str, batch: int, out: Path) -> subprocess.Po
         return None
     cmd = [sys.executable, str(HERE / "bench_memory_estimate.py"), "--skip-measure", "--model", args.model,
            "--resolution", str(args.resolution), "--rank", str(args.rank), "--batch-size", str(batch), "--grad-accum", "1",
-           "--precision", precision, "--threads", "1", "--json", str(out)]
+           "--precision", precision, "--fake-score", args.fake_score, "--threads", "1", "--json", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
 
 
@@ -72,7 +73,7 @@ def check_one(args, precision: str, batch: int, folder: Path) -> dict:
                                 torch.randn(1, unet["adm_in_channels"], generator=gen) if unet.get("adm_in_channels") else None)
     data = TrainingData([cond() for _ in range(4)], cond(), real_latents=torch.randn(4, 4, latent, latent, generator=gen))
     run = RunConfig(checkpoint="-", prompts="-", output=str(folder), images="-", lora_rank=args.rank, mixed_precision=precision,
-                    gradient_checkpointing="auto", device=str(device))
+                    gradient_checkpointing="auto", device=str(device), fake_score=args.fake_score)
     config = DMD2Config.for_arch(arch, batch_size=batch, grad_accum=1, steps=args.iterations)
     if on_gpu:
         torch.cuda.synchronize()
@@ -128,6 +129,7 @@ def main() -> None:
     p.add_argument("--model", default="sdxl")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--fake-score", default="lora", choices=["lora", "full"], help="as dmd2-train --fake-score")
     p.add_argument("--batches", default="1,2")
     p.add_argument("--precisions", default="bf16,fp16", help="fp16 is run where asked (GPUs without bf16 use it)")
     p.add_argument("--iterations", type=int, default=50, help="for batch 1 in the first precision; 10 for the others")
@@ -164,7 +166,8 @@ def main() -> None:
         for line in estimates_file.read_text().splitlines():
             e = json.loads(line)
             estimates[(e["precision"], e["batch"])] = e["estimate_gib"]
-    print(f"{args.model} at {args.resolution} px, LoRA rank {args.rank}, GAN on, gradient checkpointing on, grad_accum 1")
+    print(f"{args.model} at {args.resolution} px, LoRA rank {args.rank}, fake score {args.fake_score}, GAN on, "
+          f"gradient checkpointing on, grad_accum 1")
     print(f"{'precision':9s} {'batch':>5s} {'peak GiB':>9s} {'estimate':>9s} {'ratio':>6s} {'gen s/it':>9s} {'fake s/it':>9s} {'finite':>7s}  LoRA in ComfyUI")
     for r in results:
         if "error" in r:
@@ -180,7 +183,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "a") as fh:
             for r in results:
-                fh.write(json.dumps({"model": args.model, "resolution": args.resolution, **r}) + "\n")
+                fh.write(json.dumps({"model": args.model, "resolution": args.resolution, "fake_score": args.fake_score, **r}) + "\n")
     ok = all(r.get("losses_finite") and r.get("lora_ok") for r in results)
     sys.exit(0 if ok else 1)
 
