@@ -135,6 +135,11 @@ class LoRALayer(nn.Module):
         return out
 
 
+def _matches(d_path: str, target: str) -> bool:
+    """A diffusers module path is ``target`` or ends with it (``to_q`` matches ``...attn1.to_q``)."""
+    return d_path == target or d_path.endswith("." + target)
+
+
 def lora_targets(unet: nn.Module, unet_config: Mapping, targets=DEFAULT_TARGETS) -> dict[str, str]:
     """{diffusers module path: ComfyUI (LDM) module path} of the layers to adapt, in a fixed order.
 
@@ -152,7 +157,7 @@ def lora_targets(unet: nn.Module, unet_config: Mapping, targets=DEFAULT_TARGETS)
         if not diffusers_key.endswith(".weight"):
             continue
         d_path, l_path = diffusers_key[: -len(".weight")], ldm_key[: -len(".weight")]
-        if not any(d_path == t or d_path.endswith("." + t) for t in targets):
+        if not any(_matches(d_path, t) for t in targets):
             continue
         layer = modules.get(l_path)
         if isinstance(layer, LoRALayer):
@@ -189,17 +194,20 @@ class UNetLoRA:
         self.adapter_names = tuple(adapters)
         # ``ranks``: an adapter's own rank where it differs from ``rank`` (e.g. a fake score
         # with more capacity than the exported generator); its alpha keeps the scale alpha/rank.
+        if self.rank < 1:
+            raise LoRAError(f"LoRA rank must be >= 1, got {rank}")
         self.ranks = {name: int((ranks or {}).get(name, rank)) for name in self.adapter_names}
         for name, r in self.ranks.items():
             if r < 1:
                 raise LoRAError(f"LoRA rank must be >= 1, got {r} for {name!r}")
+        self.alphas = {name: self.alpha * r / self.rank for name, r in self.ranks.items()}
         self.switch = AdapterSwitch(merged)
         self.paths = lora_targets(unet, unet_config, self.targets)
         # a name outside the known lists must match a layer (a typo fails; a known name may not
         # exist in every model, e.g. attention layers in the digits UNet)
-        known = {*TARGET_SETS, *TARGET_SETS["all"]}
+        known = set(TARGET_SETS["all"])  # the sets themselves are expanded by now
         for name in (t for t in self.targets if t not in known):
-            if not any(p == name or p.endswith("." + name) for p in self.paths):
+            if not any(_matches(p, name) for p in self.paths):
                 raise LoRAError(f"LoRA target {name!r} matches no Linear/Conv2d layer of this UNet (diffusers module names, e.g. to_q, conv1)")
         self.layers: dict[str, LoRALayer] = {}
         with torch.random.fork_rng(devices=[]):  # same init for the same seed, caller's RNG untouched
@@ -211,8 +219,7 @@ class UNetLoRA:
                 layer = LoRALayer(base, self.switch)
                 weight = base.weight
                 for name in self.adapter_names:
-                    r = self.ranks[name]
-                    layer.adapters[name] = to_device(LoRAAdapter(base, r, self.alpha * r / self.rank), weight.device)
+                    layer.adapters[name] = to_device(LoRAAdapter(base, self.ranks[name], self.alphas[name]), weight.device)
                 _set_module(unet, l_path, layer)
                 self.layers[d_path] = layer
 
@@ -271,7 +278,7 @@ class UNetLoRA:
         meta = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(self.ranks[adapter]),
-            "ss_network_alpha": str(self.alpha * self.ranks[adapter] / self.rank),
+            "ss_network_alpha": str(self.alphas[adapter]),
             "dmd2_lora_targets": ",".join(self.targets),
         }
         for key, value in (metadata or {}).items():

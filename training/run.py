@@ -439,7 +439,7 @@ class TrainingRun:
         self.checkpoints = self.folder / "checkpoints"
         self.backend = SharedBaseBackend(
             base_model, data, (4, resolution // 8, resolution // 8),
-            lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=run.lora_targets or ("dmd2",), fake_score_rank=run.fake_score_rank or None,
+            lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=run.lora_targets, fake_score_rank=run.fake_score_rank or None,
             full_copies=("fake_score",) if run.fake_score == "full" else (),
             device=device, mixed_precision=run.mixed_precision or None,
             gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
