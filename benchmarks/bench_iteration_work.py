@@ -9,12 +9,20 @@ kind. Prints the UNet forward-equivalents per sample (FLOPs counted by torch's f
 one UNet forward) of a generator-update and a fake-score-only iteration, the step times and
 their ratio, and the mean over a generator-update cycle.
 
+``--compile`` adds a third variant, "compiled": "after" with every res block's forward through
+``torch.compile`` (regional compilation, inductor). Each block recompiles per active adapter,
+grad mode and input shape (dozens of graphs); the transformer blocks are left out because
+ComfyUI passes each its block index in ``transformer_options``, which makes one graph per block.
+The first iterations compile (minutes on a CPU); the fastest of ``--repeats`` is what counts.
+
     python benchmarks/bench_iteration_work.py                      # mid-size SD1.5-shaped UNet, 256 px, CPU
+    python benchmarks/bench_iteration_work.py --compile --repeats 4 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -33,13 +41,14 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="iterations of each kind per variant, alternated")
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--compile", action="store_true", help="also 'after' with the res blocks through torch.compile")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     from comfyui_dmd2.comfy_env import ensure_comfy
 
     ensure_comfy(cpu=True)
-    from bench_memory_estimate import random_model
+    from bench_models import random_data, random_model
 
     from comfyui_dmd2.training import backend as B
     from comfyui_dmd2.training.config import DMD2Config
@@ -47,18 +56,22 @@ def main() -> None:
     from comfyui_dmd2.training.trainer import DMD2Trainer
 
     arch, base = random_model(args.model, torch.float32)
-    unet = base.model_config.unet_config
     latent = args.resolution // 8
-    gen = torch.Generator().manual_seed(1)
-    cond = lambda: B.Conditioning(torch.randn(1, 77, unet["context_dim"], generator=gen),  # noqa: E731
-                                  torch.randn(1, unet["adm_in_channels"], generator=gen) if unet.get("adm_in_channels") else None)
-    data = B.TrainingData([cond() for _ in range(4)], cond(), real_latents=torch.randn(4, 4, latent, latent, generator=gen))
+    data = random_data(base.model_config.unet_config, args.resolution)
     variants = {}
-    for name, attention, batched in (("before", "comfy", False), ("after", "sdpa", True)):
+    layouts = [("before", "comfy", False), ("after", "sdpa", True)] + ([("compiled", "sdpa", True)] if args.compile else [])
+    for name, attention, batched in layouts:
         backend = B.SharedBaseBackend(copy.deepcopy(base), data, (4, latent, latent), lora_rank=args.rank, lora_alpha=8.0,
                                       device="cpu", attention=attention)
         if not batched:
             backend.cat_conditions = None
+        if name == "compiled":
+            from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+            torch._dynamo.config.cache_size_limit = 256  # graphs per block: adapters x grad modes x shapes
+            for module in backend.unet.modules():
+                if isinstance(module, ResBlock):
+                    module.forward = torch.compile(module.forward)
         config = DMD2Config.for_arch(arch, fake_updates_per_generator_update=2, warmup_steps=0, grad_accum=1, batch_size=1)
         variants[name] = {"trainer": DMD2Trainer(config, backend), "backend": backend, "times": {"generator": [], "fake": []}}
     x_t = torch.zeros((1, 4, latent, latent))
@@ -69,11 +82,14 @@ def main() -> None:
     for _ in range(args.repeats):
         for kind in ("generator", "fake"):
             for name, v in variants.items():
-                counter = TensorMemory()
+                # FLOPs are counted in a dispatch mode, which costs time per operation: with
+                # --compile every variant runs without it (the counts come from "after")
+                counter = TensorMemory() if not args.compile else contextlib.nullcontext()
                 start = time.perf_counter()
                 with counter:
                     v["trainer"].step()
-                v["times"][kind].append((time.perf_counter() - start, counter.flops / unit))
+                flops = counter.flops / unit if not args.compile else float("nan")
+                v["times"][kind].append((time.perf_counter() - start, flops))
     n = DMD2Config.for_arch(arch).fake_updates_per_generator_update
     print(f"{args.model} at {args.resolution} px, LoRA rank {args.rank}, batch 1, GAN on, fp32 on the CPU, {args.threads} threads; "
           f"counted per generator-update cycle of {n} iterations ({arch} default)")
@@ -85,9 +101,12 @@ def main() -> None:
         print(f"{name:6s}: generator-update iteration {g_s:6.2f} s ({g_fe:.2f} forward-equivalents), "
               f"fake-score-only {f_s:6.2f} s ({f_fe:.2f}); mean {mean[name]:.2f} s, "
               f"{(g_fe + (n - 1) * f_fe) / n:.2f} forward-equivalents")
-    b, a = variants["before"]["times"], variants["after"]["times"]
-    print(f"step time ratio after/before: generator-update {min(a['generator'])[0] / min(b['generator'])[0]:.2f}, "
-          f"fake-score-only {min(a['fake'])[0] / min(b['fake'])[0]:.2f}, mean over the cycle {mean['after'] / mean['before']:.2f}")
+    for name, reference in (("after", "before"), ("compiled", "after")):
+        if name not in variants:
+            continue
+        a, b = variants[name]["times"], variants[reference]["times"]
+        print(f"step time ratio {name}/{reference}: generator-update {min(a['generator'])[0] / min(b['generator'])[0]:.2f}, "
+              f"fake-score-only {min(a['fake'])[0] / min(b['fake'])[0]:.2f}, mean over the cycle {mean[name] / mean[reference]:.2f}")
 
 
 if __name__ == "__main__":

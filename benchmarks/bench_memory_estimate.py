@@ -11,11 +11,20 @@ both, their ratio, the parts, the forward-equivalents and the process's peak RSS
     python benchmarks/bench_memory_estimate.py --model mid-sd15 --resolution 256
     python benchmarks/bench_memory_estimate.py --model sdxl --resolution 1024 --threads 2   # about an hour on 2 cores
     python benchmarks/bench_memory_estimate.py --model sd15 --resolution 512 --fake-score full --skip-measure
+    python benchmarks/bench_memory_estimate.py --model sdxl --resolution 1024 --skip-measure --compare-reference
+
+``--compare-reference`` also estimates the reference DMD2 layout at the same settings, side by
+side: three resident UNets (the frozen real score; the generator, a frozen copy of the base
+with LoRA G; the fake score trained in full, fp32, with the GAN head). That is this pack's
+``--fake-score full`` (base + LoRA G + fp32 fake-score copy) plus one more frozen base UNet,
+whose bytes are exactly the estimate's "frozen base weights"; at full size it does not fit
+this machine to be measured (SDXL: over 50 GiB), so both sides are the estimate's count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -26,37 +35,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_memory import MODELS  # noqa: E402
+from bench_models import MODELS, model_config, random_data, random_model  # noqa: E402
 
 
 def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def model_config(name: str, dtype: torch.dtype):
-    import comfy.supported_models
-
-    arch, unet_config = MODELS[name]
-    cls = comfy.supported_models.SDXL if arch == "sdxl" else comfy.supported_models.SD15
-    config = cls(dict(unet_config))
-    config.set_inference_dtype(dtype, None)
-    return arch, config
-
-
-def random_model(name: str, dtype: torch.dtype):
-    arch, config = model_config(name, dtype)
-    base = config.get_model({})
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in base.diffusion_model.parameters():
-            p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
-    # CUDA autocast runs group and layer norms in fp32, bf16 weights cast; the CPU kernels
-    # refuse an fp32 input with bf16 norm weights, but take fp32 weights with any input. The
-    # norms' weights (0.1 % of the parameters) are kept in fp32 so the CPU runs what a GPU runs.
-    for module in base.diffusion_model.modules():
-        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            module.float()
-    return arch, base
 
 
 def main() -> None:
@@ -72,6 +55,8 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"])
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--skip-measure", action="store_true", help="only the estimate")
+    p.add_argument("--compare-reference", action="store_true",
+                   help="also estimate the reference layout (three resident UNets, full fake score) and print the ratio")
     p.add_argument("--json", metavar="FILE", help="append the figures as one JSON line")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,7 +65,6 @@ def main() -> None:
 
     ensure_comfy(cpu=True)
     from comfyui_dmd2.training import memory as M
-    from comfyui_dmd2.training.backend import Conditioning, TrainingData
     from comfyui_dmd2.training.config import DMD2Config
     from comfyui_dmd2.training.run import RunConfig, TrainingRun
 
@@ -107,12 +91,7 @@ def main() -> None:
 
     if not args.skip_measure:
         _, base = random_model(args.model, dtype)
-        unet = base.model_config.unet_config
-        latent = args.resolution // 8
-        gen = torch.Generator().manual_seed(1)
-        cond = lambda: Conditioning(torch.randn(1, 77, unet["context_dim"], generator=gen),  # noqa: E731
-                                    torch.randn(1, unet["adm_in_channels"], generator=gen) if unet.get("adm_in_channels") else None)
-        data = TrainingData([cond(), cond()], cond(), real_latents=torch.randn(2, 4, latent, latent, generator=gen))
+        data = random_data(base.model_config.unet_config, args.resolution, prompts=2, real=2)
         rss_before = rss_gib()
         training = TrainingRun(base, data, run, M.profiling_config(config), args.resolution, Path("."), device="cpu")
         start = time.perf_counter()
@@ -131,6 +110,19 @@ def main() -> None:
     fe = estimate.forward_equivalents()
     print(f"UNet forward-equivalents per sample: generator-update iteration {fe['generator_iteration']:.2f}, "
           f"fake-score-only iteration {fe['fake_iteration']:.2f}, mean over the cycle {fe['mean_iteration']:.2f}")
+    if args.compare_reference:
+        start = time.perf_counter()
+        _, fake_config = model_config(args.model, dtype)
+        full = M.estimate_model(fake_config, dataclasses.replace(run, fake_score="full"), config, args.resolution, gpu=True, with_images=True)
+        reference = full.peak + full.base_weights  # + the generator's own frozen copy of the base
+        figures["full_fake_score_estimate_gib"] = full.peak / M.GiB
+        figures["reference_estimate_gib"] = reference / M.GiB
+        figures["ratio_to_reference"] = estimate.peak / reference
+        print(f"reference layout (three UNets, full fake score), same settings, estimated in {time.perf_counter() - start:.0f} s:")
+        print(f"  this pack with --fake-score full (base + LoRA G + fp32 fake-score copy) {full.peak / M.GiB:7.2f} GiB")
+        print(f"  + the generator's own frozen base copy                                  {full.base_weights / M.GiB:7.2f} GiB")
+        print(f"  = reference layout                                                      {reference / M.GiB:7.2f} GiB")
+        print(f"this layout / reference layout: {estimate.peak / reference:.3f}  ({estimate.peak / M.GiB:.2f} vs {reference / M.GiB:.2f} GiB)")
     if args.json:
         with open(args.json, "a") as fh:
             fh.write(json.dumps(figures) + "\n")

@@ -27,51 +27,12 @@ import time
 
 import torch
 
-# Mid-size: SD1.5's block structure at 128 base channels (~ 1/6 of SD1.5's parameters).
-MODELS = {
-    "mid-sd15": ("sd15", {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "in_channels": 4, "out_channels": 4, "model_channels": 128, "num_res_blocks": [2, 2, 2, 2],
-        "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
-        "context_dim": 768, "use_linear_in_transformer": False, "adm_in_channels": None,
-        "use_temporal_attention": False, "use_temporal_resblock": False, "num_heads": 8, "num_head_channels": -1,
-    }),
-    "sdxl": ("sdxl", {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
-        "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
-        "context_dim": 2048, "use_linear_in_transformer": True, "adm_in_channels": 2816, "num_classes": "sequential",
-        "use_temporal_attention": False, "use_temporal_resblock": False, "num_heads": -1, "num_head_channels": 64,
-    }),
-}
-
-
-MODELS["sd15"] = ("sd15", {**MODELS["mid-sd15"][1], "model_channels": 320})  # SD1.5 itself (860 M parameters)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_models import MODELS, random_data, random_model  # noqa: E402
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def build_model(name: str, device: torch.device, dtype: torch.dtype):
-    """A ComfyUI model (ModelPatcher) of the named config with random weights."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    arch, unet_config = MODELS[name]
-    cls = comfy.supported_models.SDXL if arch == "sdxl" else comfy.supported_models.SD15
-    model_config = cls(dict(unet_config))
-    model_config.set_inference_dtype(dtype, None)
-    base = model_config.get_model({})
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in base.diffusion_model.parameters():
-            p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
-    base.diffusion_model.to(device)
-    return arch, comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
 
 
 class ReferenceBackend:
@@ -160,20 +121,13 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     on_gpu = device.type == "cuda"
     rss_imports = peak_rss_mib()
-    arch, patcher = build_model(args.model, device, torch.bfloat16 if on_gpu else torch.float32)
-    unet_params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
-    unet_config = MODELS[args.model][1]
-    context_dim = unet_config["context_dim"]
-    gen = torch.Generator().manual_seed(1)
-    cond = lambda: B.Conditioning(
-        torch.randn(1, 77, context_dim, generator=gen),
-        torch.randn(1, unet_config["adm_in_channels"], generator=gen) if unet_config["adm_in_channels"] else None,
-    )
-    latent = args.resolution // 8
+    arch, base = random_model(args.model, torch.bfloat16 if on_gpu else torch.float32, device)
+    unet_params = sum(p.numel() for p in base.diffusion_model.parameters())
     checkpointing = {"auto": on_gpu, "on": True, "off": False}[args.gradient_checkpointing]
-    data = B.TrainingData([cond() for _ in range(4)], cond(), real_latents=torch.randn(4, 4, latent, latent, generator=gen))
+    data = random_data(MODELS[args.model][1], args.resolution)
+    latent = args.resolution // 8
     shared = B.SharedBaseBackend(
-        patcher.model, data, (4, latent, latent), lora_rank=args.rank, lora_alpha=8.0,
+        base, data, (4, latent, latent), lora_rank=args.rank, lora_alpha=8.0,
         device=device, gradient_checkpointing=checkpointing and args.layout == "shared",  # reference: on its copies
     )
     backend = shared if args.layout == "shared" else ReferenceBackend(shared, checkpointing)

@@ -43,35 +43,18 @@ def start_estimate(args, precision: str, batch: int, out: Path) -> subprocess.Po
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
 
 
-def build_model(name: str, dtype: torch.dtype, device: torch.device):
-    """A random-weight ComfyUI model of the named size, filled on the device."""
-    from bench_memory_estimate import model_config
-
-    arch, config = model_config(name, dtype)
-    base = config.get_model({})
-    base.diffusion_model.to(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in base.diffusion_model.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
-    return arch, base
-
-
 def check_one(args, precision: str, batch: int, folder: Path) -> dict:
-    from comfyui_dmd2.training.backend import Conditioning, TrainingData, export_generator_lora
+    from bench_models import random_data, random_model
+
+    from comfyui_dmd2.training.backend import export_generator_lora
     from comfyui_dmd2.training.config import DMD2Config
     from comfyui_dmd2.training.run import RunConfig, TrainingRun
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision]
-    arch, base = build_model(args.model, dtype, device)
-    unet = base.model_config.unet_config
-    latent = args.resolution // 8
-    gen = torch.Generator().manual_seed(1)
-    cond = lambda: Conditioning(torch.randn(1, 77, unet["context_dim"], generator=gen),  # noqa: E731
-                                torch.randn(1, unet["adm_in_channels"], generator=gen) if unet.get("adm_in_channels") else None)
-    data = TrainingData([cond() for _ in range(4)], cond(), real_latents=torch.randn(4, 4, latent, latent, generator=gen))
+    arch, base = random_model(args.model, dtype, device)
+    data = random_data(base.model_config.unet_config, args.resolution)
     run = RunConfig(checkpoint="-", prompts="-", output=str(folder), images="-", lora_rank=args.rank, mixed_precision=precision,
                     gradient_checkpointing="auto", device=str(device), fake_score=args.fake_score)
     config = DMD2Config.for_arch(arch, batch_size=batch, grad_accum=1, steps=args.iterations)

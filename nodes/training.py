@@ -28,9 +28,9 @@ import torch
 from comfy_api.latest import io
 
 from ..training import checkpoint as C
-from ..training.config import ARCH_DEFAULTS, ConfigError, DMD2Config
+from ..training.config import ARCH_DEFAULTS, FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
 from ..training.data import check_resolution, prompt_lines
-from ..training.lora import DEFAULT_TARGETS
+from ..training.lora import TARGET_SETS, resolve_targets
 from ..training.run import RunConfig, Stopped, TrainingRun, check_resume_settings, draw_loss_curves, find_latest_checkpoint, image_grid, resume_settings
 from .schedules import CUSTOM, custom_timesteps_input, preset_input, timesteps_for_preset, validate_custom_text
 
@@ -55,7 +55,8 @@ def check_lora_name(name: str) -> str:
 
 
 def base_fingerprint(model) -> str:
-    """A cheap identity of the base UNet's weights (a resume on another model is refused)."""
+    """A cheap identity of the base UNet's weights (a resume on another model is refused).
+    Read it with no other model loaded (``unpatched_base_fingerprint``)."""
     digest = hashlib.sha256()
     params = list(model.model.diffusion_model.state_dict().items())
     for key, value in params[:4] + params[-4:]:
@@ -63,6 +64,15 @@ def base_fingerprint(model) -> str:
         digest.update(repr(round(float(value.detach().double().sum()), 6)).encode())
     digest.update(str(sum(v.numel() for _, v in params)).encode())
     return digest.hexdigest()[:16]
+
+
+def unpatched_base_fingerprint(model) -> str:
+    """``base_fingerprint`` of the weights as the checkpoint has them. ComfyUI applies a
+    LoRA by writing it into the shared weights while the patched clone is loaded (the sampler
+    of an earlier graph, for instance) and writes them back when it unloads: unloading every
+    model first makes the fingerprint, and the training after it, see the base's own weights."""
+    comfy.model_management.unload_all_models()
+    return base_fingerprint(model)
 
 
 def check_model_sampling_unchanged(model) -> None:
@@ -115,10 +125,14 @@ def interrupts_at_iteration_boundaries():
 def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, custom_timesteps: str, steps: int, seed: int,
                lora_rank: int, lora_alpha: float, lr_generator: float, lr_fake_score: float, real_guidance_scale: float,
                resolution: int, batch_size: int, grad_accum: int, warmup_steps: int, regression_steps: int, preview_every: int,
-               save_every: int, images: torch.Tensor | None = None, captions: str = "", progress=None):
+               save_every: int, images: torch.Tensor | None = None, captions: str = "", fake_score: str = "lora",
+               fake_score_rank: int = 0, lora_targets: str = "dmd2", progress=None):
     """Train (or resume) the run ``lora_name`` on the graph's model; returns (MODEL with the
     LoRA applied, LoRA file name, loss plot IMAGE). Raises TrainingInputError/ConfigError on
-    bad input and ComfyUI's InterruptProcessingException after saving on Interrupt."""
+    bad input and ComfyUI's InterruptProcessingException after saving on Interrupt.
+    ``fake_score``, ``fake_score_rank``, ``lora_targets``: as ``dmd2-train``'s options of the
+    same names; with a full fake score, ``lr_fake_score`` left at the LoRA default becomes the
+    reference's full-network rate, as the command's default does."""
     file_name = check_lora_name(lora_name)
     prompt_list = prompt_lines(prompts or "")
     if not prompt_list:
@@ -140,6 +154,8 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
         )
     check_model_sampling_unchanged(model)
     timesteps = timesteps_for_preset(preset, custom_timesteps, len(model.model.model_sampling.sigmas))
+    if fake_score == "full" and lr_fake_score == _defaults("lr_fake_score"):
+        lr_fake_score = FULL_FAKE_SCORE_LR[arch]  # a LoRA F's rate would be 10-50x too high for a full network
     values = dict(steps=steps, seed=seed, generator_timesteps=tuple(timesteps), lr_generator=lr_generator,
                   lr_fake_score=lr_fake_score, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
                   regression_steps=regression_steps)
@@ -152,10 +168,11 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     folder = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / file_name.removesuffix(".safetensors")
     run = RunConfig(checkpoint="(the graph's MODEL)", prompts="(the node's prompts)", output=str(folder), resolution=resolution,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_name=file_name, save_every=save_every,
-                    sample_every=preview_every, keep_checkpoints=1)
+                    sample_every=preview_every, keep_checkpoints=1, fake_score=fake_score, fake_score_rank=fake_score_rank,
+                    lora_targets=(lora_targets,))
     run.validate()
-    base = {"base_model_fingerprint": base_fingerprint(model)}
-    settings = resume_settings(run, config, resolution, DEFAULT_TARGETS) | base
+    base = {"base_model_fingerprint": unpatched_base_fingerprint(model)}  # (unloads the other models)
+    settings = resume_settings(run, config, resolution, resolve_targets(run.lora_targets)) | base
     lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
     latest = find_latest_checkpoint(folder / "checkpoints")
     if latest is not None:
@@ -164,7 +181,6 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
         raise TrainingInputError(f"a LoRA named {file_name} already exists in models/loras and no run of this node made it: choose another lora_name")
 
     device = comfy.model_management.get_torch_device()
-    comfy.model_management.unload_all_models()  # room for the training: other models go first
     comfy.model_management.load_models_gpu([model], memory_required=0, force_full_load=True)
     training = None
     try:
@@ -256,7 +272,8 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.Float.Input("lr_generator", default=_defaults("lr_generator"), min=1e-8, max=1e-2, step=1e-6, round=False,
                                tooltip="The generator's learning rate (reference: 5e-5)."),
                 io.Float.Input("lr_fake_score", default=_defaults("lr_fake_score"), min=1e-8, max=1e-2, step=1e-6, round=False,
-                               tooltip="The fake score's learning rate (10x the generator's, from the digits study)."),
+                               tooltip="The fake score's learning rate (10x the generator's, from the digits study). "
+                                       "Left at this default with fake_score full, it becomes the reference's full-network rate."),
                 io.Float.Input("real_guidance_scale", default=0.0, min=0.0, max=30.0, step=0.05,
                                tooltip="Guidance of the real score; 0: the reference's value for the architecture (8 for SDXL, 1.75 for SD1.5)."),
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
@@ -274,6 +291,18 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Real images for the GAN term (optional)."),
                 io.String.Input("captions", multiline=True, optional=True, default="",
                                 tooltip="One caption per real image, in order (optional; an empty line: no caption)."),
+                io.Combo.Input("fake_score", options=["lora", "full"], default="lora", optional=True,
+                               tooltip="lora: the fake score is a LoRA on the shared base (the default). full: a trained fp32 "
+                                       "copy of the UNet, as in the paper (16 bytes per UNet parameter more: about 14 GB for "
+                                       "SD1.5, 41 GB for SDXL); better 1-step students (docs/training.md). With full, an "
+                                       "lr_fake_score left at its default becomes 5e-5 (SDXL) / 1e-5 (SD1.5)."),
+                io.Int.Input("fake_score_rank", default=0, min=0, max=1024, optional=True,
+                             tooltip="The fake score LoRA's own rank (0: lora_rank). More capacity for the fake score "
+                                     "without a larger exported LoRA."),
+                io.Combo.Input("lora_targets", options=list(TARGET_SETS), default="dmd2", optional=True,
+                               tooltip="Layers the LoRAs adapt. dmd2: the reference's attention, feed-forward and res-block "
+                                       "layers. all: also the input/output convolutions and the time and class embeddings "
+                                       "(ComfyUI's LoRA loaders read them too); it helped 1-step students on the digits."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA applied (sample it with DMD2 Generate)."),
@@ -294,12 +323,14 @@ class DMD2TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
-                regression_steps, preview_every, save_every, images=None, captions="") -> io.NodeOutput:
+                regression_steps, preview_every, save_every, images=None, captions="", fake_score="lora", fake_score_rank=0,
+                lora_targets="dmd2") -> io.NodeOutput:
         try:
             patched, name, plot = train_lora(
                 model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
-                regression_steps, preview_every, save_every, images=images, captions=captions,
+                regression_steps, preview_every, save_every, images=images, captions=captions, fake_score=fake_score,
+                fake_score_rank=fake_score_rank, lora_targets=lora_targets,
             )
         except ConfigError as exc:  # a resume with changed settings, a value out of range
             raise TrainingInputError(str(exc).replace("--no-resume or another --output", "another lora_name")) from None

@@ -167,6 +167,30 @@ def test_node_lora_equals_the_command_lora_on_sd15(trained, tiny_checkpoints, tm
     assert_same_lora(lora_file(server, "node_run_sd15"), tmp_path / "out" / "dmd2_tiny_sd15_lora.safetensors")
 
 
+def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path):
+    """The node's fake_score / fake_score_rank / lora_targets are the command's options: a full
+    fake score with every layer adapted gives the command's LoRA, at the command's default
+    full-network rate (the node's LoRA-F default rate is swapped for it); the LoRA holds the
+    extra layers and nothing of the fake score, and ComfyUI's own loader reads it."""
+    from comfyui_dmd2.training import cli
+
+    server, _, _ = trained
+    entry = server.wait(submit(server, training_graph("node_full_f", fake_score="full", lora_targets="all", preview_every=0)))
+    assert execution_error(entry) is None, execution_error(entry)
+    rows = [json.loads(line) for line in (server.base / "output" / "dmd2_training" / "node_full_f" / "metrics.jsonl").read_text().splitlines()]
+    assert {row["lr_fake_score"] for row in rows} == {5e-5}  # FULL_FAKE_SCORE_LR["sdxl"], not the LoRA default 5e-4
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS + "\n")
+    cli.train(["--checkpoint", str(tiny_checkpoints["sdxl"]), "--prompts", str(prompts), "--output", str(tmp_path / "out"),
+               "--fake-score", "full", "--lora-targets", "all", *CLI_FLAGS])
+    ours = lora_file(server, "node_full_f")
+    assert_same_lora(ours, tmp_path / "out" / "dmd2_tiny_sdxl_lora.safetensors")
+    keys = load_file(str(ours)).keys()
+    assert {"lora_unet_conv_in.lora_up.weight", "lora_unet_time_embedding_linear_1.lora_up.weight"} <= keys
+    # The sampling half of the workflow ran on the model with this LoRA applied by the node.
+    assert {p.name.split("_")[3] for p in output_images(server, entry)} == {"base", "trained"}
+
+
 def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
     server, _, _ = trained
     graph = training_graph("interrupted", preview_every=0)
@@ -236,9 +260,13 @@ def test_base_model_and_memory_are_given_back(trained):
         (dict(lora_name="../escape"), "is not a plain file name"),
         (dict(lora_name="sub/name"), "is not a plain file name"),
         (dict(lora_rank=8), "lora_rank is 8 now but the saved run used 4"),
+        (dict(fake_score="full"), "fake_score is 'full' now but the saved run used {'rank': 4}"),
+        (dict(fake_score_rank=16), "fake_score is {'rank': 16} now"),
+        (dict(lora_targets="all"), "lora_targets is"),
         (dict(lora_name="dmd2_sdxl_4step_lora_fp16"), "already exists in models/loras"),
     ],
-    ids=["no prompts", "dotdot name", "path name", "changed setting", "name taken"],
+    ids=["no prompts", "dotdot name", "path name", "changed setting", "changed fake score", "changed fake-score rank",
+         "changed targets", "name taken"],
 )
 def test_bad_input_is_a_clear_error_and_the_server_stays_up(trained, change, message):
     server, _, _ = trained
@@ -307,3 +335,32 @@ def test_other_model_families_are_named(tiny_checkpoints):
     model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(TrainingInputError, match="model family SD20 is not supported"):
         train_lora(model, None, None, PROMPTS, "family", "4-step (999,749,499,249)", "", 2, 0, 4, 8.0, 1e-3, 1e-3, 0.0, 64, 1, 1, 0, 0, 0, 10)
+
+
+def test_fingerprint_reads_the_base_while_a_patched_clone_is_loaded(tiny_checkpoints):
+    """ComfyUI writes a loaded clone's LoRA into the shared weights: a LoRA on the time
+    embedding (``lora_targets`` all adapts it; the fingerprint reads it) left loaded by an
+    earlier graph must not change the base's fingerprint, or a resume would be refused as
+    "another model" (it was, before: the node's own full-F/all-targets LoRA, sampled, then an
+    interrupted run re-queued)."""
+    import comfy.model_management
+    import comfy.sd
+    import tiny_models
+
+    from comfyui_dmd2.nodes.training import base_fingerprint, unpatched_base_fingerprint
+
+    model = tiny_models.build_model("sdxl")
+    before = base_fingerprint(model)
+    out_features, in_features = model.model.diffusion_model.time_embed[0].weight.shape
+    rank = 2
+    lora = {"lora_unet_time_embedding_linear_1.lora_down.weight": torch.ones(rank, in_features),
+            "lora_unet_time_embedding_linear_1.lora_up.weight": torch.ones(out_features, rank),
+            "lora_unet_time_embedding_linear_1.alpha": torch.tensor(float(rank))}
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    try:
+        assert base_fingerprint(model) != before  # the LoRA is in the shared weights now
+        assert unpatched_base_fingerprint(model) == before
+        assert base_fingerprint(model) == before  # and stays out after unloading
+    finally:
+        comfy.model_management.unload_all_models()
