@@ -30,7 +30,7 @@ from comfy_api.latest import io
 from ..training import checkpoint as C
 from ..training.config import ARCH_DEFAULTS, FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
 from ..training.data import check_resolution, prompt_lines
-from ..training.lora import TARGET_SETS, resolve_targets
+from ..training.lora import TARGET_SETS
 from ..training.run import RunConfig, Stopped, TrainingRun, check_resume_settings, draw_loss_curves, find_latest_checkpoint, image_grid, resume_settings
 from .schedules import CUSTOM, custom_timesteps_input, preset_input, timesteps_for_preset, validate_custom_text
 
@@ -172,7 +172,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
                     lora_targets=(lora_targets,))
     run.validate()
     base = {"base_model_fingerprint": unpatched_base_fingerprint(model)}  # (unloads the other models)
-    settings = resume_settings(run, config, resolution, resolve_targets(run.lora_targets)) | base
+    settings = resume_settings(run, config, resolution) | base
     lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
     latest = find_latest_checkpoint(folder / "checkpoints")
     if latest is not None:

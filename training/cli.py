@@ -432,7 +432,6 @@ def train(argv: Sequence[str] | None = None):
         write_text_atomic,
     )
     from .run import resume_settings
-    from .lora import resolve_targets
 
     args = build_parser().parse_args(argv)
     run, dmd2_values = resolve_settings(args)
@@ -473,7 +472,7 @@ def train(argv: Sequence[str] | None = None):
     cache = output / "cache"
     latest = find_latest_checkpoint(checkpoints) if run.resume else None
     if latest is not None:
-        check_resume_settings(latest, resume_settings(run, config, resolution, resolve_targets(run.lora_targets)))
+        check_resume_settings(latest, resume_settings(run, config, resolution))
     created = prepare_output(output) if dist.main else None
     try:
         # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.

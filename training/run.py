@@ -366,9 +366,12 @@ def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Di
     return final
 
 
-def resume_settings(run: RunConfig, config, resolution: int, targets: Sequence[str]) -> dict[str, Any]:
+def resume_settings(run: RunConfig, config, resolution: int) -> dict[str, Any]:
     """The settings a checkpoint can only be resumed with: everything that shapes the trained
     tensors (LoRA size and targets, resolution, every algorithm key but ``steps``)."""
+    from .lora import resolve_targets
+
+    targets = resolve_targets(run.lora_targets)
     dmd2 = {k: v for k, v in config.to_dict().items() if k not in ("steps", "ema_on_cpu")}
     fake_score = "full" if run.fake_score == "full" else {"rank": run.fake_score_rank or run.lora_rank}
     return {"lora_rank": run.lora_rank, "fake_score": fake_score, "lora_alpha": run.lora_alpha,
@@ -428,14 +431,12 @@ class TrainingRun:
     def __init__(self, base_model, data, run: RunConfig, config, resolution: int, folder: Path, device: str, dist: Dist | None = None,
                  extra_settings: dict | None = None):
         from .backend import SharedBaseBackend
-        from .lora import resolve_targets
         from .trainer import DMD2Trainer
 
         self.run, self.config, self.resolution, self.folder = run, config, resolution, Path(folder)
         self.dist = dist or Dist()
-        self.targets = resolve_targets(run.lora_targets)
         # what a resume must match; ``extra_settings``: the caller's own (the node: its base model)
-        self.settings = resume_settings(run, config, resolution, self.targets) | dict(extra_settings or {})
+        self.settings = resume_settings(run, config, resolution) | dict(extra_settings or {})
         self.checkpoints = self.folder / "checkpoints"
         self.backend = SharedBaseBackend(
             base_model, data, (4, resolution // 8, resolution // 8),
