@@ -167,30 +167,6 @@ def test_node_lora_equals_the_command_lora_on_sd15(trained, tiny_checkpoints, tm
     assert_same_lora(lora_file(server, "node_run_sd15"), tmp_path / "out" / "dmd2_tiny_sd15_lora.safetensors")
 
 
-def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path):
-    """The node's fake_score / fake_score_rank / lora_targets are the command's options: a full
-    fake score with every layer adapted gives the command's LoRA, at the command's default
-    full-network rate (the node's LoRA-F default rate is swapped for it); the LoRA holds the
-    extra layers and nothing of the fake score, and ComfyUI's own loader reads it."""
-    from comfyui_dmd2.training import cli
-
-    server, _, _ = trained
-    entry = server.wait(submit(server, training_graph("node_full_f", fake_score="full", lora_targets="all", preview_every=0)))
-    assert execution_error(entry) is None, execution_error(entry)
-    rows = [json.loads(line) for line in (server.base / "output" / "dmd2_training" / "node_full_f" / "metrics.jsonl").read_text().splitlines()]
-    assert {row["lr_fake_score"] for row in rows} == {5e-5}  # FULL_FAKE_SCORE_LR["sdxl"], not the LoRA default 5e-4
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(PROMPTS + "\n")
-    cli.train(["--checkpoint", str(tiny_checkpoints["sdxl"]), "--prompts", str(prompts), "--output", str(tmp_path / "out"),
-               "--fake-score", "full", "--lora-targets", "all", *CLI_FLAGS])
-    ours = lora_file(server, "node_full_f")
-    assert_same_lora(ours, tmp_path / "out" / "dmd2_tiny_sdxl_lora.safetensors")
-    keys = load_file(str(ours)).keys()
-    assert {"lora_unet_conv_in.lora_up.weight", "lora_unet_time_embedding_linear_1.lora_up.weight"} <= keys
-    # The sampling half of the workflow ran on the model with this LoRA applied by the node.
-    assert {p.name.split("_")[3] for p in output_images(server, entry)} == {"base", "trained"}
-
-
 def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
     server, _, _ = trained
     graph = training_graph("interrupted", preview_every=0)
@@ -251,6 +227,32 @@ def test_base_model_and_memory_are_given_back(trained):
     assert rss[1] - rss[0] < 48 * 2**20, f"RSS grew by {(rss[1] - rss[0]) / 2**20:.0f} MiB over another training"
     assert rss[1] - before < 128 * 2**20, f"RSS is {(rss[1] - before) / 2**20:.0f} MiB above what it was before training"
     assert server.get("/system_stats")  # still serving
+
+
+def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path):
+    """The node's fake_score / fake_score_rank / lora_targets are the command's options: a full
+    fake score with every layer adapted gives the command's LoRA, at the command's default
+    full-network rate (the node's LoRA-F default rate is swapped for it); the LoRA holds the
+    extra layers and nothing of the fake score, and ComfyUI's own loader reads it. (After the
+    memory test: the full copy's fp32 weights and AdamW state raise the server's RSS high-water
+    mark, which that test's bound against the RSS before any training would count.)"""
+    from comfyui_dmd2.training import cli
+
+    server, _, _ = trained
+    entry = server.wait(submit(server, training_graph("node_full_f", fake_score="full", lora_targets="all", preview_every=0)))
+    assert execution_error(entry) is None, execution_error(entry)
+    rows = [json.loads(line) for line in (server.base / "output" / "dmd2_training" / "node_full_f" / "metrics.jsonl").read_text().splitlines()]
+    assert {row["lr_fake_score"] for row in rows} == {5e-5}  # FULL_FAKE_SCORE_LR["sdxl"], not the LoRA default 5e-4
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS + "\n")
+    cli.train(["--checkpoint", str(tiny_checkpoints["sdxl"]), "--prompts", str(prompts), "--output", str(tmp_path / "out"),
+               "--fake-score", "full", "--lora-targets", "all", *CLI_FLAGS])
+    ours = lora_file(server, "node_full_f")
+    assert_same_lora(ours, tmp_path / "out" / "dmd2_tiny_sdxl_lora.safetensors")
+    keys = load_file(str(ours)).keys()
+    assert {"lora_unet_conv_in.lora_up.weight", "lora_unet_time_embedding_linear_1.lora_up.weight"} <= keys
+    # The sampling half of the workflow ran on the model with this LoRA applied by the node.
+    assert {p.name.split("_")[3] for p in output_images(server, entry)} == {"base", "trained"}
 
 
 @pytest.mark.parametrize(
