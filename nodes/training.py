@@ -9,7 +9,9 @@ iterations and shows the averaged generator's samples every ``preview_every`` it
 Interrupt stops after the current iteration with a checkpoint in
 ``output/dmd2_training/<lora name>/`` (not next to the LoRA: ComfyUI would list the
 checkpoint's tensors among the LoRAs); queuing the same graph again resumes it, and a changed
-setting that would change the trained tensors is refused by name.
+setting that would change the trained tensors, or other prompts, images or captions, is refused
+by name. Every refusal is raised when the node runs, none at validation: in a graph with other
+outputs ComfyUI drops a branch that fails validation and reports the job as completed.
 """
 
 from __future__ import annotations
@@ -29,10 +31,21 @@ from comfy_api.latest import io
 
 from ..training import checkpoint as C
 from ..training.config import ARCH_DEFAULTS, FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
-from ..training.data import check_resolution, prompt_lines
+from ..training.data import check_resolution, data_fingerprints, prompt_lines
 from ..training.lora import TARGET_SETS
-from ..training.run import RunConfig, Stopped, TrainingRun, check_resume_settings, draw_loss_curves, find_latest_checkpoint, image_grid, resume_settings
-from .schedules import CUSTOM, custom_timesteps_input, preset_input, timesteps_for_preset, validate_custom_text
+from ..training.run import (
+    DATA_KEYS,
+    RunConfig,
+    Stopped,
+    TrainingRun,
+    draw_loss_curves,
+    find_latest_checkpoint,
+    image_grid,
+    resume_mismatch,
+    resume_settings,
+    saved_settings,
+)
+from .schedules import custom_timesteps_input, preset_input, timesteps_for_preset
 
 RUNS_FOLDER = "dmd2_training"  # under ComfyUI's output directory
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
@@ -43,15 +56,44 @@ class TrainingInputError(ValueError):
 
 
 def check_lora_name(name: str) -> str:
-    """The file name (``<name>.safetensors``) for a LoRA name typed in the node: one plain
-    file name in models/loras, no folders, no ``..``."""
+    """The file name (``<name>.safetensors``, folders joined by '/') for a LoRA name typed in
+    the node: a plain name, or one in a subfolder of models/loras (``sub/name``, as ComfyUI
+    lists LoRAs kept in subfolders); never ``..``, an absolute path or an empty folder name."""
     stem = name.strip().removesuffix(".safetensors")
-    if not stem or ".." in stem or "/" in stem or "\\" in stem or not LORA_NAME.match(stem):
+    parts = stem.replace("\\", "/").split("/")
+    if ".." in stem or not all(LORA_NAME.match(part) for part in parts):
         raise TrainingInputError(
-            f"lora_name {name!r} is not a plain file name: use letters, digits, spaces, '.', '_', '+' or '-', "
-            "without '..' or a path separator (the LoRA is saved in models/loras)"
+            f"lora_name {name!r} is not a name in models/loras: use letters, digits, spaces, '.', '_', '+' or '-', "
+            "optionally in subfolders (sub/name), without '..' or a leading '/'"
         )
-    return stem + ".safetensors"
+    return "/".join(parts) + ".safetensors"
+
+
+def free_name(stem: str, taken) -> str:
+    """``stem_2``, ``stem_3``, ...: the first name ``taken`` (a LoRA or a run of that name
+    exists) says is free, offered in a refusal so that a new run is one edit away."""
+    return next(f"{stem}_{i}" for i in range(2, 10_000) if not taken(f"{stem}_{i}"))
+
+
+def _shown(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value) if value is not None else "none"
+
+
+def resume_refusal(stem: str, step: int, total: int, key: str, now, saved, suggestion: str) -> str:
+    """One line for a queued run whose name belongs to a run with other settings: which run,
+    how far it got, what differs, and the two ways on (set it back, or a new name). Said as
+    "a run named X exists" because a finished run is not resumed but re-exported."""
+    where = f"{RUNS_FOLDER}/{stem} in the output folder, {'finished' if step >= total else 'stopped'} at step {step}"
+    if key in DATA_KEYS:
+        differs = f"trained on other {key} ({_shown(saved)}; now {_shown(now)})"
+        back = f"set the {key} back"
+    else:
+        differs = f"with {key} {_shown(saved)}; this graph has {key} {_shown(now)}"
+        back = f"set {key} back to {_shown(saved)}"
+    return (f"a run named {stem!r} exists ({where}) {differs}. To continue it, {back}; for a new run, choose another "
+            f"lora_name (e.g. {suggestion!r})")
 
 
 def base_fingerprint(model) -> str:
@@ -165,18 +207,33 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     if config.steps < 1:
         raise TrainingInputError("steps must be >= 1")
     resolution = check_resolution(resolution or (1024 if arch == "sdxl" else 512))
-    folder = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / file_name.removesuffix(".safetensors")
+    stem = file_name.removesuffix(".safetensors")
+    runs = Path(folder_paths.get_output_directory()) / RUNS_FOLDER
+    folder = runs / stem
     run = RunConfig(checkpoint="(the graph's MODEL)", prompts="(the node's prompts)", output=str(folder), resolution=resolution,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_name=file_name, save_every=save_every,
                     sample_every=preview_every, keep_checkpoints=1, fake_score=fake_score, fake_score_rank=fake_score_rank,
                     lora_targets=(lora_targets,))
     run.validate()
-    base = {"base_model_fingerprint": unpatched_base_fingerprint(model)}  # (unloads the other models)
+    # The data is part of what a resume must match. Edited prompts under the same name are
+    # refused (naming them), not started as a new run under another name: the user chose the
+    # name, the LoRA loaders downstream read that file, and continuing with more prompts is
+    # also a plausible intent; the refusal says both ways on and offers a free name.
+    data = data_fingerprints(prompt_list, None if images is None else (image_bytes(image) for image in images),
+                             caption_list if images is not None else ())
+    base = {"base_model_fingerprint": unpatched_base_fingerprint(model)} | data  # (unloads the other models)
     settings = resume_settings(run, config, resolution) | base
-    lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    lora_path = loras / file_name
     latest = find_latest_checkpoint(folder / "checkpoints")
     if latest is not None:
-        check_resume_settings(latest, settings)
+        mismatch = resume_mismatch(saved_settings(latest), settings)
+        if mismatch is not None:
+            def taken(name: str) -> bool:
+                return (loras / f"{name}.safetensors").exists() or (runs / name).exists()
+
+            step = int(latest.name.removeprefix("step_"))
+            raise TrainingInputError(resume_refusal(stem, step, config.total_steps, *mismatch, free_name(stem, taken)))
     elif lora_path.exists():
         raise TrainingInputError(f"a LoRA named {file_name} already exists in models/loras and no run of this node made it: choose another lora_name")
 
@@ -232,6 +289,11 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     return patched, file_name, plot_image
 
 
+def image_bytes(image: torch.Tensor) -> bytes:
+    """An IMAGE's pixels as 8-bit RGB bytes (its fingerprint: what the VAE encodes)."""
+    return image.mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy().tobytes() + str(tuple(image.shape)).encode()
+
+
 def _defaults(key: str):
     return ARCH_DEFAULTS["sdxl"].get(key, getattr(DMD2Config(), key))
 
@@ -257,8 +319,9 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.String.Input("prompts", multiline=True, default="",
                                 tooltip="Training prompts, one per line (# lines are skipped). The first four are previewed."),
                 io.String.Input("lora_name", default="dmd2_my_model_lora",
-                                tooltip="File name in models/loras (no folders). The same name with the same settings resumes "
-                                        "an interrupted run; other settings are refused by name."),
+                                tooltip="File name in models/loras, optionally in a subfolder (sub/name). The same name with the same "
+                                        "settings and data resumes an interrupted run; other settings, prompts or images "
+                                        "are refused by name (choose another name for a new run)."),
                 preset_input(),
                 custom_timesteps_input(),
                 io.Int.Input("steps", default=config.steps, min=1, max=1_000_000,
@@ -310,15 +373,6 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.Image.Output(display_name="loss_plot", tooltip="The training losses and the discriminator's logits."),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, preset, custom_timesteps, lora_name=None) -> bool | str:
-        if isinstance(lora_name, str):
-            try:
-                check_lora_name(lora_name)
-            except TrainingInputError as exc:
-                return str(exc)
-        return validate_custom_text(preset, custom_timesteps) if preset == CUSTOM else True
 
     @classmethod
     def execute(cls, model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,

@@ -456,6 +456,57 @@ def test_resume_with_other_settings_is_refused_naming_the_key(finished, tiny_che
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == before  # nothing touched
 
 
+def test_resume_with_other_training_data_is_refused_naming_it(finished, tiny_checkpoints, inputs, tmp_path, capsys, no_loading):
+    """Another prompts file, an edited image, a changed caption or no images at all in the same
+    --output: refused by name before anything is loaded (a finished run would otherwise
+    re-export the old LoRA as if trained on the new data)."""
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(finished[2], output)
+    before = sorted(p.name for p in (output / "checkpoints").iterdir())
+    saved = json.loads((output / "checkpoints" / before[-1] / "settings.json").read_text())
+    assert saved["prompts"].startswith("3 prompts, sha256 ") and saved["images"].startswith("3 images, sha256 ")
+    assert saved["captions"].startswith("2 captioned, sha256 ")
+
+    def args(prompts=inputs["prompts"], images=inputs["images"]):
+        extra = ["--images", str(images)] if images else []
+        return ["--checkpoint", str(tiny_checkpoints["sd15"]), "--prompts", str(prompts), "--output", str(output), "--steps", "6", *FAST, *extra]
+
+    other = tmp_path / "other.txt"
+    other.write_text("a red cube\na tree by the sea\na green field\n")
+    err = _bad(args(prompts=other), capsys, "the prompts differ from the saved run's (3 prompts, sha256 ")
+    assert "--no-resume" in err and "Traceback" not in err
+    reordered = tmp_path / "reordered.txt"
+    reordered.write_text("blue sky\na red cube\na tree by the sea\n")
+    _bad(args(prompts=reordered), capsys, "the prompts differ")
+    _bad(args(images=None), capsys, "the images differ from the saved run's (none now, 3 images, sha256 ")
+    edited = tmp_path / "edited"
+    shutil.copytree(inputs["images"], edited)
+    Image.new("RGB", (150, 128), (200, 10, 10)).save(edited / "0.png")
+    _bad(args(images=edited), capsys, "the images differ")
+    recaptioned = tmp_path / "recaptioned"
+    shutil.copytree(inputs["images"], recaptioned)
+    (recaptioned / "2.caption").write_text("a violet square")
+    _bad(args(images=recaptioned), capsys, "the captions differ")
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_a_checkpoint_saved_without_data_fingerprints_still_resumes(finished, tiny_checkpoints, inputs, tmp_path):
+    """Checkpoints of earlier versions have no prompts/images/captions keys: they resume (only
+    keys both sides have are compared), and the next checkpoint saves them."""
+    import shutil
+
+    output = tmp_path / "old"
+    shutil.copytree(finished[2], output)
+    for settings in (output / "checkpoints").glob("step_*/settings.json"):
+        old = {k: v for k, v in json.loads(settings.read_text()).items() if k not in ("prompts", "images", "captions")}
+        settings.write_text(json.dumps(old))
+    trainer, _, _ = cli.train(_args(tiny_checkpoints["sd15"], inputs, output, 5, "--images", str(inputs["images"]), "--sample-every", "0"))
+    assert trainer.step_count == 5
+    assert "prompts" in json.loads((output / "checkpoints" / "step_0000005" / "settings.json").read_text())
+
+
 def test_one_step_preset_flag_trains_a_399_student(tiny_checkpoints, inputs, tmp_path):
     trainer, _, output = cli.train(_args(tiny_checkpoints["sdxl"], inputs, tmp_path / "one", 2, "--timesteps", "1-step", "--grad-accum", "2", "--sample-every", "0"))
     assert trainer.config.generator_timesteps == (399,) and trainer.config.grad_accum == 2
