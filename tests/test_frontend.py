@@ -322,3 +322,72 @@ def test_dmd2_train_workflow_loads_without_overlaps_and_converts_to_its_api_twin
     assert not pairs, "; ".join(pairs)
     diffs = prompt_differences(result["output"], workflow_api(checkpoint, lora, prompt, 1024, timesteps))
     assert not diffs, "\n".join(diffs)
+
+
+# -- running graphs from the frontend ----------------------------------------------------------
+
+# Set widget values ([node id, widget name, value] ...), queue the graph as the Run button does
+# and wait for the prompt's end (success, error or interrupt) as the frontend receives it.
+QUEUE_AND_WAIT = """(async (changes) => {
+  const app = window.app, api = window.comfyAPI.api.api;
+  for (const b of document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button')) b.click();
+  for (const [id, name, value] of changes) {
+    app.graph.getNodeById(id).widgets.find(w => w.name === name).value = value;
+  }
+  const ends = ['execution_success', 'execution_error', 'execution_interrupted'];
+  const finished = new Promise(resolve => {
+    const handler = (e) => { for (const t of ends) api.removeEventListener(t, handler); resolve({type: e.type, detail: e.detail}); };
+    for (const t of ends) api.addEventListener(t, handler);
+  });
+  await app.queuePrompt(0, 1);
+  const result = await finished;
+  await new Promise(r => setTimeout(r, 300));
+  return result;
+})"""
+
+# What a user sees of a node's note: the note widget's element, on screen at zoom 1.
+NOTE_ON_SCREEN = """(async (id) => {
+  const app = window.app, node = app.graph.getNodeById(id);
+  app.canvas.ds.scale = 1;
+  app.canvas.centerOnNode(node);
+  app.canvas.setDirty(true, true);
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => requestAnimationFrame(r))));
+  const widgets = (node.widgets || []).map(w => w.name);
+  const widget = (node.widgets || []).find(w => w.name === 'dmd2_note');
+  const toasts = [...document.querySelectorAll('.p-toast-message')].map(e => e.innerText);
+  const dialogs = [...document.querySelectorAll('.p-dialog')].map(e => e.innerText);
+  if (!widget) return {widgets, note: null, toasts, dialogs};
+  const el = widget.element, box = el.getBoundingClientRect(), style = getComputedStyle(el);
+  return {widgets, toasts, dialogs, note: {text: el.textContent, shown: style.display !== 'none' && style.visibility !== 'hidden'
+          && box.width > 50 && box.height > 0, clipped: el.scrollHeight > el.clientHeight + 1,
+          inViewport: box.top >= 0 && box.bottom <= window.innerHeight, height: box.height}};
+})"""
+
+
+def queue_in_frontend(browser: Chromium, changes) -> dict:
+    return browser.evaluate(f"{QUEUE_AND_WAIT}({json.dumps(changes)})", timeout=300)
+
+
+def test_family_warning_is_shown_whole_then_cleared_by_the_next_run(page):
+    """Issue #27, items 3 and 4: the Lightning LoRA sampled with the LCM preset puts the whole
+    warning (the preset to use included) on DMD2 Generate, unclipped, and in a toast; the same
+    graph with the right preset runs again and the note is gone."""
+    workflow = load(WORKFLOWS / "sdxl_lightning_4step_lora.json")
+    assert not problems_loading(load_in_frontend(page, workflow, "lightning-notes"))
+    lcm = "LCM 4-step (lcm, 999,759,499,259)"
+    ended = queue_in_frontend(page, [[4, "width", 64], [4, "height", 64], [5, "preset", lcm]])
+    assert ended["type"] == "execution_success", ended
+    seen = page.evaluate(f"{NOTE_ON_SCREEN}(5)")
+    note = seen["note"]
+    assert note is not None, seen
+    expected = (f"sdxl_lightning_4step_lora.safetensors is a SDXL-Lightning release, but preset '{lcm}' samples the "
+                "LCM-LoRA way; its own preset: SDXL-Lightning 4-step (euler, trailing).")
+    assert note["text"] == expected
+    assert note["shown"] and note["inViewport"] and not note["clipped"], note
+    assert any("SDXL-Lightning 4-step (euler, trailing)" in toast for toast in seen["toasts"]), seen["toasts"]
+
+    ended = queue_in_frontend(page, [[5, "preset", "SDXL-Lightning 4-step (euler, trailing)"]])
+    assert ended["type"] == "execution_success", ended
+    seen = page.evaluate(f"{NOTE_ON_SCREEN}(5)")
+    assert seen["note"] is None and "dmd2_note" not in seen["widgets"], seen
+    assert not any("$$node-text-preview" == name for name in seen["widgets"])  # no stale stock progress text either

@@ -1,0 +1,90 @@
+// comfyui-dmd2 in the ComfyUI frontend: a node's note (its "text" output) shown in full.
+//
+// DMD2 Generate returns its warnings (a preset of another release family, a step count the
+// release was not distilled for) as the "text" output of every run, an empty list when there
+// is nothing to say; DMD2 Train LoRA returns where its LoRA and run folder are. Each run
+// replaces the note below the node's widgets, sized to the whole text (stock progress text is
+// cut to two lines and is never cleared), or removes it; a warning is also shown as a toast.
+import { app } from "../../scripts/app.js";
+
+const NOTE = "dmd2_note";
+// node type -> toast severity of its note (null: no toast)
+const NOTED = { DMD2Generate: "warn", DMD2TrainLoRA: null };
+const LINE_HEIGHT = 16;
+const PADDING = 10;
+
+function noteWidget(node) {
+  return node.widgets?.find((w) => w.name === NOTE);
+}
+
+function removeNote(node) {
+  const index = node.widgets?.findIndex((w) => w.name === NOTE) ?? -1;
+  if (index < 0) return;
+  node.widgets[index].onRemove?.();
+  node.widgets.splice(index, 1);
+}
+
+function addNote(node, warn) {
+  const element = document.createElement("div");
+  element.className = "dmd2-note";
+  Object.assign(element.style, {
+    whiteSpace: "pre-wrap", overflowWrap: "anywhere", overflowY: "auto", boxSizing: "border-box",
+    font: `12px/${LINE_HEIGHT}px sans-serif`, padding: "4px 6px", borderRadius: "4px",
+    color: warn ? "#ffd27a" : "var(--input-text, #ddd)",
+    background: warn ? "rgba(120, 80, 0, 0.35)" : "var(--comfy-input-bg, #222)",
+  });
+  const widget = node.addDOMWidget(NOTE, "dmd2_note", element, {
+    serialize: false,
+    getValue: () => element.textContent,
+    setValue: (value) => { element.textContent = value; },
+    // The whole text: its rendered height once laid out, else an estimate from its length.
+    getMinHeight: () => {
+      const width = Math.max(80, (node.size?.[0] ?? 300) - 30);
+      const estimate = element.textContent.split("\n")
+        .reduce((lines, line) => lines + Math.max(1, Math.ceil((line.length * 6.5) / width)), 0);
+      return Math.max(element.scrollHeight ? Math.min(element.scrollHeight, 400) : 0,
+                      estimate * LINE_HEIGHT + PADDING);
+    },
+  });
+  widget.serialize = false;
+  return widget;
+}
+
+function fit(node) {
+  const size = node.computeSize();
+  node.setSize([Math.max(node.size[0], size[0]), size[1]]);
+  node.setDirtyCanvas?.(true, true);
+}
+
+export function showNote(node, lines, severity) {
+  const text = (lines ?? []).filter((line) => line).join("\n");
+  if (!text) {
+    if (noteWidget(node)) {
+      removeNote(node);
+      fit(node);
+    }
+    return;
+  }
+  const widget = noteWidget(node) ?? addNote(node, severity === "warn");
+  widget.value = text;
+  fit(node);
+  requestAnimationFrame(() => fit(node));  // again at the laid-out height
+  if (severity) {
+    app.extensionManager?.toast?.add({
+      severity, summary: node.title || node.type, detail: text, life: 15000,
+    });
+  }
+}
+
+app.registerExtension({
+  name: "comfyui-dmd2.notes",
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!(nodeData.name in NOTED)) return;
+    const severity = NOTED[nodeData.name];
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      onExecuted?.apply(this, arguments);
+      showNote(this, output?.text, severity);
+    };
+  },
+});
