@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import logging
 import re
+import time
 from pathlib import Path
 
 import comfy.model_management
@@ -49,6 +51,7 @@ from .schedules import custom_timesteps_input, preset_input, timesteps_for_prese
 
 RUNS_FOLDER = "dmd2_training"  # under ComfyUI's output directory
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
+log = logging.getLogger(__name__)
 
 
 class TrainingInputError(ValueError):
@@ -168,13 +171,16 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
                lora_rank: int, lora_alpha: float, lr_generator: float, lr_fake_score: float, real_guidance_scale: float,
                resolution: int, batch_size: int, grad_accum: int, warmup_steps: int, regression_steps: int, preview_every: int,
                save_every: int, images: torch.Tensor | None = None, captions: str = "", fake_score: str = "lora",
-               fake_score_rank: int = 0, lora_targets: str = "dmd2", progress=None):
+               fake_score_rank: int = 0, lora_targets: str = "dmd2", progress=None, status=None):
     """Train (or resume) the run ``lora_name`` on the graph's model; returns (MODEL with the
     LoRA applied, LoRA file name, loss plot IMAGE). Raises TrainingInputError/ConfigError on
     bad input and ComfyUI's InterruptProcessingException after saving on Interrupt.
     ``fake_score``, ``fake_score_rank``, ``lora_targets``: as ``dmd2-train``'s options of the
     same names; with a full fake score, ``lr_fake_score`` left at the LoRA default becomes the
-    reference's full-network rate, as the command's default does."""
+    reference's full-network rate, as the command's default does. ``status(text)``: one line of
+    where the run stands (starting or resuming, rate and time left, a checkpoint saved on
+    Interrupt), shown on the node; also logged."""
+    say = status_reporter(status)
     file_name = check_lora_name(lora_name)
     prompt_list = prompt_lines(prompts or "")
     if not prompt_list:
@@ -254,9 +260,14 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             bar = progress or comfy.utils.ProgressBar(total)
             bar.update_absolute(start, total)
             seeds = list(range(len(sample_conds)))
+            say(f"resuming at step {start} of {total}" if start else f"starting a new run of {total} steps", log_it=True)
+            pace = Pace(start, total)
 
             def show(metrics: dict) -> None:
                 bar.update_absolute(int(metrics["step"]) + 1, total)
+                line = pace.line(int(metrics["step"]) + 1, metrics)
+                if line is not None:
+                    say(line, log_it=pace.log_due())
 
             def preview(step: int) -> None:
                 images_out = C.decode_latents(loaded, training.sample(sample_conds, seeds))
@@ -269,8 +280,10 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             try:
                 with interrupts_at_iteration_boundaries():
                     training.train(on_step=show, on_samples=preview, stop=interrupted)
-            except Stopped:
+            except Stopped as stop:
                 comfy.model_management.interrupt_current_processing(False)
+                say(f"stopped: checkpoint saved at step {stop.step} of {total} in {RUNS_FOLDER}/{stem} (output folder); "
+                    "Run the same graph again to resume", log_it=True, toast=True)
                 raise comfy.model_management.InterruptProcessingException() from None
             training.export(lora_path, training.lora_metadata("(the graph's MODEL)", "", arch))
             plot = draw_loss_curves(training.metrics_log.rows)
@@ -287,6 +300,82 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
 
     plot_image = torch.from_numpy(np.asarray(plot.convert("RGB"), dtype=np.float32) / 255.0)[None]
     return patched, file_name, plot_image
+
+
+def status_reporter(status):
+    """say(text, log_it, toast): the node's status line to ``status`` (the frontend's progress
+    text under the node), to the server's console when ``log_it``, and as a toast when ``toast``
+    (web/dmd2.js shows the pack's 'dmd2.toast' events)."""
+
+    def say(text: str, log_it: bool = False, toast: bool = False) -> None:
+        if log_it:
+            log.info("DMD2TrainLoRA: %s", text)
+        if status is not None:
+            status(text, toast)
+
+    return say
+
+
+def frontend_status(node_id):
+    """``status`` for ``train_lora`` in a running server: ComfyUI's progress text on the node,
+    and the pack's toast event; nothing without a server (tests, scripts)."""
+
+    def send(text: str, toast: bool = False) -> None:
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        server = PromptServer.instance
+        if server is None or node_id is None:
+            return
+        server.send_progress_text(text, node_id)
+        if toast:
+            server.send_sync("dmd2.toast", {"severity": "info", "summary": "DMD2 Train LoRA", "detail": text}, server.client_id)
+
+    return send
+
+
+class Pace:
+    """Iterations per second and the time left, as a status line at most every ``every``
+    seconds (a line per iteration would flood the websocket and the console)."""
+
+    def __init__(self, start: int, total: int, every: float = 2.0, log_every: float = 30.0):
+        self.start, self.total, self.every, self.log_every = start, total, every, log_every
+        self.began = self.shown = self.logged = time.monotonic()
+
+    def line(self, step: int, metrics: dict) -> str | None:
+        now = time.monotonic()
+        if now - self.shown < self.every and step < self.total:
+            return None
+        self.shown = now
+        rate = (step - self.start) / max(now - self.began, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else float("inf")
+        losses = ", ".join(f"{k} {metrics[k]:.3g}" for k in ("loss_dm", "loss_fake", "loss_regression") if k in metrics)
+        return f"step {step}/{self.total}, {rate:.2f} it/s, {format_duration(left)} left" + (f"; {losses}" if losses else "")
+
+    def log_due(self) -> bool:
+        now = time.monotonic()
+        if now - self.logged < self.log_every:
+            return False
+        self.logged = now
+        return True
+
+
+def format_duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def run_summary(file_name: str, total: int) -> str:
+    """The node's note after a run: where the LoRA and the run's files are, and that loader
+    lists show a new file only after the node definitions are refreshed (stock ComfyUI)."""
+    stem = file_name.removesuffix(".safetensors")
+    return (f"Saved models/loras/{file_name} ({total} steps). Loader lists show a new LoRA after a refresh of the node "
+            f"definitions (press R). Run folder: {RUNS_FOLDER}/{stem} in the output folder: loss_curve.png, metrics.csv, "
+            "checkpoints/.")
 
 
 def image_bytes(image: torch.Tensor) -> bytes:
@@ -372,6 +461,7 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.String.Output(display_name="lora_name", tooltip="The LoRA's file name in models/loras."),
                 io.Image.Output(display_name="loss_plot", tooltip="The training losses and the discriminator's logits."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -385,10 +475,11 @@ class DMD2TrainLoRA(io.ComfyNode):
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
                 regression_steps, preview_every, save_every, images=images, captions=captions, fake_score=fake_score,
                 fake_score_rank=fake_score_rank, lora_targets=lora_targets,
+                status=frontend_status(getattr(cls.hidden, "unique_id", None)),
             )
         except ConfigError as exc:  # a resume with changed settings, a value out of range
             raise TrainingInputError(str(exc).replace("--no-resume or another --output", "another lora_name")) from None
-        return io.NodeOutput(patched, name, plot)
+        return io.NodeOutput(patched, name, plot, ui={"text": [run_summary(name, steps + regression_steps)]})
 
 
 NODE_CLASSES = [DMD2TrainLoRA]

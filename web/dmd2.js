@@ -4,12 +4,17 @@
 // release was not distilled for) as the "text" output of every run, an empty list when there
 // is nothing to say; DMD2 Train LoRA returns where its LoRA and run folder are. Each run
 // replaces the note below the node's widgets, sized to the whole text (stock progress text is
-// cut to two lines and is never cleared), or removes it; a warning is also shown as a toast.
+// cut to two lines and is never cleared), or removes it; the note is also shown as a toast.
+// While training, the node's status (resuming at step N, it/s, time left) is stock progress
+// text; the run's note replaces it. A stopped run's 'dmd2.toast' event says where its
+// checkpoint is and that running again resumes.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const NOTE = "dmd2_note";
-// node type -> toast severity of its note (null: no toast)
-const NOTED = { DMD2Generate: "warn", DMD2TrainLoRA: null };
+const PROGRESS_TEXT = "$$node-text-preview";  // the stock progress text widget
+// node type -> toast severity of its note
+const NOTED = { DMD2Generate: "warn", DMD2TrainLoRA: "success" };
 const LINE_HEIGHT = 16;
 const PADDING = 10;
 
@@ -17,11 +22,12 @@ function noteWidget(node) {
   return node.widgets?.find((w) => w.name === NOTE);
 }
 
-function removeNote(node) {
-  const index = node.widgets?.findIndex((w) => w.name === NOTE) ?? -1;
-  if (index < 0) return;
+function removeWidget(node, name) {
+  const index = node.widgets?.findIndex((w) => w.name === name) ?? -1;
+  if (index < 0) return false;
   node.widgets[index].onRemove?.();
   node.widgets.splice(index, 1);
+  return true;
 }
 
 function addNote(node, warn) {
@@ -58,11 +64,9 @@ function fit(node) {
 
 export function showNote(node, lines, severity) {
   const text = (lines ?? []).filter((line) => line).join("\n");
+  const removed = removeWidget(node, PROGRESS_TEXT);
   if (!text) {
-    if (noteWidget(node)) {
-      removeNote(node);
-      fit(node);
-    }
+    if (removeWidget(node, NOTE) || removed) fit(node);
     return;
   }
   const widget = noteWidget(node) ?? addNote(node, severity === "warn");
@@ -78,6 +82,11 @@ export function showNote(node, lines, severity) {
 
 app.registerExtension({
   name: "comfyui-dmd2.notes",
+  setup() {
+    api.addEventListener("dmd2.toast", ({ detail }) => {
+      app.extensionManager?.toast?.add({ ...detail, life: 20000 });
+    });
+  },
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (!(nodeData.name in NOTED)) return;
     const severity = NOTED[nodeData.name];
