@@ -263,14 +263,14 @@ def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path)
         (dict(lora_name="sub/../../escape"), "is not a name in models/loras"),
         (dict(lora_name="/abs/name"), "is not a name in models/loras"),
         (dict(preset="custom", custom_timesteps="999,abc"), "custom timestep 'abc' is not an integer"),
-        (dict(lora_rank=8), "a run named 'node_run' exists (dmd2_training/node_run in the output folder, finished at step 6) "
-                            "with lora_rank 4; this graph has lora_rank 8. To continue it, set lora_rank back to 4; for a "
-                            "new run, choose another lora_name (e.g. 'node_run_2')"),
+        (dict(lora_rank=8), ("a run named 'node_run' exists (dmd2_training/node_run in the output folder, finished at step 6) "
+                             "with lora_rank 4; this graph has lora_rank 8. To continue it, set lora_rank back to 4; for a "
+                             "new run, choose another lora_name (e.g. 'node_run_2')")),
         (dict(fake_score="full"), "with fake_score rank 4; this graph has fake_score full"),
         (dict(fake_score_rank=16), "this graph has fake_score rank 16"),
         (dict(lora_targets="all"), "with lora_targets"),
-        (dict(prompts="a green field\na cat"), "a run named 'node_run' exists (dmd2_training/node_run in the output folder, "
-                                               "finished at step 6) trained on other prompts (3 prompts, sha256 "),
+        (dict(prompts="a green field\na cat"), ("a run named 'node_run' exists (dmd2_training/node_run in the output folder, "
+                                                "finished at step 6) trained on other prompts (3 prompts, sha256 ")),
         (dict(lora_name="dmd2_sdxl_4step_lora_fp16"), "already exists in models/loras"),
     ],
     ids=["no prompts", "dotdot name", "dotdot in a subfolder", "absolute name", "bad custom timesteps", "changed setting",
