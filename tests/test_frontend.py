@@ -454,3 +454,36 @@ def test_cancelled_training_says_where_its_checkpoint_is_and_resumes(page, workf
     ended = queue_in_frontend(page, [[2, "steps", step + 1]])
     assert ended["type"] == "execution_success", ended
     assert any(t["text"] == f"resuming at step {step} of {step + 1}" for t in ended["progressTexts"]), ended["progressTexts"]
+
+
+def test_custom_only_widgets_follow_the_preset(page):
+    """Issue #27, item 10: custom_timesteps (and the release sampler's custom_rule and gamma)
+    are greyed out, value hidden and not editable, unless the preset is 'custom'; picking
+    'custom' in the UI turns them on, and the graph's values are kept either way."""
+    workflow = load(WORKFLOWS / "sd15_lcm_lora_4step.json")
+    assert not problems_loading(load_in_frontend(page, workflow, "lcm-custom"))
+    state = """(() => {
+      const node = app.graph.nodes.find(n => n.type === 'DMD2Generate');
+      const w = (name) => node.widgets.find(w => w.name === name);
+      return {preset: w('preset').value, custom: w('custom_timesteps').value, disabled: !!w('custom_timesteps').disabled};
+    })()"""
+    before = page.evaluate(state)
+    assert before["preset"] != "custom" and before["disabled"], before
+    page.evaluate("""(() => {
+      const node = app.graph.nodes.find(n => n.type === 'DMD2Generate');
+      const preset = node.widgets.find(w => w.name === 'preset');
+      preset.value = 'custom';
+      preset.callback(preset.value, app.canvas, node);
+    })()""")
+    after = page.evaluate(state)
+    assert after == {"preset": "custom", "custom": before["custom"], "disabled": False}, after
+    node = page.evaluate("""(() => {
+      const node = LiteGraph.createNode('DMD2ReleaseSampler');
+      const w = (name) => node.widgets.find(w => w.name === name);
+      const off = [!!w('custom_rule').disabled, !!w('gamma').disabled];
+      w('preset').value = 'custom'; w('preset').callback('custom');
+      const rule = [!!w('custom_rule').disabled, !!w('gamma').disabled];
+      w('custom_rule').value = 'tcd'; w('custom_rule').callback('tcd');
+      return {off, rule, tcd: [!!w('custom_rule').disabled, !!w('gamma').disabled]};
+    })()""")
+    assert node == {"off": [True, True], "rule": [False, True], "tcd": [False, False]}, node

@@ -1,4 +1,4 @@
-// comfyui-dmd2 in the ComfyUI frontend: a node's note (its "text" output) shown in full.
+// comfyui-dmd2 in the ComfyUI frontend: nodes' notes shown in full, widgets that follow the preset.
 //
 // DMD2 Generate returns its warnings (a preset of another release family, a step count the
 // release was not distilled for) as the "text" output of every run, an empty list when there
@@ -80,14 +80,58 @@ export function showNote(node, lines, severity) {
   }
 }
 
+// Widgets used only with some settings: greyed out (value hidden, not editable) otherwise, so
+// that e.g. a custom timestep list beside a named preset does not read as what is sampled.
+const ONLY_WHEN = {
+  custom_timesteps: (value) => value("preset") === "custom",
+  custom_rule: (value) => value("preset") === "custom",
+  gamma: (value) => value("preset") === "custom" && value("custom_rule") === "tcd",
+};
+
+export function updateEnabled(node) {
+  const value = (name) => node.widgets?.find((w) => w.name === name)?.value;
+  if (value("preset") === undefined) return;
+  for (const widget of node.widgets ?? []) {
+    if (widget.name in ONLY_WHEN) widget.disabled = !ONLY_WHEN[widget.name](value);
+  }
+  node.setDirtyCanvas?.(true, false);
+}
+
+function followPreset(nodeType) {
+  const onNodeCreated = nodeType.prototype.onNodeCreated;
+  nodeType.prototype.onNodeCreated = function () {
+    const result = onNodeCreated?.apply(this, arguments);
+    for (const widget of this.widgets ?? []) {
+      if (widget.name !== "preset" && widget.name !== "custom_rule") continue;
+      const callback = widget.callback;
+      const node = this;
+      widget.callback = function () {
+        const out = callback?.apply(this, arguments);
+        updateEnabled(node);
+        return out;
+      };
+    }
+    updateEnabled(this);
+    return result;
+  };
+  const onConfigure = nodeType.prototype.onConfigure;
+  nodeType.prototype.onConfigure = function () {
+    const result = onConfigure?.apply(this, arguments);
+    updateEnabled(this);  // the saved values are in place
+    return result;
+  };
+}
+
 app.registerExtension({
-  name: "comfyui-dmd2.notes",
+  name: "comfyui-dmd2",
   setup() {
     api.addEventListener("dmd2.toast", ({ detail }) => {
       app.extensionManager?.toast?.add({ ...detail, life: 20000 });
     });
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
+    const inputs = { ...nodeData.input?.required, ...nodeData.input?.optional };
+    if (nodeData.name.startsWith("DMD2") && "preset" in inputs) followPreset(nodeType);
     if (!(nodeData.name in NOTED)) return;
     const severity = NOTED[nodeData.name];
     const onExecuted = nodeType.prototype.onExecuted;
