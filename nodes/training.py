@@ -47,7 +47,9 @@ from ..training.run import (
     resume_settings,
     saved_settings,
 )
-from .schedules import custom_timesteps_input, preset_input, timesteps_for_preset
+from .families import DMD2_FOUR_STEP, DMD2_ONE_STEP
+from .releases import Release, tag_release
+from .schedules import CUSTOM, custom_timesteps_input, timesteps_for_preset
 
 RUNS_FOLDER = "dmd2_training"  # under ComfyUI's output directory
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
@@ -296,10 +298,18 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
 
     lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    patched = tag_release(patched, trained_release(file_name, arch, timesteps))
     import numpy as np
 
     plot_image = torch.from_numpy(np.asarray(plot.convert("RGB"), dtype=np.float32) / 255.0)[None]
     return patched, file_name, plot_image
+
+
+def trained_release(file_name: str, arch: str, timesteps) -> Release:
+    """The trained LoRA as a release of the DMD2 family on the node's MODEL output: DMD2
+    Generate then notes a preset with another step count or family than the one trained."""
+    return Release(file_name, "", arch, "lora", tuple(timesteps), "fp32", "kohya", "", repo_id="",
+                   note="trained by DMD2 Train LoRA")
 
 
 def status_reporter(status):
@@ -411,7 +421,10 @@ class DMD2TrainLoRA(io.ComfyNode):
                                 tooltip="File name in models/loras, optionally in a subfolder (sub/name). The same name with the same "
                                         "settings and data resumes an interrupted run; other settings, prompts or images "
                                         "are refused by name (choose another name for a new run)."),
-                preset_input(),
+                io.Combo.Input("preset", options=[DMD2_FOUR_STEP, DMD2_ONE_STEP, CUSTOM], default=DMD2_FOUR_STEP,
+                               tooltip="The timesteps the student is trained for (DMD2's backward simulation): 4-step "
+                                       "(999,749,499,249), 1-step (399, the SDXL reference; SD1.5's used 999: custom) or "
+                                       "'custom'. Sample the LoRA at the same timesteps (DMD2 Generate warns otherwise)."),
                 custom_timesteps_input(),
                 io.Int.Input("steps", default=config.steps, min=1, max=1_000_000,
                              tooltip="DMD2 iterations (the reference: 10000). The generator is updated every "

@@ -135,6 +135,7 @@ def test_shipped_workflow_trains_previews_and_samples_before_and_after(trained):
     assert [p["value"] for p in progress] == sorted(p["value"] for p in progress)
     assert listener.previews >= 2  # the generator's samples at step 3 and 6 (plus the other nodes' previews)
     assert lora_file(server, "node_run").is_file()
+    assert entry["outputs"]["9"]["text"] == []  # sampled at the trained timesteps: no note
     # The loss plot went to the PreviewImage node.
     plots = [img for node_id, out in entry["outputs"].items() if node_id == "12" for img in out.get("images", [])]
     assert len(plots) == 1
@@ -255,6 +256,14 @@ def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path)
     assert {p.name.split("_")[3] for p in output_images(server, entry)} == {"base", "trained"}
 
 
+def test_the_training_preset_offers_the_timesteps_dmd2_trains(workflow_files):
+    """Issue #27, item 6: the sampling presets of other families (Euler ancestral, TCD...) are
+    not offered for training: DMD2's 4-step and 1-step schedules, or a custom list."""
+    info = workflow_files.get("/object_info/DMD2TrainLoRA")["DMD2TrainLoRA"]["input"]["required"]["preset"]
+    options = info[1]["options"] if info[0] == "COMBO" else info[0]
+    assert options == ["4-step (999,749,499,249)", "1-step (399)", "custom"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -319,8 +328,13 @@ def test_lora_name_in_a_subfolder_trains_there_and_loads(trained):
     """ComfyUI lists LoRAs in subfolders of models/loras as sub/name.safetensors: the node
     saves there (its run folder likewise), and the name it outputs loads in ComfyUI's loader."""
     server, _, _ = trained
-    entry = server.wait(submit(server, training_graph("mine/sub_run", steps=1, preview_every=0)))
+    graph = training_graph("mine/sub_run", steps=1, preview_every=0)
+    graph["9"]["inputs"].update(preset="custom", custom_timesteps="999,666,333")  # not the trained 4 steps
+    entry = server.wait(submit(server, graph))
     assert execution_error(entry) is None, execution_error(entry)
+    [note] = entry["outputs"]["9"]["text"]  # DMD2 Generate knows the LoRA the node trained (issue #27, item 6)
+    assert note.startswith("mine/sub_run.safetensors was distilled for 4 step(s); 3 step(s)"), note
+    assert entry["outputs"]["2"]["text"][0].startswith("Saved models/loras/mine/sub_run.safetensors (1 steps).")
     assert (server.base / "models" / "loras" / "mine" / "sub_run.safetensors").is_file()
     assert (server.base / "output" / "dmd2_training" / "mine" / "sub_run" / "checkpoints" / "step_0000001").is_dir()
     graph = base_graph()
