@@ -6,6 +6,9 @@ outside ComfyUI (the trainer's command, tools, tests).
 """
 
 NODE_MODULES = ("schedules", "sampler", "loaders", "adapter", "training")
+# Served by ComfyUI to the frontend: web/dmd2.js shows the nodes' notes (DMD2 Generate's family
+# warnings, the training node's summary) in full on the node and as a toast.
+WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():

@@ -276,7 +276,6 @@ class DMD2Generate(io.ComfyNode):
                                        "evaluations per step, with the negative prompt."),
             ],
             outputs=[io.Latent.Output()],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -288,9 +287,11 @@ class DMD2Generate(io.ComfyNode):
         model, recipe, sigmas, notes = prepare(model, preset, custom_timesteps)
         for note in notes:
             log.warning("DMD2Generate: %s", note)
-            show_note(note, getattr(cls.hidden, "unique_id", None))
         latent = generate(model, positive, latent_image, seed, sigmas, cfg, negative, recipe.rule, recipe.gamma)
-        return io.NodeOutput(latent, ui={"text": notes} if notes else None)
+        # Always a "text" output, empty when there is nothing to say: the pack's frontend
+        # extension (web/dmd2.js) replaces the node's note with it on every run, so a warning
+        # of an earlier run never stays beside a setting that no longer warrants it.
+        return io.NodeOutput(latent, ui={"text": notes})
 
 
 def prepare(model, preset: str, custom_timesteps: str = ""):
@@ -307,17 +308,6 @@ def prepare(model, preset: str, custom_timesteps: str = ""):
     if recipe.prediction == "x0":
         model = as_x0_model(model)
     return model, recipe, sigmas_for_timesteps(model.get_model_object("model_sampling"), recipe.timesteps), notes
-
-
-def show_note(text: str, node_id) -> None:
-    """Put a warning on the node in the ComfyUI frontend (progress text), when a server runs."""
-    try:
-        from server import PromptServer
-
-        if node_id is not None and PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
-    except Exception:  # no server (tests, scripts): the log line is enough
-        pass
 
 
 class DMD2ReleaseSampler(io.ComfyNode):

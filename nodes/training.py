@@ -9,7 +9,9 @@ iterations and shows the averaged generator's samples every ``preview_every`` it
 Interrupt stops after the current iteration with a checkpoint in
 ``output/dmd2_training/<lora name>/`` (not next to the LoRA: ComfyUI would list the
 checkpoint's tensors among the LoRAs); queuing the same graph again resumes it, and a changed
-setting that would change the trained tensors is refused by name.
+setting that would change the trained tensors, or other prompts, images or captions, is refused
+by name. Every refusal is raised when the node runs, none at validation: in a graph with other
+outputs ComfyUI drops a branch that fails validation and reports the job as completed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import gc
 import hashlib
 import logging
 import re
+import time
 from pathlib import Path
 
 import comfy.model_management
@@ -30,31 +33,30 @@ from comfy_api.latest import io
 
 from ..training import checkpoint as C
 from ..training.config import ARCH_DEFAULTS, FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
-from ..training.data import check_resolution, prompt_lines
+from ..training.data import check_resolution, data_fingerprints, prompt_lines
 from ..training.lora import TARGET_SETS, LoRAError, check_init_arch, read_init_lora
 from ..training.run import (
+    DATA_KEYS,
     RunConfig,
     Stopped,
     TrainingRun,
     adopt_init_lora,
-    check_resume_settings,
     draw_loss_curves,
     find_latest_checkpoint,
     image_grid,
     init_settings,
+    resume_mismatch,
     resume_settings,
+    saved_settings,
 )
-from .schedules import (
-    CUSTOM,
-    custom_timesteps_input,
-    preset_input,
-    timesteps_for_preset,
-    validate_custom_text,
-)
+from .families import DMD2_FOUR_STEP, DMD2_ONE_STEP
+from .releases import Release, tag_release
+from .schedules import CUSTOM, custom_timesteps_input, timesteps_for_preset
 
 RUNS_FOLDER = "dmd2_training"  # under ComfyUI's output directory
 NO_INIT_LORA = "none"
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
+log = logging.getLogger(__name__)
 
 
 class TrainingInputError(ValueError):
@@ -62,15 +64,44 @@ class TrainingInputError(ValueError):
 
 
 def check_lora_name(name: str) -> str:
-    """The file name (``<name>.safetensors``) for a LoRA name typed in the node: one plain
-    file name in models/loras, no folders, no ``..``."""
+    """The file name (``<name>.safetensors``, folders joined by '/') for a LoRA name typed in
+    the node: a plain name, or one in a subfolder of models/loras (``sub/name``, as ComfyUI
+    lists LoRAs kept in subfolders); never ``..``, an absolute path or an empty folder name."""
     stem = name.strip().removesuffix(".safetensors")
-    if not stem or ".." in stem or "/" in stem or "\\" in stem or not LORA_NAME.match(stem):
+    parts = stem.replace("\\", "/").split("/")
+    if ".." in stem or not all(LORA_NAME.match(part) for part in parts):
         raise TrainingInputError(
-            f"lora_name {name!r} is not a plain file name: use letters, digits, spaces, '.', '_', '+' or '-', "
-            "without '..' or a path separator (the LoRA is saved in models/loras)"
+            f"lora_name {name!r} is not a name in models/loras: use letters, digits, spaces, '.', '_', '+' or '-', "
+            "optionally in subfolders (sub/name), without '..' or a leading '/'"
         )
-    return stem + ".safetensors"
+    return "/".join(parts) + ".safetensors"
+
+
+def free_name(stem: str, taken) -> str:
+    """``stem_2``, ``stem_3``, ...: the first name ``taken`` (a LoRA or a run of that name
+    exists) says is free, offered in a refusal so that a new run is one edit away."""
+    return next(f"{stem}_{i}" for i in range(2, 10_000) if not taken(f"{stem}_{i}"))
+
+
+def _shown(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value) if value is not None else "none"
+
+
+def resume_refusal(stem: str, step: int, total: int, key: str, now, saved, suggestion: str) -> str:
+    """One line for a queued run whose name belongs to a run with other settings: which run,
+    how far it got, what differs, and the two ways on (set it back, or a new name). Said as
+    "a run named X exists" because a finished run is not resumed but re-exported."""
+    where = f"{RUNS_FOLDER}/{stem} in the output folder, {'finished' if step >= total else 'stopped'} at step {step}"
+    if key in DATA_KEYS:
+        differs = f"trained on other {key} ({_shown(saved)}; now {_shown(now)})"
+        back = f"set the {key} back"
+    else:
+        differs = f"with {key} {_shown(saved)}; this graph has {key} {_shown(now)}"
+        back = f"set {key} back to {_shown(saved)}"
+    return (f"a run named {stem!r} exists ({where}) {differs}. To continue it, {back}; for a new run, choose another "
+            f"lora_name (e.g. {suggestion!r})")
 
 
 def base_fingerprint(model) -> str:
@@ -145,14 +176,17 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
                lora_rank: int, lora_alpha: float, lr_generator: float, lr_fake_score: float, real_guidance_scale: float,
                resolution: int, batch_size: int, grad_accum: int, warmup_steps: int, regression_steps: int, preview_every: int,
                save_every: int, images: torch.Tensor | None = None, captions: str = "", fake_score: str = "lora",
-               fake_score_rank: int = 0, lora_targets: str = "dmd2", init_lora: str = NO_INIT_LORA, progress=None):
+               fake_score_rank: int = 0, lora_targets: str = "dmd2", init_lora: str = NO_INIT_LORA, progress=None, status=None):
     """Train (or resume) the run ``lora_name`` on the graph's model; returns (MODEL with the
     LoRA applied, LoRA file name, loss plot IMAGE). Raises TrainingInputError/ConfigError on
     bad input and ComfyUI's InterruptProcessingException after saving on Interrupt.
     ``fake_score``, ``fake_score_rank``, ``lora_targets``: as ``dmd2-train``'s options of the
     same names; with a full fake score, ``lr_fake_score`` left at the LoRA default becomes the
     reference's full-network rate, as the command's default does. ``init_lora``: a name in
-    models/loras the generator starts from (``dmd2-train --init-lora``), or "none"."""
+    models/loras the generator starts from (``dmd2-train --init-lora``), or "none".
+    ``status(text)``: one line of where the run stands (starting or resuming, rate and time
+    left, a checkpoint saved on Interrupt), shown on the node; also logged."""
+    say = status_reporter(status)
     file_name = check_lora_name(lora_name)
     prompt_list = prompt_lines(prompts or "")
     if not prompt_list:
@@ -185,7 +219,9 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     if config.steps < 1:
         raise TrainingInputError("steps must be >= 1")
     resolution = check_resolution(resolution or (1024 if arch == "sdxl" else 512))
-    folder = Path(folder_paths.get_output_directory()) / RUNS_FOLDER / file_name.removesuffix(".safetensors")
+    stem = file_name.removesuffix(".safetensors")
+    runs = Path(folder_paths.get_output_directory()) / RUNS_FOLDER
+    folder = runs / stem
     run = RunConfig(checkpoint="(the graph's MODEL)", prompts="(the node's prompts)", output=str(folder), resolution=resolution,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_name=file_name, save_every=save_every,
                     sample_every=preview_every, keep_checkpoints=1, fake_score=fake_score, fake_score_rank=fake_score_rank,
@@ -196,14 +232,27 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             raise TrainingInputError(f"init_lora {init_lora} is the LoRA this run writes: choose another lora_name, or another init_lora")
         init = read_init_lora(folder_paths.get_full_path_or_raise("loras", init_lora))
         check_init_arch(init, model.model.model_config.unet_config.get("context_dim"), f"the MODEL ({arch.upper() if arch == 'sdxl' else 'SD1.5'})")
-        run = adopt_init_lora(run, init, logging.getLogger("dmd2").warning)
+        run = adopt_init_lora(run, init, lambda text: say(text, log_it=True, toast=True))
     run.validate()
-    base = {"base_model_fingerprint": unpatched_base_fingerprint(model)}  # (unloads the other models)
+    # The data is part of what a resume must match. Edited prompts under the same name are
+    # refused (naming them), not started as a new run under another name: the user chose the
+    # name, the LoRA loaders downstream read that file, and continuing with more prompts is
+    # also a plausible intent; the refusal says both ways on and offers a free name.
+    data = data_fingerprints(prompt_list, None if images is None else (image_bytes(image) for image in images),
+                             caption_list if images is not None else ())
+    base = {"base_model_fingerprint": unpatched_base_fingerprint(model)} | data  # (unloads the other models)
     settings = resume_settings(run, config, resolution) | init_settings(run, init) | base
-    lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
+    loras = Path(folder_paths.get_folder_paths("loras")[0])
+    lora_path = loras / file_name
     latest = find_latest_checkpoint(folder / "checkpoints")
     if latest is not None:
-        check_resume_settings(latest, settings)
+        mismatch = resume_mismatch(saved_settings(latest), settings)
+        if mismatch is not None:
+            def taken(name: str) -> bool:
+                return (loras / f"{name}.safetensors").exists() or (runs / name).exists()
+
+            step = int(latest.name.removeprefix("step_"))
+            raise TrainingInputError(resume_refusal(stem, step, config.total_steps, *mismatch, free_name(stem, taken)))
     elif lora_path.exists():
         raise TrainingInputError(f"a LoRA named {file_name} already exists in models/loras and no run of this node made it: choose another lora_name")
 
@@ -224,9 +273,14 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             bar = progress or comfy.utils.ProgressBar(total)
             bar.update_absolute(start, total)
             seeds = list(range(len(sample_conds)))
+            say(f"resuming at step {start} of {total}" if start else f"starting a new run of {total} steps", log_it=True)
+            pace = Pace(start, total)
 
             def show(metrics: dict) -> None:
                 bar.update_absolute(int(metrics["step"]) + 1, total)
+                line = pace.line(int(metrics["step"]) + 1, metrics)
+                if line is not None:
+                    say(line, log_it=pace.log_due())
 
             def preview(step: int) -> None:
                 images_out = C.decode_latents(loaded, training.sample(sample_conds, seeds))
@@ -239,8 +293,10 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             try:
                 with interrupts_at_iteration_boundaries():
                     training.train(on_step=show, on_samples=preview, stop=interrupted)
-            except Stopped:
+            except Stopped as stop:
                 comfy.model_management.interrupt_current_processing(False)
+                say(f"stopped: checkpoint saved at step {stop.step} of {total} in {RUNS_FOLDER}/{stem} (output folder); "
+                    "Run the same graph again to resume", log_it=True, toast=True)
                 raise comfy.model_management.InterruptProcessingException() from None
             training.export(lora_path, training.lora_metadata("(the graph's MODEL)", "", arch))
             plot = draw_loss_curves(training.metrics_log.rows)
@@ -253,10 +309,99 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
 
     lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    patched = tag_release(patched, trained_release(file_name, arch, timesteps))
     import numpy as np
 
     plot_image = torch.from_numpy(np.asarray(plot.convert("RGB"), dtype=np.float32) / 255.0)[None]
     return patched, file_name, plot_image
+
+
+def trained_release(file_name: str, arch: str, timesteps) -> Release:
+    """The trained LoRA as a release of the DMD2 family on the node's MODEL output: DMD2
+    Generate then notes a preset with another step count or family than the one trained."""
+    return Release(file_name, "", arch, "lora", tuple(timesteps), "fp32", "kohya", "", repo_id="",
+                   note="trained by DMD2 Train LoRA")
+
+
+def status_reporter(status):
+    """say(text, log_it, toast): the node's status line to ``status`` (the frontend's progress
+    text under the node), to the server's console when ``log_it``, and as a toast when ``toast``
+    (web/dmd2.js shows the pack's 'dmd2.toast' events)."""
+
+    def say(text: str, log_it: bool = False, toast: bool = False) -> None:
+        if log_it:
+            log.info("DMD2TrainLoRA: %s", text)
+        if status is not None:
+            status(text, toast)
+
+    return say
+
+
+def frontend_status(node_id):
+    """``status`` for ``train_lora`` in a running server: ComfyUI's progress text on the node,
+    and the pack's toast event; nothing without a server (tests, scripts)."""
+
+    def send(text: str, toast: bool = False) -> None:
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        server = PromptServer.instance
+        if server is None or node_id is None:
+            return
+        server.send_progress_text(text, node_id)
+        if toast:
+            server.send_sync("dmd2.toast", {"severity": "info", "summary": "DMD2 Train LoRA", "detail": text}, server.client_id)
+
+    return send
+
+
+class Pace:
+    """Iterations per second and the time left, as a status line at most every ``every``
+    seconds (a line per iteration would flood the websocket and the console)."""
+
+    def __init__(self, start: int, total: int, every: float = 2.0, log_every: float = 30.0):
+        self.start, self.total, self.every, self.log_every = start, total, every, log_every
+        self.began = self.shown = self.logged = time.monotonic()
+
+    def line(self, step: int, metrics: dict) -> str | None:
+        now = time.monotonic()
+        if now - self.shown < self.every and step < self.total:
+            return None
+        self.shown = now
+        rate = (step - self.start) / max(now - self.began, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else float("inf")
+        losses = ", ".join(f"{k} {metrics[k]:.3g}" for k in ("loss_dm", "loss_fake", "loss_regression") if k in metrics)
+        return f"step {step}/{self.total}, {rate:.2f} it/s, {format_duration(left)} left" + (f"; {losses}" if losses else "")
+
+    def log_due(self) -> bool:
+        now = time.monotonic()
+        if now - self.logged < self.log_every:
+            return False
+        self.logged = now
+        return True
+
+
+def format_duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def run_summary(file_name: str, total: int) -> str:
+    """The node's note after a run: where the LoRA and the run's files are, and that loader
+    lists show a new file only after the node definitions are refreshed (stock ComfyUI)."""
+    stem = file_name.removesuffix(".safetensors")
+    return (f"Saved models/loras/{file_name} ({total} steps). Loader lists show a new LoRA after a refresh of the node "
+            f"definitions (press R). Run folder: {RUNS_FOLDER}/{stem} in the output folder: loss_curve.png, metrics.csv, "
+            "checkpoints/.")
+
+
+def image_bytes(image: torch.Tensor) -> bytes:
+    """An IMAGE's pixels as 8-bit RGB bytes (its fingerprint: what the VAE encodes)."""
+    return image.mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy().tobytes() + str(tuple(image.shape)).encode()
 
 
 def _defaults(key: str):
@@ -284,9 +429,13 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.String.Input("prompts", multiline=True, default="",
                                 tooltip="Training prompts, one per line (# lines are skipped). The first four are previewed."),
                 io.String.Input("lora_name", default="dmd2_my_model_lora",
-                                tooltip="File name in models/loras (no folders). The same name with the same settings resumes "
-                                        "an interrupted run; other settings are refused by name."),
-                preset_input(),
+                                tooltip="File name in models/loras, optionally in a subfolder (sub/name). The same name with the same "
+                                        "settings and data resumes an interrupted run; other settings, prompts or images "
+                                        "are refused by name (choose another name for a new run)."),
+                io.Combo.Input("preset", options=[DMD2_FOUR_STEP, DMD2_ONE_STEP, CUSTOM], default=DMD2_FOUR_STEP,
+                               tooltip="The timesteps the student is trained for (DMD2's backward simulation): 4-step "
+                                       "(999,749,499,249), 1-step (399, the SDXL reference; SD1.5's used 999: custom) or "
+                                       "'custom'. Sample the LoRA at the same timesteps (DMD2 Generate warns otherwise)."),
                 custom_timesteps_input(),
                 io.Int.Input("steps", default=config.steps, min=1, max=1_000_000,
                              tooltip="DMD2 iterations (the reference: 10000). The generator is updated every "
@@ -341,16 +490,8 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.String.Output(display_name="lora_name", tooltip="The LoRA's file name in models/loras."),
                 io.Image.Output(display_name="loss_plot", tooltip="The training losses and the discriminator's logits."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
-
-    @classmethod
-    def validate_inputs(cls, preset, custom_timesteps, lora_name=None) -> bool | str:
-        if isinstance(lora_name, str):
-            try:
-                check_lora_name(lora_name)
-            except TrainingInputError as exc:
-                return str(exc)
-        return validate_custom_text(preset, custom_timesteps) if preset == CUSTOM else True
 
     @classmethod
     def execute(cls, model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
@@ -363,12 +504,13 @@ class DMD2TrainLoRA(io.ComfyNode):
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
                 regression_steps, preview_every, save_every, images=images, captions=captions, fake_score=fake_score,
                 fake_score_rank=fake_score_rank, lora_targets=lora_targets, init_lora=init_lora,
+                status=frontend_status(getattr(cls.hidden, "unique_id", None)),
             )
         except LoRAError as exc:  # an init LoRA that is no LoRA, or made for another model
             raise TrainingInputError(str(exc)) from None
         except ConfigError as exc:  # a resume with changed settings, a value out of range
             raise TrainingInputError(str(exc).replace("--no-resume or another --output", "another lora_name")) from None
-        return io.NodeOutput(patched, name, plot)
+        return io.NodeOutput(patched, name, plot, ui={"text": [run_summary(name, steps + regression_steps)]})
 
 
 NODE_CLASSES = [DMD2TrainLoRA]

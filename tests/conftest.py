@@ -25,6 +25,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import tiny_models  # noqa: E402
+
 from comfy_server import ComfyServer  # noqa: E402
 
 tiny_models.register()
@@ -64,9 +65,8 @@ def workflow_files(comfy_server, tiny_checkpoints):
     T2I-Adapter and the input image. One place, so every test sees the same files."""
     import tiny_adapters
     import tiny_releases
-    from PIL import Image
-
     from comfyui_dmd2.nodes.releases import RELEASES
+    from PIL import Image
 
     models = comfy_server.base / "models"
     for name, arch in WORKFLOW_BASE_CHECKPOINTS.items():
@@ -83,3 +83,18 @@ def workflow_files(comfy_server, tiny_checkpoints):
     rgb = (pixels.clamp(0, 1)[..., None].expand(-1, -1, 3) * 255).to(torch.uint8).numpy()
     Image.fromarray(rgb).save(comfy_server.base / "input" / WORKFLOW_INPUT_IMAGE)
     return comfy_server
+
+
+class Loaded(Exception):
+    """Raised in place of loading the checkpoint: proves a check came before the heavy load."""
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """``dmd2-train`` must refuse before it loads the checkpoint: loading raises ``Loaded``."""
+    from comfyui_dmd2.training import checkpoint
+
+    def refuse(*args, **kwargs):
+        raise Loaded("the checkpoint was loaded before the check")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", refuse)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from comfyui_dmd2.training import cli
 from comfyui_dmd2.training.backend import Conditioning
+from conftest import Loaded
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -312,28 +313,13 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_checkpoints, inputs, tm
     assert not out.exists()
 
 
-class Loaded(Exception):
-    """Raised in place of loading the checkpoint: proves a check came before the heavy load."""
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    from comfyui_dmd2.training import checkpoint
-
-    def refuse(*args, **kwargs):
-        raise Loaded("the checkpoint was loaded before the check")
-
-    monkeypatch.setattr(checkpoint, "load_checkpoint", refuse)
-
-
 def test_files_that_are_not_checkpoints_are_named(tiny_checkpoints, inputs, tmp_path, capsys, no_loading):
     """A LoRA, a VAE, a text encoder or a UNet-only file (ComfyUI LDM names or the diffusers
     names of the DMD2 UNet releases) is named as what it is, before anything is loaded."""
     import tiny_models
     import tiny_releases
-    from safetensors.torch import save_file
-
     from comfyui_dmd2.nodes.releases import RELEASES_BY_NAME
+    from safetensors.torch import save_file
 
     out = tmp_path / "out"
     files = {
@@ -455,6 +441,57 @@ def test_resume_with_other_settings_is_refused_naming_the_key(finished, tiny_che
     _bad(args("--resolution", "64"), capsys, "resolution is 64 now but the saved run used 128")
     _bad(args("--timesteps", "1-step"), capsys, "generator_timesteps is [999] now but the saved run used [999, 749, 499, 249]")  # SD1.5: 999
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_resume_with_other_training_data_is_refused_naming_it(finished, tiny_checkpoints, inputs, tmp_path, capsys, no_loading):
+    """Another prompts file, an edited image, a changed caption or no images at all in the same
+    --output: refused by name before anything is loaded (a finished run would otherwise
+    re-export the old LoRA as if trained on the new data)."""
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(finished[2], output)
+    before = sorted(p.name for p in (output / "checkpoints").iterdir())
+    saved = json.loads((output / "checkpoints" / before[-1] / "settings.json").read_text())
+    assert saved["prompts"].startswith("3 prompts, sha256 ") and saved["images"].startswith("3 images, sha256 ")
+    assert saved["captions"].startswith("2 captioned, sha256 ")
+
+    def args(prompts=inputs["prompts"], images=inputs["images"]):
+        extra = ["--images", str(images)] if images else []
+        return ["--checkpoint", str(tiny_checkpoints["sd15"]), "--prompts", str(prompts), "--output", str(output), "--steps", "6", *FAST, *extra]
+
+    other = tmp_path / "other.txt"
+    other.write_text("a red cube\na tree by the sea\na green field\n")
+    err = _bad(args(prompts=other), capsys, "the prompts differ from the saved run's (3 prompts, sha256 ")
+    assert "--no-resume" in err and "Traceback" not in err
+    reordered = tmp_path / "reordered.txt"
+    reordered.write_text("blue sky\na red cube\na tree by the sea\n")
+    _bad(args(prompts=reordered), capsys, "the prompts differ")
+    _bad(args(images=None), capsys, "the images differ from the saved run's (none now, 3 images, sha256 ")
+    edited = tmp_path / "edited"
+    shutil.copytree(inputs["images"], edited)
+    Image.new("RGB", (150, 128), (200, 10, 10)).save(edited / "0.png")
+    _bad(args(images=edited), capsys, "the images differ")
+    recaptioned = tmp_path / "recaptioned"
+    shutil.copytree(inputs["images"], recaptioned)
+    (recaptioned / "2.caption").write_text("a violet square")
+    _bad(args(images=recaptioned), capsys, "the captions differ")
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_a_checkpoint_saved_without_data_fingerprints_still_resumes(finished, tiny_checkpoints, inputs, tmp_path):
+    """Checkpoints of earlier versions have no prompts/images/captions keys: they resume (only
+    keys both sides have are compared), and the next checkpoint saves them."""
+    import shutil
+
+    output = tmp_path / "old"
+    shutil.copytree(finished[2], output)
+    for settings in (output / "checkpoints").glob("step_*/settings.json"):
+        old = {k: v for k, v in json.loads(settings.read_text()).items() if k not in ("prompts", "images", "captions")}
+        settings.write_text(json.dumps(old))
+    trainer, _, _ = cli.train(_args(tiny_checkpoints["sd15"], inputs, output, 5, "--images", str(inputs["images"]), "--sample-every", "0"))
+    assert trainer.step_count == 5
+    assert "prompts" in json.loads((output / "checkpoints" / "step_0000005" / "settings.json").read_text())
 
 
 def test_one_step_preset_flag_trains_a_399_student(tiny_checkpoints, inputs, tmp_path, caplog):

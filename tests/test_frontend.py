@@ -322,3 +322,168 @@ def test_dmd2_train_workflow_loads_without_overlaps_and_converts_to_its_api_twin
     assert not pairs, "; ".join(pairs)
     diffs = prompt_differences(result["output"], workflow_api(checkpoint, lora, prompt, 1024, timesteps))
     assert not diffs, "\n".join(diffs)
+
+
+# -- running graphs from the frontend ----------------------------------------------------------
+
+# Set widget values ([node id, widget name, value] ...), queue the graph as the Run button does
+# and wait for the prompt's end (success, error or interrupt) as the frontend receives it.
+QUEUE_AND_WAIT = """(async (changes, interruptAt) => {
+  const app = window.app, api = window.comfyAPI.api.api;
+  for (const b of document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button')) b.click();
+  for (const [id, name, value] of changes) {
+    app.graph.getNodeById(id).widgets.find(w => w.name === name).value = value;
+  }
+  const texts = [];
+  const onText = (e) => texts.push(e.detail);
+  // Cancel (as the UI's button does) once a node's progress reaches a value: [node id, value]
+  const onProgress = (e) => {
+    if (interruptAt && e.detail.node == interruptAt[0] && e.detail.value >= interruptAt[1]) {
+      api.removeEventListener('progress', onProgress);
+      api.interrupt();
+    }
+  };
+  api.addEventListener('progress_text', onText);
+  api.addEventListener('progress', onProgress);
+  const ends = ['execution_success', 'execution_error', 'execution_interrupted'];
+  const finished = new Promise(resolve => {
+    const handler = (e) => { for (const t of ends) api.removeEventListener(t, handler); resolve({type: e.type, detail: e.detail}); };
+    for (const t of ends) api.addEventListener(t, handler);
+  });
+  await app.queuePrompt(0, 1);
+  const result = await finished;
+  await new Promise(r => setTimeout(r, 300));
+  api.removeEventListener('progress_text', onText);
+  api.removeEventListener('progress', onProgress);
+  return {...result, progressTexts: texts};
+})"""
+
+# What a user sees of a node's note: the note widget's element, on screen at zoom 1.
+NOTE_ON_SCREEN = """(async (id) => {
+  const app = window.app, node = app.graph.getNodeById(id);
+  app.canvas.ds.scale = 1;
+  app.canvas.centerOnNode(node);
+  app.canvas.setDirty(true, true);
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => requestAnimationFrame(r))));
+  const widgets = (node.widgets || []).map(w => w.name);
+  const widget = (node.widgets || []).find(w => w.name === 'dmd2_note');
+  const toasts = [...document.querySelectorAll('.p-toast-message')].map(e => e.innerText);
+  const dialogs = [...document.querySelectorAll('.p-dialog')].map(e => e.innerText);
+  if (!widget) return {widgets, note: null, toasts, dialogs};
+  const el = widget.element, box = el.getBoundingClientRect(), style = getComputedStyle(el);
+  return {widgets, toasts, dialogs, note: {text: el.textContent, shown: style.display !== 'none' && style.visibility !== 'hidden'
+          && box.width > 50 && box.height > 0, clipped: el.scrollHeight > el.clientHeight + 1,
+          inViewport: box.top >= 0 && box.bottom <= window.innerHeight, height: box.height}};
+})"""
+
+
+def queue_in_frontend(browser: Chromium, changes, interrupt_at=None) -> dict:
+    return browser.evaluate(f"{QUEUE_AND_WAIT}({json.dumps(changes)}, {json.dumps(interrupt_at)})", timeout=300)
+
+
+def test_family_warning_is_shown_whole_then_cleared_by_the_next_run(page):
+    """Issue #27, items 3 and 4: the Lightning LoRA sampled with the LCM preset puts the whole
+    warning (the preset to use included) on DMD2 Generate, unclipped, and in a toast; the same
+    graph with the right preset runs again and the note is gone."""
+    workflow = load(WORKFLOWS / "sdxl_lightning_4step_lora.json")
+    assert not problems_loading(load_in_frontend(page, workflow, "lightning-notes"))
+    lcm = "LCM 4-step (lcm, 999,759,499,259)"
+    ended = queue_in_frontend(page, [[4, "width", 64], [4, "height", 64], [5, "preset", lcm]])
+    assert ended["type"] == "execution_success", ended
+    seen = page.evaluate(f"{NOTE_ON_SCREEN}(5)")
+    note = seen["note"]
+    assert note is not None, seen
+    expected = (f"sdxl_lightning_4step_lora.safetensors is a SDXL-Lightning release, but preset '{lcm}' samples the "
+                "LCM-LoRA way; its own preset: SDXL-Lightning 4-step (euler, trailing).")
+    assert note["text"] == expected
+    assert note["shown"] and note["inViewport"] and not note["clipped"], note
+    assert any("SDXL-Lightning 4-step (euler, trailing)" in toast for toast in seen["toasts"]), seen["toasts"]
+
+    ended = queue_in_frontend(page, [[5, "preset", "SDXL-Lightning 4-step (euler, trailing)"]])
+    assert ended["type"] == "execution_success", ended
+    seen = page.evaluate(f"{NOTE_ON_SCREEN}(5)")
+    assert seen["note"] is None and "dmd2_note" not in seen["widgets"], seen
+    assert not any("$$node-text-preview" == name for name in seen["widgets"])  # no stale stock progress text either
+
+
+TINY_TRAINING = [[5, "width", 64], [5, "height", 64], [6, "steps", 2], [2, "prompts", "a red cube\na tree by the sea"],
+                 [2, "steps", 2], [2, "resolution", 128], [2, "lora_rank", 4], [2, "grad_accum", 1], [2, "warmup_steps", 0],
+                 [2, "preview_every", 0]]
+
+
+def test_training_refusal_is_a_dialog_and_a_subfolder_name_trains(page, workflow_files):
+    """Issue #27, item 2, in the training template (several outputs): a lora_name that leaves
+    models/loras is an error dialog, not a dropped branch and a green job; a name in a
+    subfolder trains there, and the node's note says where the LoRA and the run's files are and
+    that loader lists need a refresh (item 13)."""
+    workflow = load(WORKFLOWS / "sdxl_train_dmd2_lora.json")
+    assert not problems_loading(load_in_frontend(page, workflow, "train-names"))
+    ended = queue_in_frontend(page, [*TINY_TRAINING, [2, "lora_name", "../outside"]])
+    assert ended["type"] == "execution_error", ended
+    assert "is not a name in models/loras" in ended["detail"]["exception_message"]
+    seen = page.evaluate(f"{NOTE_ON_SCREEN}(2)")
+    assert any("is not a name in models/loras" in dialog for dialog in seen["dialogs"]), seen["dialogs"]
+
+    ended = queue_in_frontend(page, [[2, "lora_name", "frontend/sub_run"]])
+    assert ended["type"] == "execution_success", ended
+    assert (workflow_files.base / "models" / "loras" / "frontend" / "sub_run.safetensors").is_file()
+    seen = page.evaluate(f"{NOTE_ON_SCREEN}(2)")
+    note = seen["note"]
+    assert note is not None and note["shown"] and not note["clipped"], seen
+    assert note["text"].startswith("Saved models/loras/frontend/sub_run.safetensors (2 steps).")
+    assert "press R" in note["text"] and "dmd2_training/frontend/sub_run" in note["text"] and "metrics.csv" in note["text"]
+    assert "$$node-text-preview" not in seen["widgets"]  # the run's status line gave way to the note
+    assert any(text["text"].startswith("starting a new run of 2 steps") for text in ended["progressTexts"]), ended["progressTexts"]
+
+
+def test_cancelled_training_says_where_its_checkpoint_is_and_resumes(page, workflow_files):
+    """Issue #27, item 5: Cancel during training leaves, on the node and in a toast, the step
+    of the saved checkpoint and that running again resumes; the next run says it resumes there."""
+    workflow = load(WORKFLOWS / "sdxl_train_dmd2_lora.json")
+    assert not problems_loading(load_in_frontend(page, workflow, "train-cancel"))
+    ended = queue_in_frontend(page, [*TINY_TRAINING, [2, "steps", 200], [2, "lora_name", "frontend_cancelled"]], interrupt_at=["2", 2])
+    assert ended["type"] == "execution_interrupted", ended
+    stopped = [t["text"] for t in ended["progressTexts"] if t["text"].startswith("stopped: checkpoint saved at step ")]
+    assert len(stopped) == 1 and stopped[0].endswith("Run the same graph again to resume"), ended["progressTexts"]
+    step = int(stopped[0].split("step ")[1].split(" ")[0])
+    assert 2 <= step < 200
+    seen = page.evaluate(f"{NOTE_ON_SCREEN}(2)")
+    assert any(stopped[0] in toast for toast in seen["toasts"]), seen["toasts"]
+    assert "$$node-text-preview" in seen["widgets"]  # the status line stays on the node
+
+    ended = queue_in_frontend(page, [[2, "steps", step + 1]])
+    assert ended["type"] == "execution_success", ended
+    assert any(t["text"] == f"resuming at step {step} of {step + 1}" for t in ended["progressTexts"]), ended["progressTexts"]
+
+
+def test_custom_only_widgets_follow_the_preset(page):
+    """Issue #27, item 10: custom_timesteps (and the release sampler's custom_rule and gamma)
+    are greyed out, value hidden and not editable, unless the preset is 'custom'; picking
+    'custom' in the UI turns them on, and the graph's values are kept either way."""
+    workflow = load(WORKFLOWS / "sd15_lcm_lora_4step.json")
+    assert not problems_loading(load_in_frontend(page, workflow, "lcm-custom"))
+    state = """(() => {
+      const node = app.graph.nodes.find(n => n.type === 'DMD2Generate');
+      const w = (name) => node.widgets.find(w => w.name === name);
+      return {preset: w('preset').value, custom: w('custom_timesteps').value, disabled: !!w('custom_timesteps').disabled};
+    })()"""
+    before = page.evaluate(state)
+    assert before["preset"] != "custom" and before["disabled"], before
+    page.evaluate("""(() => {
+      const node = app.graph.nodes.find(n => n.type === 'DMD2Generate');
+      const preset = node.widgets.find(w => w.name === 'preset');
+      preset.value = 'custom';
+      preset.callback(preset.value, app.canvas, node);
+    })()""")
+    after = page.evaluate(state)
+    assert after == {"preset": "custom", "custom": before["custom"], "disabled": False}, after
+    node = page.evaluate("""(() => {
+      const node = LiteGraph.createNode('DMD2ReleaseSampler');
+      const w = (name) => node.widgets.find(w => w.name === name);
+      const off = [!!w('custom_rule').disabled, !!w('gamma').disabled];
+      w('preset').value = 'custom'; w('preset').callback('custom');
+      const rule = [!!w('custom_rule').disabled, !!w('gamma').disabled];
+      w('custom_rule').value = 'tcd'; w('custom_rule').callback('tcd');
+      return {off, rule, tcd: [!!w('custom_rule').disabled, !!w('gamma').disabled]};
+    })()""")
+    assert node == {"off": [True, True], "rule": [False, True], "tcd": [False, False]}, node

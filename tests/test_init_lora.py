@@ -16,7 +16,6 @@ from comfyui_dmd2.training import cli
 from comfyui_dmd2.training.lora import LoRAError, read_init_lora
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_cli import no_loading  # noqa: F401 (the fixture: fails when the checkpoint is loaded)
 
 FAST = ["--resolution", "128", "--grad-accum", "1", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2",
         "--sample-every", "0", "--quiet"]
@@ -114,9 +113,9 @@ def test_trained_run_exports_the_whole_adapter_and_resumes_with_its_init(tiny_ch
     ref = load_file(str(tmp_path / "whole" / "checkpoints" / "step_0000004" / "tensors.safetensors"))
     now = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_0000004" / "tensors.safetensors"))
     assert set(ref) == set(now) and all(torch.equal(ref[k], now[k]) for k in ref)
-    _bad(args(tmp_path / "resumed", 6), capsys, "init_lora is None now but the saved run used {'sha256'")
+    _bad(args(tmp_path / "resumed", 6), capsys, "init_lora is None now but the saved run used {'file': 'release_sdxl.safetensors', 'sha256'")
     other = _write(tmp_path / "other.safetensors", tiny_releases.lora_state_dict(tiny_releases.diffusers_unet("sdxl", 0), seed=8))
-    _bad(args(tmp_path / "resumed", 6, "--init-lora", str(other)), capsys, "init_lora is {'sha256'")
+    _bad(args(tmp_path / "resumed", 6, "--init-lora", str(other)), capsys, "init_lora is {'file': 'other.safetensors', 'sha256'")
 
 
 def test_fake_score_can_start_from_the_init_lora(tiny_checkpoints, prompts, release, tmp_path, capsys):
@@ -285,11 +284,13 @@ def test_node_init_lora_equals_the_command_and_resume_keeps_it(workflow_files, t
 
     tiny_releases.write_lora_release(server.base / "models" / "loras" / "other_init.safetensors", "sdxl", seed=11)
     tiny_releases.write_lora_release(server.base / "models" / "loras" / "sd15_init.safetensors", "sd15", seed=11)
-    for lora_name, init, message in (("node_init", "other_init.safetensors", "init_lora is {'sha256'"),
-                                     ("node_init_sd15", "sd15_init.safetensors", "was made for cross-attention dim 32, but the MODEL (SDXL)")):
+    refusals = (("node_init", "other_init.safetensors", ("a run named 'node_init' exists", "with init_lora file dmd2_sdxl_4step_lora_fp16.safetensors",
+                                                          "this graph has init_lora file other_init.safetensors")),
+                ("node_init_sd15", "sd15_init.safetensors", ("was made for cross-attention dim 32, but the MODEL (SDXL)",)))
+    for lora_name, init, messages in refusals:
         status, body = server.post("/prompt", {"prompt": training_graph(lora_name, init_lora=init, steps=8), "client_id": uuid.uuid4().hex})
         assert status == 200, body
         error = execution_error(server.wait(body["prompt_id"]))
-        assert error is not None and message in error["exception_message"], error
+        assert error is not None and all(m in error["exception_message"] for m in messages), error
     assert not lora_file(server, "node_init_sd15").exists()
     assert "system" in server.get("/system_stats")  # the server is still up

@@ -135,6 +135,7 @@ def test_shipped_workflow_trains_previews_and_samples_before_and_after(trained):
     assert [p["value"] for p in progress] == sorted(p["value"] for p in progress)
     assert listener.previews >= 2  # the generator's samples at step 3 and 6 (plus the other nodes' previews)
     assert lora_file(server, "node_run").is_file()
+    assert entry["outputs"]["9"]["text"] == []  # sampled at the trained timesteps: no note
     # The loss plot went to the PreviewImage node.
     plots = [img for node_id, out in entry["outputs"].items() if node_id == "12" for img in out.get("images", [])]
     assert len(plots) == 1
@@ -255,38 +256,91 @@ def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path)
     assert {p.name.split("_")[3] for p in output_images(server, entry)} == {"base", "trained"}
 
 
+def test_the_training_preset_offers_the_timesteps_dmd2_trains(workflow_files):
+    """Issue #27, item 6: the sampling presets of other families (Euler ancestral, TCD...) are
+    not offered for training: DMD2's 4-step and 1-step schedules, or a custom list."""
+    info = workflow_files.get("/object_info/DMD2TrainLoRA")["DMD2TrainLoRA"]["input"]["required"]["preset"]
+    options = info[1]["options"] if info[0] == "COMBO" else info[0]
+    assert options == ["4-step (999,749,499,249)", "1-step (399)", "custom"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (dict(prompts="\n# only a comment\n"), "prompts is empty"),
-        (dict(lora_name="../escape"), "is not a plain file name"),
-        (dict(lora_name="sub/name"), "is not a plain file name"),
-        (dict(lora_rank=8), "lora_rank is 8 now but the saved run used 4"),
-        (dict(fake_score="full"), "fake_score is 'full' now but the saved run used {'rank': 4}"),
-        (dict(fake_score_rank=16), "fake_score is {'rank': 16} now"),
-        (dict(lora_targets="all"), "lora_targets is"),
+        (dict(lora_name="../escape"), "is not a name in models/loras"),
+        (dict(lora_name="sub/../../escape"), "is not a name in models/loras"),
+        (dict(lora_name="/abs/name"), "is not a name in models/loras"),
+        (dict(preset="custom", custom_timesteps="999,abc"), "custom timestep 'abc' is not an integer"),
+        (dict(lora_rank=8), ("a run named 'node_run' exists (dmd2_training/node_run in the output folder, finished at step 6) "
+                             "with lora_rank 4; this graph has lora_rank 8. To continue it, set lora_rank back to 4; for a "
+                             "new run, choose another lora_name (e.g. 'node_run_2')")),
+        (dict(fake_score="full"), "with fake_score rank 4; this graph has fake_score full"),
+        (dict(fake_score_rank=16), "this graph has fake_score rank 16"),
+        (dict(lora_targets="all"), "with lora_targets"),
+        (dict(prompts="a green field\na cat"), ("a run named 'node_run' exists (dmd2_training/node_run in the output folder, "
+                                                "finished at step 6) trained on other prompts (3 prompts, sha256 ")),
         (dict(lora_name="dmd2_sdxl_4step_lora_fp16"), "already exists in models/loras"),
     ],
-    ids=["no prompts", "dotdot name", "path name", "changed setting", "changed fake score", "changed fake-score rank",
-         "changed targets", "name taken"],
+    ids=["no prompts", "dotdot name", "dotdot in a subfolder", "absolute name", "bad custom timesteps", "changed setting",
+         "changed fake score", "changed fake-score rank", "changed targets", "changed prompts", "name taken"],
 )
 def test_bad_input_is_a_clear_error_and_the_server_stays_up(trained, change, message):
+    """Every refusal is raised when the node runs (an error dialog in the frontend), never at
+    validation: in this multi-output graph ComfyUI would drop a branch that fails validation,
+    run the others and report success, with the reason only in the server's console."""
     server, _, _ = trained
     change = dict(change)
     graph = training_graph(change.pop("lora_name", "node_run"), **change)
     status, body = server.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
-    if status == 200 and body.get("node_errors"):  # refused at submit (validate_inputs); the rest of the graph runs
-        assert "2" in body["node_errors"], body
-        text = json.dumps(body["node_errors"]["2"])
-    elif status == 200:
-        entry = server.wait(body["prompt_id"])
-        error = execution_error(entry)
-        assert error is not None and error["node_type"] == "DMD2TrainLoRA", entry["status"]
-        text = error["exception_message"]
-    else:  # refused at submit time (validate_inputs)
-        text = json.dumps(body)
-    assert message in text, text
+    assert status == 200 and not body.get("node_errors"), body
+    entry = server.wait(body["prompt_id"])
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "DMD2TrainLoRA", entry["status"]
+    assert message in error["exception_message"], error["exception_message"]
+    assert "\n" not in error["exception_message"].strip()
     assert server.get("/system_stats")
+
+
+def test_edited_prompts_are_refused_and_the_offered_name_trains_them(trained):
+    """Broken before (issue #27): edited prompts under the name of a finished run 're-trained'
+    in a second, re-exporting the old LoRA as a success. Now the run's data is part of what a
+    resume must match: the refusal names the prompts, nothing of the old run is rewritten, and
+    the name it offers starts a new run on the new prompts."""
+    server, _, _ = trained
+    lora = lora_file(server, "node_run")
+    run = server.base / "output" / "dmd2_training" / "node_run"
+    before = (lora.read_bytes(), lora.stat().st_mtime_ns, sorted(p.name for p in (run / "checkpoints").iterdir()))
+    new_prompts = "a green field\na cat on a sofa\na lighthouse at night"
+    entry = server.wait(submit(server, training_graph("node_run", prompts=new_prompts, steps=1)))
+    error = execution_error(entry)
+    assert error is not None and "trained on other prompts" in error["exception_message"], entry["status"]
+    assert (lora.read_bytes(), lora.stat().st_mtime_ns, sorted(p.name for p in (run / "checkpoints").iterdir())) == before
+    offered = error["exception_message"].split("(e.g. '")[1].split("'")[0]
+    assert offered == "node_run_2"
+    entry = server.wait(submit(server, training_graph(offered, prompts=new_prompts, steps=1)))
+    assert execution_error(entry) is None, execution_error(entry)
+    settings = json.loads((run.parent / offered / "checkpoints" / "step_0000001" / "settings.json").read_text())
+    assert settings["prompts"].startswith("3 prompts, sha256 ") and settings["images"] is None
+
+
+def test_lora_name_in_a_subfolder_trains_there_and_loads(trained):
+    """ComfyUI lists LoRAs in subfolders of models/loras as sub/name.safetensors: the node
+    saves there (its run folder likewise), and the name it outputs loads in ComfyUI's loader."""
+    server, _, _ = trained
+    graph = training_graph("mine/sub_run", steps=1, preview_every=0)
+    graph["9"]["inputs"].update(preset="custom", custom_timesteps="999,666,333")  # not the trained 4 steps
+    entry = server.wait(submit(server, graph))
+    assert execution_error(entry) is None, execution_error(entry)
+    [note] = entry["outputs"]["9"]["text"]  # DMD2 Generate knows the LoRA the node trained (issue #27, item 6)
+    assert note.startswith("mine/sub_run.safetensors was distilled for 4 step(s); 3 step(s)"), note
+    assert entry["outputs"]["2"]["text"][0].startswith("Saved models/loras/mine/sub_run.safetensors (1 steps).")
+    assert (server.base / "models" / "loras" / "mine" / "sub_run.safetensors").is_file()
+    assert (server.base / "output" / "dmd2_training" / "mine" / "sub_run" / "checkpoints" / "step_0000001").is_dir()
+    graph = base_graph()
+    graph["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "mine/sub_run.safetensors", "strength_model": 1.0}}
+    graph["6"]["inputs"]["model"] = ["30", 0]
+    assert execution_error(server.run(graph)) is None
 
 
 def test_fewer_captions_a_patched_model_and_changed_sampling_are_refused(trained):

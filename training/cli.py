@@ -435,6 +435,7 @@ def train(argv: Sequence[str] | None = None):
     from .data import (
         cache_key,
         check_resolution,
+        data_fingerprints,
         file_sha256,
         list_images,
         load_cached,
@@ -491,8 +492,11 @@ def train(argv: Sequence[str] | None = None):
     checkpoints = output / "checkpoints"
     cache = output / "cache"
     latest = find_latest_checkpoint(checkpoints) if run.resume else None
+    # What the run trains on is part of what a resume must match: another prompts file or
+    # image folder in the same --output is refused by name, not trained as if it were the old.
+    fingerprints = data_fingerprints(prompts, (p.read_bytes() for p in image_paths) if image_paths else None, captions)
     if latest is not None:
-        check_resume_settings(latest, resume_settings(run, config, resolution) | init_settings(run, init))
+        check_resume_settings(latest, resume_settings(run, config, resolution) | init_settings(run, init) | fingerprints)
     created = prepare_output(output) if dist.main else None
     try:
         # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.
@@ -537,7 +541,8 @@ def train(argv: Sequence[str] | None = None):
         data, sample_conds = texts.split(conds, real_latents)
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
-        training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist, init_lora=init)
+        training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist, extra_settings=fingerprints,
+                               init_lora=init)
         start = training.resume(latest)
     except BaseException:
         if created is not None:  # nothing half-written: a failed start leaves no new folder

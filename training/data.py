@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -150,6 +150,42 @@ def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
 def cache_key(*parts: object) -> str:
     """A short stable hash of whatever decides a cache's content."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(items: Iterable[bytes | str]) -> str:
+    """sha256 (16 hex digits) of a sequence, each item length-prefixed: ["ab", "c"] and
+    ["a", "bc"] differ, and so does the same set in another order (other batches)."""
+    digest = hashlib.sha256()
+    for item in items:
+        data = item.encode() if isinstance(item, str) else bytes(item)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprints(prompts: Sequence[str], images: Iterable[bytes] | None = None,
+                      captions: Sequence[str | None] = ()) -> dict[str, str | None]:
+    """What a run trains on, for its checkpoints' settings (``run.resume_settings``): the
+    prompt lines, the real images (their bytes, in order) and their captions, each as
+    "<count> <what>, sha256 <hash>" (None: no images, no captions). A resume with other data
+    would go on from weights and optimiser state made on the old data, and a finished run
+    would re-export the old LoRA: both report success with nothing trained on the new data."""
+    shown = {"prompts": f"{len(prompts)} prompt{'' if len(prompts) == 1 else 's'}, sha256 {fingerprint(prompts)}",
+             "images": None, "captions": None}
+    if images is not None:
+        count = 0
+
+        def counted():
+            nonlocal count
+            for data in images:
+                count += 1
+                yield data
+
+        digest = fingerprint(counted())
+        shown["images"] = f"{count} image{'' if count == 1 else 's'}, sha256 {digest}"
+    if any(captions):
+        shown["captions"] = f"{sum(map(bool, captions))} captioned, sha256 {fingerprint(c or '' for c in captions)}"
+    return shown
 
 
 def load_cached(path: Path) -> dict[str, torch.Tensor] | None:

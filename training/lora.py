@@ -347,7 +347,7 @@ class InitLoRA:
 
     def settings(self, fake_score_too: bool) -> dict:
         """What a resume must match (``checkpoints/step_N/settings.json``)."""
-        return {"init_lora": {"sha256": self.sha256, "fake_score_too": bool(fake_score_too)}}
+        return {"init_lora": {"file": self.name, "sha256": self.sha256, "fake_score_too": bool(fake_score_too)}}
 
 
 def targets_label(targets: Iterable[str]) -> str:

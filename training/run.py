@@ -447,20 +447,46 @@ def init_settings(run: RunConfig, init) -> dict[str, Any]:
     return init.settings(run.init_fake_score) if init is not None else no_init_settings()
 
 
-def check_resume_settings(path: Path, current: dict[str, Any]) -> None:
-    """Refuse to resume ``path`` with settings that differ from the saved ones, naming the key."""
+DATA_KEYS = ("prompts", "images", "captions")  # settings that are fingerprints (data.data_fingerprints)
+
+
+def saved_settings(path: Path) -> dict[str, Any]:
+    """The settings.json of the checkpoint at ``path``."""
     from .config import ConfigError
 
     saved_file = path / "settings.json"
     if not saved_file.is_file():
         raise ConfigError(f"cannot resume from {path}: it has no settings.json (written by an older version); use --no-resume to start over")
-    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    return json.loads(saved_file.read_text(encoding="utf-8"))
+
+
+def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first setting that differs: (key, current value, saved value), or None. Only keys
+    both have are compared: a checkpoint of an older version, which did not save a key, resumes."""
     for key, value in current.items():
-        if key in saved and saved[key] != json.loads(json.dumps(value)):
-            raise ConfigError(
-                f"cannot resume from {path}: {key} is {value!r} now but the saved run used {saved[key]!r} "
-                f"(set it back, or start over with --no-resume or another --output)"
-            )
+        value = json.loads(json.dumps(value))
+        if key in saved and saved[key] != value:
+            return key, value, saved[key]
+    return None
+
+
+def check_resume_settings(path: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume ``path`` with settings that differ from the saved ones, naming the key."""
+    from .config import ConfigError
+
+    mismatch = resume_mismatch(saved_settings(path), current)
+    if mismatch is None:
+        return
+    key, value, saved = mismatch
+    if key in DATA_KEYS:
+        raise ConfigError(
+            f"cannot resume from {path}: the {key} differ from the saved run's ({value or 'none'} now, {saved or 'none'} "
+            f"then); set them back, or start over with --no-resume or another --output"
+        )
+    raise ConfigError(
+        f"cannot resume from {path}: {key} is {value!r} now but the saved run used {saved!r} "
+        f"(set it back, or start over with --no-resume or another --output)"
+    )
 
 
 def load_training_checkpoint(path: Path, trainer, backend, dist: Dist) -> int:
