@@ -96,3 +96,118 @@ def test_torchrun_two_gloo_processes_keep_adapters_in_sync(tiny_checkpoints, tmp
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
     assert {p.name for p in (output / "checkpoints" / "step_0000003").iterdir()} == {"tensors.safetensors", "settings.json", "state_rank0.pt", "state_rank1.pt"}
     assert (output / "dmd2_tiny_sd15_lora.safetensors").is_file()
+
+
+def _nccl_like_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A default group with a backend for CUDA tensors only ("cuda:gloo" stands for NCCL
+    alone): every collective the run makes must still work on the CPU."""
+    from comfyui_dmd2.training.run import (
+        broadcast_parameters,
+        check_in_sync,
+        init_distributed,
+    )
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("cuda:gloo", rank=rank, world_size=world)
+    results: dict = {}
+    try:
+        dist.all_reduce(torch.ones(1))  # what the command did before: a CPU tensor on this group
+    except RuntimeError as exc:
+        results["plain_error"] = str(exc).splitlines()[0]
+    d = init_distributed("cpu")
+    results["host_group"] = d.host_group is not None
+    d.barrier()
+    results["agree_max"] = d.agree_max(15 if rank == 1 else 0)
+    results["from_main"] = d.from_main(rank + 7)
+    results["gathered"] = d.all_gather_object(f"rank {rank}")
+    torch.manual_seed(rank)  # different weights on each rank until the broadcast
+    layer = torch.nn.Linear(3, 2)
+    broadcast_parameters(list(layer.parameters()), d)
+    results["checksum"] = check_in_sync(list(layer.parameters()), d)
+    GradientAverager(list(layer.parameters()), world, d)
+    layer(torch.full((1, 3), float(rank + 1))).sum().backward()
+    results["grad"] = layer.weight.grad.clone()
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_collectives_run_on_a_group_without_a_cpu_backend(tmp_path):
+    mp.spawn(_nccl_like_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in got:
+        assert "No backend type associated with device type cpu" in r["plain_error"]  # the emulation is real
+        assert r["host_group"]
+        assert r["agree_max"] == 15 and r["from_main"] == 7
+        assert r["gathered"] == ["rank 0", "rank 1"]
+        torch.testing.assert_close(r["grad"], torch.tensor([[1.5, 1.5, 1.5]] * 2))  # mean of rank 1's ones and rank 2's twos
+    assert got[0]["checksum"] == got[1]["checksum"]
+
+
+def test_process_group_backend_gives_gpus_a_cpu_backend_beside_nccl():
+    from comfyui_dmd2.training.run import process_group_backend
+
+    assert process_group_backend("cuda") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("cuda:1") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("cpu") == "gloo"
+
+
+def test_gradient_buckets_are_bounded_and_keep_order():
+    """No flat copy of every gradient: small ones share buckets of at most the bucket size,
+    one of that size or more is reduced in place on its own."""
+    big = torch.zeros(300_000)  # 1.14 MiB: over the 1 MiB bucket
+    small = [torch.zeros(50_000) for _ in range(12)]  # 0.19 MiB each
+    half = torch.zeros(50_000, dtype=torch.float16)
+    grads = [small[0], small[1], big, *small[2:], half, small[0][::2]]
+    buckets = GradientAverager([], 2, bucket_mib=1).buckets(grads)
+    assert [id(g) for b in buckets for g in b] == [id(g) for g in grads]  # every gradient once, in order
+    for b in buckets:
+        assert sum(g.numel() * g.element_size() for g in b) <= 2**20 or len(b) == 1
+        assert len({(g.dtype, g.device) for g in b}) == 1
+    alone = [id(b[0]) for b in buckets if len(b) == 1]
+    assert alone == [id(big), id(half), id(grads[-1])]  # too big, another dtype, not contiguous
+    assert [len(b) for b in buckets] == [2, 1, 5, 5, 1, 1]
+
+
+def _two_rank_run(tiny_checkpoints, tmp_path, output, steps, extra_env):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na tree\nthe sea\nblue sky\n")
+    images = tmp_path / "images"
+    if not images.is_dir():
+        images.mkdir()
+        for i in range(2):
+            Image.new("RGB", (128, 128), (100 * i, 50, 200)).save(images / f"{i}.png")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TESTS / "train_entry.py"),
+        "--checkpoint", str(tiny_checkpoints["sd15"]), "--prompts", str(prompts), "--images", str(images),
+        "--output", str(output), "--steps", str(steps), "--resolution", "128", "--lora-rank", "4", "--save-every", "2",
+        "--sample-every", "0", "--grad-accum", "1", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2",
+        "--set", "lr_generator=1e-3", "--set", "lr_fake_score=1e-3", "--quiet",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
+
+
+def test_torchrun_on_a_group_without_cpu_backend_stops_resumes_and_exports(tiny_checkpoints, tmp_path):
+    """Issue #26: NCCL alone has no backend for CPU tensors, and the command's stop flag was
+    one. Emulated on the CPU by a group registered for CUDA only: start-up, 3 iterations, a
+    SIGTERM that reaches rank 1 only, then the same command resumes on both and exports."""
+    output = tmp_path / "out"
+    group = {"DMD2_TEST_PROCESS_GROUP": "cuda:gloo"}
+    stopped = _two_rank_run(tiny_checkpoints, tmp_path, output, 5, {**group, "DMD2_TEST_SIGNAL_AT": "3:1"})
+    assert stopped.returncode != 0
+    assert "No backend type" not in stopped.stderr, stopped.stderr[-4000:]
+    lines = [line for line in stopped.stderr.splitlines() if "stopped at step" in line]
+    assert len(lines) == 2 and all(line.endswith("dmd2-train: stopped at step 3; run the same command to resume") for line in lines), stopped.stderr[-4000:]
+    assert {p.name for p in (output / "checkpoints").iterdir()} == {"step_0000002", "step_0000003"}
+    assert {p.name for p in (output / "checkpoints" / "step_0000003").iterdir()} >= {"state_rank0.pt", "state_rank1.pt"}
+    assert not list(output.glob("*.safetensors"))
+
+    resumed = _two_rank_run(tiny_checkpoints, tmp_path, output, 5, group)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming at step 3 of 5" in resumed.stderr
+    # The last checkpoint passed check_in_sync: both processes held the same adapters.
+    assert {p.name for p in (output / "checkpoints" / "step_0000005").iterdir()} >= {"state_rank0.pt", "state_rank1.pt"}
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    exported = load_file(str(output / "dmd2_tiny_sd15_lora.safetensors"))
+    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in exported.items())

@@ -403,9 +403,7 @@ class StopSignals:
         """The signal to stop on, agreed by every process (any one stopping stops all)."""
         if dist.world_size == 1:
             return self.signum
-        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) or None
+        return dist.agree_max(self.signum or 0) or None
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
