@@ -211,3 +211,74 @@ def test_torchrun_on_a_group_without_cpu_backend_stops_resumes_and_exports(tiny_
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     exported = load_file(str(output / "dmd2_tiny_sd15_lora.safetensors"))
     assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in exported.items())
+
+
+REFERENCE = TESTS / "data" / "single_process_draws.safetensors"
+
+
+def _single_process_run():
+    """12 iterations of the 4-step trainer on the analytic 2-D target (GAN on, 2 micro-batches,
+    moving average): the trained tensors, the trainer's RNG state and the generator's calls."""
+    from comfyui_dmd2.training.trainer import DMD2Trainer
+    from test_trainer_gmm import GMMBackend, gmm_config
+
+    torch.manual_seed(3)
+    backend = GMMBackend(with_gan=True)
+    calls = []
+    plain = backend.generator_x0
+    backend.generator_x0 = lambda x_t, t, cond: calls.append(int(t[0])) or plain(x_t, t, cond)
+    config = gmm_config(generator_timesteps=(999, 749, 499, 249), batch_size=16, grad_accum=2, ema_decay=0.9, fake_updates_per_generator_update=2)
+    trainer = DMD2Trainer(config, backend)
+    losses = [m["loss_fake"] for m in trainer.run(steps=12, progress=False)]
+    tensors = {k: v.detach().clone().contiguous() for k, v in trainer.tensors().items()}
+    return tensors | {"rng": trainer.rng.get_state(), "calls": torch.tensor(calls), "loss_fake": torch.tensor(losses, dtype=torch.float64)}
+
+
+def write_single_process_reference() -> None:
+    """Regenerate the reference (only where a change is meant to alter single-process runs):
+    ``cd tests && python -c "import test_ddp; test_ddp.write_single_process_reference()"``."""
+    from safetensors.torch import save_file
+
+    REFERENCE.parent.mkdir(exist_ok=True)
+    save_file(_single_process_run(), str(REFERENCE))
+
+
+def test_single_process_runs_are_bit_identical_to_before_the_shared_draw():
+    """The shared draw of #26 changes nothing for one process: the same draws (the trainer's
+    RNG state and the generator's call sequence, exactly), the same losses and tensors as the
+    saved run of the trainer before it (``write_single_process_reference``)."""
+    got, saved = _single_process_run(), load_file(str(REFERENCE))
+    assert set(got) == set(saved)
+    assert torch.equal(got["rng"], saved["rng"]) and torch.equal(got["calls"], saved["calls"])
+    assert len(set(got["calls"].tolist())) == 4  # every simulated depth was drawn
+    for key in saved:  # bit-identical here; a tolerance for other CPUs' float kernels
+        torch.testing.assert_close(got[key], saved[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def _shared_draw_worker(rank: int, world: int, port: int, out: str) -> None:
+    from comfyui_dmd2.training.run import init_distributed
+    from comfyui_dmd2.training.trainer import DMD2Trainer
+    from test_trainer_gmm import GMMBackend, gmm_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    d = init_distributed("cpu")
+    calls = {}
+    for shared in (False, True):
+        torch.manual_seed(rank)
+        backend = GMMBackend()
+        seen = calls[shared] = []
+        plain = backend.generator_x0
+        backend.generator_x0 = lambda x_t, t, cond, plain=plain, seen=seen: seen.append(int(t[0])) or plain(x_t, t, cond)
+        config = gmm_config(generator_timesteps=(999, 749, 499, 249), batch_size=8)
+        DMD2Trainer(config, backend, rank=rank, shared_draw=d.from_main if shared else None).run(steps=12, progress=False)
+    torch.save(calls, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_backward_simulation_depth_is_shared_across_ranks(tmp_path):
+    """Each rank draws its own noise, but all simulate the same number of generator steps
+    (rank 0's draw): no rank waits on another's longer simulation."""
+    mp.spawn(_shared_draw_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert got[0][False] != got[1][False]  # own draws: the ranks' depths differ
+    assert got[0][True] == got[1][True] == got[0][False]  # shared: rank 0's on both

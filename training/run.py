@@ -529,7 +529,8 @@ class TrainingRun:
             gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
             seed=config.seed, rank=self.dist.rank,
         )
-        self.trainer = DMD2Trainer(config, self.backend, rank=self.dist.rank)
+        self.trainer = DMD2Trainer(config, self.backend, rank=self.dist.rank,
+                                   shared_draw=self.dist.from_main if self.dist.world_size > 1 else None)
         self.trainable = self.trainer.generator_params + self.trainer.fake_params
         if self.dist.world_size > 1:
             broadcast_parameters(self.trainable, self.dist)
