@@ -282,3 +282,53 @@ def test_backward_simulation_depth_is_shared_across_ranks(tmp_path):
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert got[0][False] != got[1][False]  # own draws: the ranks' depths differ
     assert got[0][True] == got[1][True] == got[0][False]  # shared: rank 0's on both
+
+
+def _disagreeing_worker(rank: int, world: int, port: int, out: str) -> None:
+    from comfyui_dmd2.training.config import ConfigError
+    from comfyui_dmd2.training.run import (
+        OutOfSync,
+        check_in_sync,
+        check_same_inputs,
+        check_shared_folder,
+        init_distributed,
+    )
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    d = init_distributed("cpu")
+    errors = []
+    check_same_inputs(d, checkpoint="abc", prompts=["", "a tree"])  # the same on both: passes
+    try:
+        check_same_inputs(d, checkpoint="abc", prompts=["", "a tree" if rank == 0 else "a cube"])
+    except ConfigError as exc:
+        errors.append(str(exc))
+    try:
+        check_in_sync([torch.nn.Parameter(torch.full((2,), float(rank)))], d)
+    except OutOfSync as exc:
+        errors.append(str(exc))
+    check_shared_folder(d, Path(out))  # one folder: seen by both
+    own = Path(out, f"local{rank}")  # each machine its own disk
+    own.mkdir()
+    try:
+        check_shared_folder(d, own)
+    except ConfigError as exc:
+        errors.append(str(exc).replace(str(own), "<folder>"))
+    d.barrier()  # rank 0 removes the probes after the check
+    errors.append(sorted(p.name for p in Path(out).rglob(".dmd2-shared-*")))  # the probes are gone
+    torch.save(errors, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_processes_that_disagree_stop_with_one_line_on_every_rank(tmp_path):
+    """Several machines each read their own copies of the inputs: a rank that reads other
+    prompts, or does not see rank 0's output folder, is refused before training, and
+    adapters that drifted apart stop the run; on every rank, each with one line (dmd2-train
+    prints it as its error)."""
+    mp.spawn(_disagreeing_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert got[0] == got[1] and len(got[0]) == 4
+    inputs, sync, folder, probes = got[0]
+    assert inputs.startswith("rank 1 (on ") and "about the prompts: every process must read the same files" in inputs and "\n" not in inputs
+    assert sync.startswith("the processes hold different adapters (checksums 0, 4)") and "\n" not in sync
+    assert folder.startswith("rank 1 (on ") and "does not see the output folder <folder> that rank 0 (on " in folder
+    assert probes == []

@@ -38,10 +38,13 @@ import torch
 from .run import (  # noqa: F401 (GradientAverager, image_grid, draw_loss_curves: used through this module too)
     Dist,
     GradientAverager,
+    OutOfSync,
     RunConfig,
     Stopped,
     TrainingRun,
     check_resume_settings,
+    check_same_inputs,
+    check_shared_folder,
     draw_loss_curves,
     find_latest_checkpoint,
     image_grid,
@@ -473,6 +476,7 @@ def train(argv: Sequence[str] | None = None):
         check_resume_settings(latest, resume_settings(run, config, resolution))
     created = prepare_output(output) if dist.main else None
     try:
+        check_shared_folder(dist, output)
         # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.
         from .backend import default_precision
 
@@ -493,6 +497,8 @@ def train(argv: Sequence[str] | None = None):
         # 2. Encode once (cached by checkpoint hash and inputs), then drop the encoders.
         ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
         texts = C.RunTexts(prompts, sample_prompts, captions)
+        check_same_inputs(dist, checkpoint=ckpt_hash, prompts=texts.all(), images=[(p.name, p.stat().st_size) for p in image_paths],
+                          settings=resume_settings(run, config, resolution))
         text_file = cache / f"text-{cache_key(ckpt_hash, texts.all(), resolution)}.safetensors"
         cached = load_cached(text_file)
         if cached is None:
@@ -650,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.propagate = False
     try:
         train(argv)
-    except (ConfigError, DataError, CheckpointError, UnsupportedModel, LoRAError, ComfyUINotFound) as exc:
+    except (ConfigError, DataError, CheckpointError, UnsupportedModel, LoRAError, ComfyUINotFound, OutOfSync) as exc:
         print(f"dmd2-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError as exc:

@@ -238,14 +238,65 @@ def parameter_checksum(params: Sequence[torch.nn.Parameter]) -> float:
     return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in params))
 
 
+class OutOfSync(RuntimeError):
+    """The processes of one run hold different adapters (``check_in_sync``)."""
+
+
 def check_in_sync(params: Sequence[torch.nn.Parameter], dist: Dist) -> float:
-    """All processes must hold the same adapters; raise if they drifted apart."""
+    """All processes must hold the same adapters; raise ``OutOfSync`` (on every process) if
+    they drifted apart."""
     checksum = parameter_checksum(params)
     if dist.world_size > 1:
         sums = dist.all_gather_object(checksum)
-        if any(abs(s - checksum) > 1e-6 * max(1.0, abs(checksum)) for s in sums):
-            raise RuntimeError(f"adapters differ between processes: checksums {sums}")
+        if any(abs(s - sums[0]) > 1e-6 * max(1.0, abs(sums[0])) for s in sums):
+            raise OutOfSync(f"the processes hold different adapters (checksums {', '.join(f'{s:.9g}' for s in sums)}); "
+                            "every machine must run the same pack, torch and inputs; resume from the last checkpoint")
     return checksum
+
+
+def check_same_inputs(dist: Dist, **fingerprints: Any) -> None:
+    """Every process must read the same inputs (on several machines each reads its own
+    copies): refuse, on every process, naming the first that differs from rank 0's."""
+    if dist.world_size == 1:
+        return
+    import hashlib
+    import socket
+
+    from .config import ConfigError
+
+    digests = {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest() for k, v in fingerprints.items()}
+    gathered = dist.all_gather_object((socket.gethostname(), digests))
+    host0, first = gathered[0]
+    for rank, (host, values) in enumerate(gathered[1:], start=1):
+        for key, value in first.items():
+            if values.get(key) != value:
+                raise ConfigError(f"rank {rank} (on {host}) disagrees with rank 0 (on {host0}) about the {key}: every process "
+                                  "must read the same files and settings (copy them to every machine, or use shared storage)")
+
+
+def check_shared_folder(dist: Dist, folder: Path) -> None:
+    """Every process must see the output folder rank 0 writes (a checkpoint holds each rank's
+    state, and all resume from it): refuse, on every process, when one does not (several
+    machines with --output on local disks)."""
+    if dist.world_size == 1:
+        return
+    import secrets
+    import socket
+
+    from .config import ConfigError
+
+    probe = Path(folder) / f".dmd2-shared-{dist.from_main(secrets.randbits(62))}"
+    if dist.main:
+        probe.write_bytes(b"")
+    dist.barrier()
+    seen = dist.all_gather_object((socket.gethostname(), probe.is_file()))
+    dist.barrier()
+    if dist.main:
+        probe.unlink()
+    for rank, (host, visible) in enumerate(seen):
+        if not visible:
+            raise ConfigError(f"rank {rank} (on {host}) does not see the output folder {folder} that rank 0 (on {seen[0][0]}) "
+                              "writes: put --output on storage that every machine mounts at the same path")
 
 
 # --- outputs -------------------------------------------------------------------------------
