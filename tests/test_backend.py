@@ -120,6 +120,20 @@ def test_gan_head_logits_and_gradients(loaded):
     assert all(p.grad is None for _, p in backend.generator_parameters())
 
 
+def test_gan_head_runs_in_fp32_outside_autocast(loaded):
+    """As the reference's classifier head: the fake score's features come out of the bf16
+    pass, the head computes on them in fp32 (#26)."""
+    backend = _backend(loaded, "sd15", images=torch.randn(4, 4, RES // 8, RES // 8), mixed_precision="bf16")
+    seen = []
+    backend.head.net[0].register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    features = []
+    backend.unet.middle_block[0].register_forward_hook(lambda module, args, out: features.append(out.dtype))
+    batch = backend.sample_batch(2)
+    logits = backend.fake_logits(torch.randn(batch.shape), torch.tensor([500, 100]), batch.cond)
+    assert features == [torch.bfloat16]  # the UNet pass is under autocast
+    assert seen == [(torch.float32, False)] and logits.dtype == torch.float32
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(loaded):
     grads = []
     for checkpointing in (False, True):

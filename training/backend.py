@@ -393,8 +393,10 @@ class SharedBaseBackend:
         finally:
             self._stop_after_mid = False
         features, self._features = self._features, None
-        with self._autocast():
-            return self.head(features)
+        # In fp32 outside autocast, as the reference keeps its classifier head (a GPU run's
+        # features are bf16/fp16; on the CPU nothing changes).
+        with torch.autocast(self.device.type, enabled=False):
+            return self.head(features.float())
 
     # --- parameters ---
     def _named(self, network: str) -> list[tuple[str, nn.Parameter]]:
