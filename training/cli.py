@@ -55,7 +55,7 @@ from .run import (  # noqa: F401 (GradientAverager, image_grid, draw_loss_curves
 log = logging.getLogger("dmd2-train")
 
 PRESETS = {(999, 749, 499, 249): "4-step (999,749,499,249)", (399,): "1-step (399)"}
-DMD2_FLAGS = {"steps", "seed", "batch_size", "grad_accum", "ema_decay", "regression_steps"}
+DMD2_FLAGS = {"steps", "seed", "batch_size", "grad_accum", "ema_decay", "regression_steps", "uncond"}
 
 
 def _coerce_run(name: str, value: Any) -> Any:
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, dest="ema_decay", help=f"generator moving average per generator update, 0 = off ({_defaults('ema_decay')})")
     p.add_argument("--regression-steps", type=int, dest="regression_steps",
                    help=f"regression warm-start iterations before DMD2 (the reference's 1-step recipe; on the digits it helped 4-step students more) ({_defaults('regression_steps')})")
+    p.add_argument("--uncond", choices=["zeros", "empty"],
+                   help="the real score's unconditional side for its guidance: zeros (zero text, the size conditioning kept) "
+                   "or the encoded empty prompt, which a finetune trained with caption dropout may prefer (docs/training.md) "
+                   f"({_defaults('uncond')})")
     p.add_argument("--export-raw", dest="export_raw", action="store_true", default=None,
                    help="also export the raw generator as <name>_raw.safetensors (default: off)")
     p.add_argument("--lora-rank", type=int, dest="lora_rank", help=f"rank of the generator and fake-score LoRAs (default: {run.lora_rank})")
@@ -518,7 +522,7 @@ def train(argv: Sequence[str] | None = None):
                     save_cached(latent_file, cached_latents)
             real_latents = cached_latents["latents"]
         loaded.clip = None  # the text encoders are not needed any more
-        data, sample_conds = texts.split(conds, real_latents)
+        data, sample_conds = texts.split(conds, real_latents, config.uncond)
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
         training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist)
