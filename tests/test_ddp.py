@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -168,7 +169,7 @@ def test_gradient_buckets_are_bounded_and_keep_order():
     assert [len(b) for b in buckets] == [2, 1, 5, 5, 1, 1]
 
 
-def _two_rank_run(tiny_checkpoints, tmp_path, output, steps, extra_env):
+def _two_rank_run(tiny_checkpoints, tmp_path, output, steps, extra_env, *extra_args):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na tree\nthe sea\nblue sky\n")
     images = tmp_path / "images"
@@ -181,36 +182,51 @@ def _two_rank_run(tiny_checkpoints, tmp_path, output, steps, extra_env):
         "--checkpoint", str(tiny_checkpoints["sd15"]), "--prompts", str(prompts), "--images", str(images),
         "--output", str(output), "--steps", str(steps), "--resolution", "128", "--lora-rank", "4", "--save-every", "2",
         "--sample-every", "0", "--grad-accum", "1", "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=2",
-        "--set", "lr_generator=1e-3", "--set", "lr_fake_score=1e-3", "--quiet",
+        "--set", "lr_generator=1e-3", "--set", "lr_fake_score=1e-3", "--quiet", *extra_args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
+
+
+def _stop_resume_export(tiny_checkpoints, tmp_path, env, steps, stop_at, *extra_args):
+    """Two ranks: SIGTERM to rank 1 only after iteration ``stop_at``, both stop there with a
+    checkpoint; the same command resumes on both and exports."""
+    output = tmp_path / "out"
+    saves = {f"step_{s:07d}" for s in range(2, stop_at + 1, 2)} | {f"step_{stop_at:07d}"}
+    stopped = _two_rank_run(tiny_checkpoints, tmp_path, output, steps, {**env, "DMD2_TEST_SIGNAL_AT": f"{stop_at}:1"}, *extra_args)
+    assert stopped.returncode != 0
+    assert "No backend type" not in stopped.stderr, stopped.stderr[-4000:]
+    lines = [line for line in stopped.stderr.splitlines() if "stopped at step" in line]
+    assert len(lines) == 2 and all(line.endswith(f"dmd2-train: stopped at step {stop_at}; run the same command to resume") for line in lines), stopped.stderr[-4000:]
+    assert {p.name for p in (output / "checkpoints").iterdir()} == set(sorted(saves)[-2:])
+    assert {p.name for p in (output / "checkpoints" / f"step_{stop_at:07d}").iterdir()} >= {"state_rank0.pt", "state_rank1.pt"}
+    assert not list(output.glob("*.safetensors"))
+
+    resumed = _two_rank_run(tiny_checkpoints, tmp_path, output, steps, env, *extra_args)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming at step {stop_at} of {steps}" in resumed.stderr
+    # The last checkpoint passed check_in_sync: both processes held the same adapters.
+    assert {p.name for p in (output / "checkpoints" / f"step_{steps:07d}").iterdir()} >= {"state_rank0.pt", "state_rank1.pt"}
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(steps))
+    exported = load_file(str(output / "dmd2_tiny_sd15_lora.safetensors"))
+    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in exported.items())
 
 
 def test_torchrun_on_a_group_without_cpu_backend_stops_resumes_and_exports(tiny_checkpoints, tmp_path):
     """Issue #26: NCCL alone has no backend for CPU tensors, and the command's stop flag was
     one. Emulated on the CPU by a group registered for CUDA only: start-up, 3 iterations, a
     SIGTERM that reaches rank 1 only, then the same command resumes on both and exports."""
-    output = tmp_path / "out"
-    group = {"DMD2_TEST_PROCESS_GROUP": "cuda:gloo"}
-    stopped = _two_rank_run(tiny_checkpoints, tmp_path, output, 5, {**group, "DMD2_TEST_SIGNAL_AT": "3:1"})
-    assert stopped.returncode != 0
-    assert "No backend type" not in stopped.stderr, stopped.stderr[-4000:]
-    lines = [line for line in stopped.stderr.splitlines() if "stopped at step" in line]
-    assert len(lines) == 2 and all(line.endswith("dmd2-train: stopped at step 3; run the same command to resume") for line in lines), stopped.stderr[-4000:]
-    assert {p.name for p in (output / "checkpoints").iterdir()} == {"step_0000002", "step_0000003"}
-    assert {p.name for p in (output / "checkpoints" / "step_0000003").iterdir()} >= {"state_rank0.pt", "state_rank1.pt"}
-    assert not list(output.glob("*.safetensors"))
+    _stop_resume_export(tiny_checkpoints, tmp_path, {"DMD2_TEST_PROCESS_GROUP": "cuda:gloo"}, 5, 3)
 
-    resumed = _two_rank_run(tiny_checkpoints, tmp_path, output, 5, group)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resuming at step 3 of 5" in resumed.stderr
-    # The last checkpoint passed check_in_sync: both processes held the same adapters.
-    assert {p.name for p in (output / "checkpoints" / "step_0000005").iterdir()} >= {"state_rank0.pt", "state_rank1.pt"}
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    exported = load_file(str(output / "dmd2_tiny_sd15_lora.safetensors"))
-    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in exported.items())
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.parametrize("group", ["", "nccl"], ids=["cpu-gloo-cuda-nccl", "nccl-only"])
+def test_two_gpus_on_nccl_stop_resume_and_export(tiny_checkpoints, tmp_path, group):
+    """The same on 2 GPUs for real: the command's own group, and one created before it with
+    NCCL alone; 10 iterations, SIGTERM to rank 1 after 5, resume, export."""
+    _stop_resume_export(tiny_checkpoints, tmp_path, {"DMD2_TEST_PROCESS_GROUP": group} if group else {}, 10, 5, "--device", "cuda")
 
 
 REFERENCE = TESTS / "data" / "single_process_draws.safetensors"
