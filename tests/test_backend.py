@@ -134,6 +134,21 @@ def test_gan_head_runs_in_fp32_outside_autocast(loaded):
     assert seen == [(torch.float32, False)] and logits.dtype == torch.float32
 
 
+def test_full_fake_score_predicts_for_the_dm_gradient_in_fp32(loaded):
+    """As the reference: the full fp32 fake score's prediction inside the DM loss (no grad)
+    runs without autocast; its training pass and LoRA F's passes stay under autocast (#26)."""
+    for full in (True, False):
+        backend = _backend(loaded, "sd15", mixed_precision="bf16", full_copies=("fake_score",) if full else ())
+        seen = []
+        backend._module("fake_score").input_blocks[0][0].register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+        batch = backend.sample_batch(2)
+        x_t, t = torch.randn(batch.shape), torch.tensor([500, 100])
+        with torch.no_grad():
+            backend.fake_x0(x_t, t, batch.cond)
+        backend.fake_x0(x_t, t, batch.cond)
+        assert seen == ([False, True] if full else [True, True])
+
+
 def test_sdxl_unconditional_side_is_zero_text_with_the_size_conditioning(loaded):
     """--uncond: zeros (SDXL's default, the reference's) zeroes the context and the pooled
     text and keeps the size embeddings; empty (SD1.5's default) is the encoded empty prompt."""
