@@ -29,6 +29,7 @@ MODELS = {
     }),
 }
 MODELS["sd15"] = ("sd15", {**MODELS["mid-sd15"][1], "model_channels": 320})  # SD1.5 itself (860 M parameters)
+MODELS["tiny-sd15"] = ("sd15", {**MODELS["mid-sd15"][1], "model_channels": 32})  # the test models' width
 
 
 def model_config(name: str, dtype: torch.dtype):

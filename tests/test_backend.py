@@ -120,6 +120,59 @@ def test_gan_head_logits_and_gradients(loaded):
     assert all(p.grad is None for _, p in backend.generator_parameters())
 
 
+def test_gan_head_runs_in_fp32_outside_autocast(loaded):
+    """As the reference's classifier head: the fake score's features come out of the bf16
+    pass, the head computes on them in fp32 (#26)."""
+    backend = _backend(loaded, "sd15", images=torch.randn(4, 4, RES // 8, RES // 8), mixed_precision="bf16")
+    seen = []
+    backend.head.net[0].register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    features = []
+    backend.unet.middle_block[0].register_forward_hook(lambda module, args, out: features.append(out.dtype))
+    batch = backend.sample_batch(2)
+    logits = backend.fake_logits(torch.randn(batch.shape), torch.tensor([500, 100]), batch.cond)
+    assert features == [torch.bfloat16]  # the UNet pass is under autocast
+    assert seen == [(torch.float32, False)] and logits.dtype == torch.float32
+
+
+def test_full_fake_score_predicts_for_the_dm_gradient_in_fp32(loaded):
+    """As the reference: the full fp32 fake score's prediction inside the DM loss (no grad)
+    runs without autocast; its training pass and LoRA F's passes stay under autocast (#26)."""
+    for full in (True, False):
+        backend = _backend(loaded, "sd15", mixed_precision="bf16", full_copies=("fake_score",) if full else ())
+        seen = []
+        backend._module("fake_score").input_blocks[0][0].register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+        batch = backend.sample_batch(2)
+        x_t, t = torch.randn(batch.shape), torch.tensor([500, 100])
+        with torch.no_grad():
+            backend.fake_x0(x_t, t, batch.cond)
+        backend.fake_x0(x_t, t, batch.cond)
+        assert seen == ([False, True] if full else [True, True])
+
+
+def test_sdxl_unconditional_side_is_zero_text_with_the_size_conditioning(loaded):
+    """--uncond: zeros (SDXL's default, the reference's) zeroes the context and the pooled
+    text and keeps the size embeddings; empty (SD1.5's default) is the encoded empty prompt."""
+    from comfyui_dmd2.training.config import DMD2Config
+
+    assert DMD2Config.for_arch("sdxl").uncond == "zeros" and DMD2Config.for_arch("sd15").uncond == "empty"
+    texts = C.RunTexts(["a red cube"], ["a tree"], [])
+    conds = C.encode_prompts(loaded["sdxl"], texts.all(), RES)
+    empty, _ = texts.split(conds, None, "empty")
+    zeros, previews = texts.split(conds, None, "zeros")
+    assert empty.uncond is conds[0] and zeros.prompts[0] is conds[1] and previews[0] is conds[2]
+    assert not torch.equal(conds[0].context, torch.zeros_like(conds[0].context))
+    assert torch.equal(zeros.uncond.context, torch.zeros_like(conds[0].context))
+    pooled = conds[0].y.shape[1] - 6 * 256
+    assert conds[0].y[:, :pooled].abs().sum() > 0 and torch.equal(zeros.uncond.y[:, :pooled], torch.zeros(1, pooled))
+    torch.testing.assert_close(zeros.uncond.y[:, pooled:], conds[0].y[:, pooled:], rtol=0, atol=0)
+    sd15 = C.zero_conditioning(C.encode_prompts(loaded["sd15"], [""], RES)[0])
+    assert sd15.y is None and not sd15.context.any()
+    from comfyui_dmd2.training.cli import build_parser, resolve_settings
+
+    args = build_parser().parse_args(["--checkpoint", "m.safetensors", "--prompts", "p.txt", "--output", "o", "--uncond", "empty"])
+    assert resolve_settings(args)[1]["uncond"] == "empty"  # a dmd2 key: checked on resume like the others
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(loaded):
     grads = []
     for checkpointing in (False, True):

@@ -385,17 +385,18 @@ class SharedBaseBackend:
         return stack_conditionings(conds)
 
     # --- forwards ---
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+    def _autocast(self, enabled: bool = True):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled and self.autocast_dtype is not None)
 
     def _module(self, network: str | None) -> nn.Module:
         return self.copies.get(network, self.unet)
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, network: str | None) -> torch.Tensor:
-        """The eps prediction of ``network`` ('generator', 'fake_score' or None = the base)."""
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, network: str | None, autocast: bool = True) -> torch.Tensor:
+        """The eps prediction of ``network`` ('generator', 'fake_score' or None = the base);
+        ``autocast=False``: in the weights' own dtype."""
         adapter = None if network in self.copies else network
         options = {"optimized_attention_override": sdpa_attention} if self.attention == "sdpa" else {}
-        with self.switch.use(adapter), self._autocast():
+        with self.switch.use(adapter), self._autocast(autocast):
             out = self._module(network)(x_t, t.float(), context=cond.context, y=cond.y, transformer_options=options)
         return out.float()
 
@@ -406,7 +407,11 @@ class SharedBaseBackend:
         return self._x0(x_t, t, cond, "generator")
 
     def fake_x0(self, x_t, t, cond):
-        return self._x0(x_t, t, cond, "fake_score")
+        # The prediction the DM gradient uses (no grad) runs in fp32 when the fake score is a
+        # full fp32 copy, as the reference runs it; LoRA F sits on the bf16/fp16 base and
+        # stays under autocast, as does the fake score's own training pass.
+        fp32 = "fake_score" in self.copies and not torch.is_grad_enabled()
+        return losses.x0_from_eps(x_t, self.eps(x_t, t, cond, "fake_score", autocast=not fp32), t, self.alphas_cumprod)
 
     def real_x0(self, x_t, t, cond, uncond, guidance_scale):
         if guidance_scale == 1.0:
@@ -432,8 +437,10 @@ class SharedBaseBackend:
         finally:
             self._stop_after_mid = False
         features, self._features = self._features, None
-        with self._autocast():
-            return self.head(features)
+        # In fp32 outside autocast, as the reference keeps its classifier head (a GPU run's
+        # features are bf16/fp16; on the CPU nothing changes).
+        with torch.autocast(self.device.type, enabled=False):
+            return self.head(features.float())
 
     # --- parameters ---
     def _named(self, network: str) -> list[tuple[str, nn.Parameter]]:

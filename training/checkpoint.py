@@ -218,8 +218,10 @@ class RunTexts:
         """The texts to encode, in the order ``split`` reads their conditionings."""
         return ["", *self.prompts, *self.sample_prompts, *self.distinct_captions]
 
-    def split(self, conds: Sequence[Conditioning], real_latents: torch.Tensor | None):
-        """(TrainingData, preview conditionings) from the conditionings of ``all()``."""
+    def split(self, conds: Sequence[Conditioning], real_latents: torch.Tensor | None, uncond: str = "empty"):
+        """(TrainingData, preview conditionings) from the conditionings of ``all()``; the
+        unconditional side is the empty prompt's, or ``zero_conditioning`` of it with
+        ``uncond="zeros"`` (``DMD2Config.uncond``)."""
         from .backend import TrainingData
 
         n, m = len(self.prompts), len(self.sample_prompts)
@@ -227,7 +229,21 @@ class RunTexts:
         real_captions = None
         if real_latents is not None and self.captions:
             real_captions = [None if c is None else by_caption[c] for c in self.captions]
-        return TrainingData(list(conds[1 : 1 + n]), conds[0], real_latents, real_captions), list(conds[1 + n : 1 + n + m])
+        empty = zero_conditioning(conds[0]) if uncond == "zeros" else conds[0]
+        return TrainingData(list(conds[1 : 1 + n]), empty, real_latents, real_captions), list(conds[1 + n : 1 + n + m])
+
+
+SDXL_SIZE_EMBEDDING = 6 * 256  # the end of SDXL's y: six 256-wide embeddings of sizes and crop
+
+
+def zero_conditioning(cond: Conditioning) -> Conditioning:
+    """The reference's unconditional side for SDXL: zero text context and zero pooled text,
+    the size conditioning kept (SDXL's y is the pooled text, then the size embeddings)."""
+    y = None
+    if cond.y is not None:
+        y = cond.y.clone()
+        y[:, : y.shape[1] - SDXL_SIZE_EMBEDDING] = 0
+    return Conditioning(None if cond.context is None else torch.zeros_like(cond.context), y)
 
 
 @torch.no_grad()

@@ -38,10 +38,13 @@ import torch
 from .run import (  # noqa: F401 (GradientAverager, image_grid, draw_loss_curves: used through this module too)
     Dist,
     GradientAverager,
+    OutOfSync,
     RunConfig,
     Stopped,
     TrainingRun,
     check_resume_settings,
+    check_same_inputs,
+    check_shared_folder,
     draw_loss_curves,
     find_latest_checkpoint,
     image_grid,
@@ -52,7 +55,7 @@ from .run import (  # noqa: F401 (GradientAverager, image_grid, draw_loss_curves
 log = logging.getLogger("dmd2-train")
 
 PRESETS = {(999, 749, 499, 249): "4-step (999,749,499,249)", (399,): "1-step (399)"}
-DMD2_FLAGS = {"steps", "seed", "batch_size", "grad_accum", "ema_decay", "regression_steps"}
+DMD2_FLAGS = {"steps", "seed", "batch_size", "grad_accum", "ema_decay", "regression_steps", "uncond"}
 
 
 def _coerce_run(name: str, value: Any) -> Any:
@@ -147,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, dest="ema_decay", help=f"generator moving average per generator update, 0 = off ({_defaults('ema_decay')})")
     p.add_argument("--regression-steps", type=int, dest="regression_steps",
                    help=f"regression warm-start iterations before DMD2 (the reference's 1-step recipe; on the digits it helped 4-step students more) ({_defaults('regression_steps')})")
+    p.add_argument("--uncond", choices=["zeros", "empty"],
+                   help="the real score's unconditional side for its guidance: zeros (zero text, the size conditioning kept) "
+                   "or the encoded empty prompt, which a finetune trained with caption dropout may prefer (docs/training.md) "
+                   f"({_defaults('uncond')})")
     p.add_argument("--export-raw", dest="export_raw", action="store_true", default=None,
                    help="also export the raw generator as <name>_raw.safetensors (default: off)")
     p.add_argument("--lora-rank", type=int, dest="lora_rank", help=f"rank of the generator and fake-score LoRAs (default: {run.lora_rank})")
@@ -415,9 +422,7 @@ class StopSignals:
         """The signal to stop on, agreed by every process (any one stopping stops all)."""
         if dist.world_size == 1:
             return self.signum
-        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) or None
+        return dist.agree_max(self.signum or 0) or None
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
@@ -499,6 +504,7 @@ def train(argv: Sequence[str] | None = None):
         check_resume_settings(latest, resume_settings(run, config, resolution) | init_settings(run, init) | fingerprints)
     created = prepare_output(output) if dist.main else None
     try:
+        check_shared_folder(dist, output)
         # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.
         from .backend import default_precision
 
@@ -519,6 +525,8 @@ def train(argv: Sequence[str] | None = None):
         # 2. Encode once (cached by checkpoint hash and inputs), then drop the encoders.
         ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
         texts = C.RunTexts(prompts, sample_prompts, captions)
+        check_same_inputs(dist, checkpoint=ckpt_hash, prompts=texts.all(), images=[(p.name, p.stat().st_size) for p in image_paths],
+                          settings=resume_settings(run, config, resolution))
         text_file = cache / f"text-{cache_key(ckpt_hash, texts.all(), resolution)}.safetensors"
         cached = load_cached(text_file)
         if cached is None:
@@ -538,7 +546,7 @@ def train(argv: Sequence[str] | None = None):
                     save_cached(latent_file, cached_latents)
             real_latents = cached_latents["latents"]
         loaded.clip = None  # the text encoders are not needed any more
-        data, sample_conds = texts.split(conds, real_latents)
+        data, sample_conds = texts.split(conds, real_latents, config.uncond)
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
         training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist, extra_settings=fingerprints,
@@ -687,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.propagate = False
     try:
         train(argv)
-    except (ConfigError, DataError, CheckpointError, UnsupportedModel, LoRAError, ComfyUINotFound) as exc:
+    except (ConfigError, DataError, CheckpointError, UnsupportedModel, LoRAError, ComfyUINotFound, OutOfSync) as exc:
         print(f"dmd2-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError as exc:

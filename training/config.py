@@ -33,6 +33,7 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "gan_generator_weight": 5e-3,
         "gan_discriminator_weight": 1e-2,
         "generator_timesteps": (999, 749, 499, 249),
+        "uncond": "zeros",
     },
     "sd15": {
         "real_guidance_scale": 1.75,
@@ -43,6 +44,7 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "gan_generator_weight": 1e-3,
         "gan_discriminator_weight": 1e-2,
         "generator_timesteps": (999, 749, 499, 249),
+        "uncond": "empty",
     },
 }
 
@@ -82,6 +84,10 @@ class DMD2Config:
 
     # Distribution matching.
     real_guidance_scale: float = 8.0  # real score = uncond + s * (cond - uncond)
+    # The unconditional side of that guidance: "zeros" (zero text context and pooled text,
+    # SDXL's size conditioning kept: the reference for SDXL) or "empty" (the encoded empty
+    # prompt: the reference for SD1.5). Read by the backend's caller, not the loop.
+    uncond: str = "zeros"
     dm_min_timestep: int = 20
     dm_max_timestep: int = 980
 
@@ -200,6 +206,8 @@ class DMD2Config:
         ):
             if not 0 <= lo <= hi < n:
                 raise ConfigError(f"{what}_min_timestep/{what}_max_timestep must satisfy 0 <= min <= max < {n}")
+        if self.uncond not in ("zeros", "empty"):
+            raise ConfigError(f"uncond must be 'zeros' or 'empty', got {self.uncond!r}")
         if self.fake_loss_weighting not in ("eps", "x0"):
             raise ConfigError(f"fake_loss_weighting must be 'eps' or 'x0', got {self.fake_loss_weighting!r}")
         if self.fake_updates_per_generator_update < 1:

@@ -94,38 +94,96 @@ class RunConfig:
 
 @dataclass
 class Dist:
+    """This process's place in the run and the collectives the run makes.
+
+    Tensors go through the group that has a backend for their device: the trained tensors
+    (gradients, the first broadcast) on the GPU through NCCL, the host-side decisions (stop
+    flag, barrier, checksums, the shared draws) on the CPU through gloo. ``host_group`` is a
+    gloo group beside the default one when that has no CPU backend (an NCCL-only group
+    created before ``init_distributed``), else None (the default group serves both)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    host_group: Any = None
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    def group_for(self, tensor: torch.Tensor):
+        """The default group if it has a backend for ``tensor``'s device, else the host group."""
+        if self.host_group is None or tensor.device.type in _device_types(None):
+            return None
+        return self.host_group
+
     def barrier(self) -> None:
         if self.world_size > 1:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=self.host_group)
+
+    def agree_max(self, value: int) -> int:
+        """The largest ``value`` over all processes (a stop request on any one stops all)."""
+        if self.world_size == 1:
+            return value
+        flag = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
+        return int(flag.item())
+
+    def from_main(self, value: int) -> int:
+        """Rank 0's ``value`` on every process (draws that every rank must share)."""
+        if self.world_size == 1:
+            return value
+        shared = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.broadcast(shared, src=0, group=self.host_group)
+        return int(shared.item())
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [value]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, value, group=self.host_group)
+        return out
+
+
+def _device_types(group) -> set[str]:
+    """The device types ``group`` (None: the default group) has a backend for."""
+    group = group or torch.distributed.distributed_c10d._get_default_group()
+    return {d.type for d in group._device_types}
+
+
+def process_group_backend(device: str) -> str:
+    """The backends ``init_distributed`` creates the group with: NCCL for the GPU tensors and
+    gloo beside it for the CPU ones (an NCCL-only group has no backend for CPU tensors)."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
 
 
 def init_distributed(device: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK. The group gets NCCL for the GPU and gloo for
+    the CPU (``process_group_backend``); a group created before, without a CPU backend (NCCL
+    alone), gets a gloo group beside it for the host-side collectives."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist
+        torch.distributed.init_process_group(process_group_backend(device))
+    host = None if "cpu" in _device_types(None) else torch.distributed.new_group(backend="gloo")
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), host)
 
 
 class GradientAverager:
-    """Averages the gradients of ``params`` over all processes at the end of each backward,
-    in one flat all-reduce (what DDP does, without wrapping modules: the three networks
-    share one UNet and are selected per forward, which DDP's one-forward-one-backward
-    bookkeeping does not fit)."""
+    """Averages the gradients of ``params`` over all processes at the end of each backward
+    (what DDP does, without wrapping modules: the three networks share one UNet and are
+    selected per forward, which DDP's one-forward-one-backward bookkeeping does not fit).
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], world_size: int):
+    Small gradients are all-reduced in flat buckets of at most ``bucket_mib`` (few large
+    collectives instead of thousands of small ones), a gradient of that size or more in place:
+    the transient is one bucket, not a flat copy of every gradient (as large as the trained
+    parameters: about 10 GB for an SDXL full fake score)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], world_size: int, dist: Dist | None = None, bucket_mib: float = 25):
         self.params, self.world_size = list(params), world_size
+        self.dist = dist or Dist(world_size=world_size)
+        self.bucket_bytes = int(bucket_mib * 2**20)
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.ready: set[int] = set()
         self.queued = False
@@ -138,35 +196,111 @@ class GradientAverager:
             self.queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._all_reduce)
 
+    def buckets(self, grads: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``grads`` in order, cut into runs of one device and dtype of under ``bucket_bytes``;
+        a gradient of ``bucket_bytes`` or more (or not contiguous) is a bucket of its own."""
+        out: list[list[torch.Tensor]] = []
+        size = 0
+        for g in grads:
+            nbytes = g.numel() * g.element_size()
+            if nbytes >= self.bucket_bytes or not g.is_contiguous():
+                out.append([g])
+                size = self.bucket_bytes  # closed: nothing joins it
+            elif out and size + nbytes <= self.bucket_bytes and (out[-1][0].device, out[-1][0].dtype) == (g.device, g.dtype):
+                out[-1].append(g)
+                size += nbytes
+            else:
+                out.append([g])
+                size = nbytes
+        return out
+
     def _all_reduce(self) -> None:
         grads = [self.params[i].grad for i in sorted(self.ready)]
         self.ready, self.queued = set(), False
-        flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat)
-        flat /= self.world_size
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        for bucket in self.buckets(grads):
+            group = self.dist.group_for(bucket[0])
+            if len(bucket) == 1 and bucket[0].is_contiguous():  # in place, no copy
+                torch.distributed.all_reduce(bucket[0], group=group)
+                bucket[0].div_(self.world_size)
+                continue
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            torch.distributed.all_reduce(flat, group=group)
+            flat /= self.world_size
+            for g, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                g.copy_(synced)
 
 
-def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
+def broadcast_parameters(params: Sequence[torch.nn.Parameter], dist: Dist | None = None) -> None:
+    """Rank 0's values of ``params`` on every process (each through the group of its device)."""
+    dist = dist or Dist()
     with torch.no_grad():
         for p in params:
-            torch.distributed.broadcast(p.data, src=0)
+            torch.distributed.broadcast(p.data, src=0, group=dist.group_for(p.data))
 
 
 def parameter_checksum(params: Sequence[torch.nn.Parameter]) -> float:
     return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in params))
 
 
+class OutOfSync(RuntimeError):
+    """The processes of one run hold different adapters (``check_in_sync``)."""
+
+
 def check_in_sync(params: Sequence[torch.nn.Parameter], dist: Dist) -> float:
-    """All processes must hold the same adapters; raise if they drifted apart."""
+    """All processes must hold the same adapters; raise ``OutOfSync`` (on every process) if
+    they drifted apart."""
     checksum = parameter_checksum(params)
     if dist.world_size > 1:
-        sums = [None] * dist.world_size
-        torch.distributed.all_gather_object(sums, checksum)
-        if any(abs(s - checksum) > 1e-6 * max(1.0, abs(checksum)) for s in sums):
-            raise RuntimeError(f"adapters differ between processes: checksums {sums}")
+        sums = dist.all_gather_object(checksum)
+        if any(abs(s - sums[0]) > 1e-6 * max(1.0, abs(sums[0])) for s in sums):
+            raise OutOfSync(f"the processes hold different adapters (checksums {', '.join(f'{s:.9g}' for s in sums)}); "
+                            "every machine must run the same pack, torch and inputs; resume from the last checkpoint")
     return checksum
+
+
+def check_same_inputs(dist: Dist, **fingerprints: Any) -> None:
+    """Every process must read the same inputs (on several machines each reads its own
+    copies): refuse, on every process, naming the first that differs from rank 0's."""
+    if dist.world_size == 1:
+        return
+    import hashlib
+    import socket
+
+    from .config import ConfigError
+
+    digests = {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest() for k, v in fingerprints.items()}
+    gathered = dist.all_gather_object((socket.gethostname(), digests))
+    host0, first = gathered[0]
+    for rank, (host, values) in enumerate(gathered[1:], start=1):
+        for key, value in first.items():
+            if values.get(key) != value:
+                raise ConfigError(f"rank {rank} (on {host}) disagrees with rank 0 (on {host0}) about the {key}: every process "
+                                  "must read the same files and settings (copy them to every machine, or use shared storage)")
+
+
+def check_shared_folder(dist: Dist, folder: Path) -> None:
+    """Every process must see the output folder rank 0 writes (a checkpoint holds each rank's
+    state, and all resume from it): refuse, on every process, when one does not (several
+    machines with --output on local disks)."""
+    if dist.world_size == 1:
+        return
+    import secrets
+    import socket
+
+    from .config import ConfigError
+
+    probe = Path(folder) / f".dmd2-shared-{dist.from_main(secrets.randbits(62))}"
+    if dist.main:
+        probe.write_bytes(b"")
+    dist.barrier()
+    seen = dist.all_gather_object((socket.gethostname(), probe.is_file()))
+    dist.barrier()
+    if dist.main:
+        probe.unlink()
+    for rank, (host, visible) in enumerate(seen):
+        if not visible:
+            raise ConfigError(f"rank {rank} (on {host}) does not see the output folder {folder} that rank 0 (on {seen[0][0]}) "
+                              "writes: put --output on storage that every machine mounts at the same path")
 
 
 # --- outputs -------------------------------------------------------------------------------
@@ -543,11 +677,12 @@ class TrainingRun:
             gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
             seed=config.seed, rank=self.dist.rank, init_lora=init_lora, init_fake_score=run.init_fake_score,
         )
-        self.trainer = DMD2Trainer(config, self.backend, rank=self.dist.rank)
+        self.trainer = DMD2Trainer(config, self.backend, rank=self.dist.rank,
+                                   shared_draw=self.dist.from_main if self.dist.world_size > 1 else None)
         self.trainable = self.trainer.generator_params + self.trainer.fake_params
         if self.dist.world_size > 1:
-            broadcast_parameters(self.trainable)
-            GradientAverager(self.trainable, self.dist.world_size)
+            broadcast_parameters(self.trainable, self.dist)
+            GradientAverager(self.trainable, self.dist.world_size, self.dist)
         self.start, self.saved_step = 0, -1
         self.metrics_log: MetricsLog | None = None
 

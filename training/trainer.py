@@ -28,10 +28,11 @@ Usage (the command, a test or the digits demo)::
         ...
     torch.save(trainer.state_dict(), path)   # optimisers, schedulers, counters, RNG, tensors
 
-Several processes: give each its own data and pass ``rank`` so each draws different noise;
-the caller averages gradients (``cli.GradientAverager``). The trainer turns ``requires_grad``
-of the fake-score group off while the generator's GAN loss runs through the head (and back
-on after).
+Several processes: give each its own data and pass ``rank`` so each draws different noise,
+and ``shared_draw`` (rank 0's value of a draw) so all run the same number of backward-
+simulation steps, as the reference does; the caller averages gradients
+(``run.GradientAverager``). The trainer turns ``requires_grad`` of the fake-score group off
+while the generator's GAN loss runs through the head (and back on after).
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ class DMD2Trainer:
         backend: DMD2Backend,
         rank: int = 0,
         callbacks: Iterable[Callable[[dict[str, float]], None]] = (),
+        shared_draw: Callable[[int], int] | None = None,
     ):
         config.validate()
         self.config = config
@@ -253,6 +255,9 @@ class DMD2Trainer:
             where = torch.device("cpu") if config.ema_on_cpu else None
             self.generator_ema = {name: p.detach().float().clone().to(where or p.device) for name, p in self.generator_named}
         self.callbacks = list(callbacks)
+        # Several processes: the draw of the simulated step, replaced by rank 0's (every rank
+        # then waits on the same number of generator passes, not on its slowest).
+        self.shared_draw = shared_draw
 
     # --- randomness (all of it from the trainer's own generator, so resume is exact) ---
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -270,7 +275,8 @@ class DMD2Trainer:
         config, n = self.config, shape[0]
         draws = _Draws(start=self._noise(shape), step=0, simulation=[])
         if len(self.timesteps) > 1:
-            draws["step"] = k = int(torch.randint(0, len(self.timesteps), (1,), generator=self.rng, device=self.device))
+            k = int(torch.randint(0, len(self.timesteps), (1,), generator=self.rng, device=self.device))
+            draws["step"] = k = k if self.shared_draw is None else self.shared_draw(k)
             if config.backward_simulation:
                 draws["simulation"] = [self._noise(shape) for _ in range(k)]
         gan = (config.gan_min_timestep, config.gan_max_timestep, n)
