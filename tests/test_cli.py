@@ -494,6 +494,21 @@ def test_a_checkpoint_saved_without_data_fingerprints_still_resumes(finished, ti
     assert "prompts" in json.loads((output / "checkpoints" / "step_0000005" / "settings.json").read_text())
 
 
+def test_an_sdxl_checkpoint_from_before_uncond_resumes_only_with_the_empty_prompt(tiny_checkpoints, inputs, tmp_path, capsys):
+    """An SDXL run saved before ``uncond`` and ``init_lora`` existed trained against the empty
+    prompt: resuming it with today's default (zeros) is refused naming uncond, with
+    ``--uncond empty`` it resumes (and the missing init_lora key means: started from zero)."""
+    output = tmp_path / "old_sdxl"
+    cli.train(_args(tiny_checkpoints["sdxl"], inputs, output, 2, "--save-every", "2", "--sample-every", "0", "--uncond", "empty"))
+    for settings in (output / "checkpoints").glob("step_*/settings.json"):
+        old = {k: v for k, v in json.loads(settings.read_text()).items() if k not in ("uncond", "init_lora")}
+        settings.write_text(json.dumps(old))
+    err = _bad(_args(tiny_checkpoints["sdxl"], inputs, output, 3, "--sample-every", "0"), capsys, "uncond is 'zeros' now but the saved run used 'empty'")
+    assert "Traceback" not in err
+    trainer, _, _ = cli.train(_args(tiny_checkpoints["sdxl"], inputs, output, 3, "--sample-every", "0", "--uncond", "empty"))
+    assert trainer.step_count == 3
+
+
 def test_one_step_preset_flag_trains_a_399_student(tiny_checkpoints, inputs, tmp_path, caplog):
     """``--timesteps 1-step`` on SDXL: timestep 399 and the 1-step layout (a rank-2x LoRA fake
     score, every layer adapted), said at start-up with its estimated peak."""

@@ -526,7 +526,7 @@ def train(argv: Sequence[str] | None = None):
         ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
         texts = C.RunTexts(prompts, sample_prompts, captions)
         check_same_inputs(dist, checkpoint=ckpt_hash, prompts=texts.all(), images=[(p.name, p.stat().st_size) for p in image_paths],
-                          settings=resume_settings(run, config, resolution))
+                          settings=resume_settings(run, config, resolution) | init_settings(run, init))
         text_file = cache / f"text-{cache_key(ckpt_hash, texts.all(), resolution)}.safetensors"
         cached = load_cached(text_file)
         if cached is None:

@@ -594,9 +594,17 @@ def saved_settings(path: Path) -> dict[str, Any]:
     return json.loads(saved_file.read_text(encoding="utf-8"))
 
 
+# Keys that checkpoints of earlier versions did not save, with the value those runs used: an
+# SDXL run started before ``uncond`` existed trained against the empty prompt, and resuming it
+# with today's default (zeros) would switch silently.
+LEGACY_SETTINGS = {"uncond": "empty"}
+
+
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """The first setting that differs: (key, current value, saved value), or None. Only keys
-    both have are compared: a checkpoint of an older version, which did not save a key, resumes."""
+    both have are compared (with ``LEGACY_SETTINGS`` for the older ones): a checkpoint of an
+    older version, which did not save a key, resumes."""
+    saved = LEGACY_SETTINGS | saved
     for key, value in current.items():
         value = json.loads(json.dumps(value))
         if key in saved and saved[key] != value:
