@@ -98,3 +98,18 @@ def no_loading(monkeypatch):
         raise Loaded("the checkpoint was loaded before the check")
 
     monkeypatch.setattr(checkpoint, "load_checkpoint", refuse)
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_handlers():
+    """``dmd2-train``'s ``main`` gives the command's logger a handler on the stderr of its time,
+    which a later test's capture has closed ("--- Logging error ---" in that test's output):
+    each test starts without one, logging through the root logger, and gets the old ones back."""
+    from comfyui_dmd2.training import cli
+
+    saved = (list(cli.log.handlers), cli.log.propagate, cli.log.level)
+    cli.log.handlers.clear()
+    cli.log.propagate = True
+    yield
+    cli.log.handlers[:], cli.log.propagate = saved[0], saved[1]
+    cli.log.setLevel(saved[2])

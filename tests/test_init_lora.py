@@ -50,18 +50,6 @@ def _lora(output: Path, arch: str = "sdxl") -> dict[str, torch.Tensor]:
     return load_file(str(output / f"dmd2_tiny_{arch}_lora.safetensors"))
 
 
-@pytest.fixture(autouse=True)
-def fresh_log_handlers():
-    """``cli.main`` gives the command's logger a handler on the stderr of its time, which a
-    later test has closed: each test here starts without one (and puts the old ones back)."""
-    saved = (list(cli.log.handlers), cli.log.propagate, cli.log.level)
-    cli.log.handlers.clear()
-    cli.log.propagate = True
-    yield
-    cli.log.handlers[:], cli.log.propagate = saved[0], saved[1]
-    cli.log.setLevel(saved[2])
-
-
 def _bad(argv, capsys, expected: str) -> str:
     """The command exits 2 with one ``dmd2-train: error:`` line holding ``expected``."""
     assert cli.main(argv) == 2

@@ -512,8 +512,10 @@ def resume_settings(run: RunConfig, config, resolution: int) -> dict[str, Any]:
     targets = resolve_targets(run.lora_targets)
     dmd2 = {k: v for k, v in config.to_dict().items() if k not in ("steps", "ema_on_cpu")}
     fake_score = "full" if run.fake_score == "full" else {"rank": run.fake_score_rank or run.lora_rank}
-    return {"lora_rank": run.lora_rank, "fake_score": fake_score, "lora_alpha": run.lora_alpha,
-            "lora_targets": list(targets), "resolution": resolution, **dmd2}
+    # The student's timesteps first: a 1-step run's layout follows from them (``one_step_layout``),
+    # so a changed schedule is named as what changed, not the fake score it brought along.
+    return {"generator_timesteps": dmd2.pop("generator_timesteps"), "lora_rank": run.lora_rank, "fake_score": fake_score,
+            "lora_alpha": run.lora_alpha, "lora_targets": list(targets), "resolution": resolution, **dmd2}
 
 
 # The layout a 1-step student gets unless the run sets it (``one_step_layout``): on the digits
