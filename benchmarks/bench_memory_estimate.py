@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--fake-score", default="lora", choices=["lora", "full"])
     p.add_argument("--fake-score-rank", type=int, default=0, help="LoRA F's own rank (0: --rank)")
+    p.add_argument("--lora-targets", default="dmd2", help="dmd2, all, or diffusers module names separated by commas")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
@@ -71,11 +72,12 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
     run = RunConfig(checkpoint="-", prompts="-", output="-", images="-", lora_rank=args.rank, mixed_precision=args.precision,
                     gradient_checkpointing=args.gradient_checkpointing, device="cpu", fake_score=args.fake_score,
-                    fake_score_rank=args.fake_score_rank)
+                    fake_score_rank=args.fake_score_rank, lora_targets=tuple(args.lora_targets.split(",")))
     arch = MODELS[args.model][0]
     config = DMD2Config.for_arch(arch, batch_size=args.batch_size, grad_accum=args.grad_accum)
     fake = "full" if args.fake_score == "full" else f"LoRA rank {args.fake_score_rank or args.rank}"
-    figures = {"model": args.model, "resolution": args.resolution, "rank": args.rank, "fake_score": fake, "batch": args.batch_size,
+    figures = {"model": args.model, "resolution": args.resolution, "rank": args.rank, "fake_score": fake,
+               "lora_targets": args.lora_targets, "batch": args.batch_size,
                "grad_accum": args.grad_accum, "precision": args.precision, "checkpointing": args.gradient_checkpointing}
 
     start = time.perf_counter()
@@ -85,7 +87,8 @@ def main() -> None:
     figures["estimate_gib"] = estimate.peak / M.GiB
     figures["estimate_parts_gib"] = {name: size / M.GiB for name, size in estimate.parts()}
     figures["forward_equivalents"] = estimate.forward_equivalents()
-    print(f"{args.model} at {args.resolution} px, rank {args.rank}, fake score {fake}, batch {args.batch_size} x {args.grad_accum}, "
+    print(f"{args.model} at {args.resolution} px, rank {args.rank}, fake score {fake}, targets {args.lora_targets}, "
+          f"batch {args.batch_size} x {args.grad_accum}, "
           f"{args.precision}, checkpointing {args.gradient_checkpointing}")
     print(f"estimate : {estimate.peak / M.GiB:7.2f} GiB  ({figures['estimate_s']:.0f} s on fake tensors)")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import logging
 import re
 from pathlib import Path
 
@@ -30,11 +31,29 @@ from comfy_api.latest import io
 from ..training import checkpoint as C
 from ..training.config import ARCH_DEFAULTS, FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
 from ..training.data import check_resolution, prompt_lines
-from ..training.lora import TARGET_SETS
-from ..training.run import RunConfig, Stopped, TrainingRun, check_resume_settings, draw_loss_curves, find_latest_checkpoint, image_grid, resume_settings
-from .schedules import CUSTOM, custom_timesteps_input, preset_input, timesteps_for_preset, validate_custom_text
+from ..training.lora import TARGET_SETS, LoRAError, check_init_arch, read_init_lora
+from ..training.run import (
+    RunConfig,
+    Stopped,
+    TrainingRun,
+    adopt_init_lora,
+    check_resume_settings,
+    draw_loss_curves,
+    find_latest_checkpoint,
+    image_grid,
+    init_settings,
+    resume_settings,
+)
+from .schedules import (
+    CUSTOM,
+    custom_timesteps_input,
+    preset_input,
+    timesteps_for_preset,
+    validate_custom_text,
+)
 
 RUNS_FOLDER = "dmd2_training"  # under ComfyUI's output directory
+NO_INIT_LORA = "none"
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
 
 
@@ -126,13 +145,14 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
                lora_rank: int, lora_alpha: float, lr_generator: float, lr_fake_score: float, real_guidance_scale: float,
                resolution: int, batch_size: int, grad_accum: int, warmup_steps: int, regression_steps: int, preview_every: int,
                save_every: int, images: torch.Tensor | None = None, captions: str = "", fake_score: str = "lora",
-               fake_score_rank: int = 0, lora_targets: str = "dmd2", progress=None):
+               fake_score_rank: int = 0, lora_targets: str = "dmd2", init_lora: str = NO_INIT_LORA, progress=None):
     """Train (or resume) the run ``lora_name`` on the graph's model; returns (MODEL with the
     LoRA applied, LoRA file name, loss plot IMAGE). Raises TrainingInputError/ConfigError on
     bad input and ComfyUI's InterruptProcessingException after saving on Interrupt.
     ``fake_score``, ``fake_score_rank``, ``lora_targets``: as ``dmd2-train``'s options of the
     same names; with a full fake score, ``lr_fake_score`` left at the LoRA default becomes the
-    reference's full-network rate, as the command's default does."""
+    reference's full-network rate, as the command's default does. ``init_lora``: a name in
+    models/loras the generator starts from (``dmd2-train --init-lora``), or "none"."""
     file_name = check_lora_name(lora_name)
     prompt_list = prompt_lines(prompts or "")
     if not prompt_list:
@@ -170,9 +190,16 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_name=file_name, save_every=save_every,
                     sample_every=preview_every, keep_checkpoints=1, fake_score=fake_score, fake_score_rank=fake_score_rank,
                     lora_targets=(lora_targets,))
+    init = None
+    if init_lora and init_lora != NO_INIT_LORA:
+        if init_lora == file_name:
+            raise TrainingInputError(f"init_lora {init_lora} is the LoRA this run writes: choose another lora_name, or another init_lora")
+        init = read_init_lora(folder_paths.get_full_path_or_raise("loras", init_lora))
+        check_init_arch(init, model.model.model_config.unet_config.get("context_dim"), f"the MODEL ({arch.upper() if arch == 'sdxl' else 'SD1.5'})")
+        run = adopt_init_lora(run, init, logging.getLogger("dmd2").warning)
     run.validate()
     base = {"base_model_fingerprint": unpatched_base_fingerprint(model)}  # (unloads the other models)
-    settings = resume_settings(run, config, resolution) | base
+    settings = resume_settings(run, config, resolution) | init_settings(run, init) | base
     lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / file_name
     latest = find_latest_checkpoint(folder / "checkpoints")
     if latest is not None:
@@ -191,7 +218,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             real_latents = None if images is None else C.encode_image_batch(loaded, images, resolution)
             data, sample_conds = texts.split(C.encode_prompts(loaded, texts.all(), resolution), real_latents)
 
-            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device), extra_settings=base)
+            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device), extra_settings=base, init_lora=init)
             start = training.resume(latest)
             total = config.total_steps
             bar = progress or comfy.utils.ProgressBar(total)
@@ -303,6 +330,11 @@ class DMD2TrainLoRA(io.ComfyNode):
                                tooltip="Layers the LoRAs adapt. dmd2: the reference's attention, feed-forward and res-block "
                                        "layers. all: also the input/output convolutions and the time and class embeddings "
                                        "(ComfyUI's LoRA loaders read them too); it helped 1-step students on the digits."),
+                io.Combo.Input("init_lora", options=[NO_INIT_LORA, *folder_paths.get_filename_list("loras")], default=NO_INIT_LORA,
+                               optional=True,
+                               tooltip="Start the generator from this few-step LoRA instead of zero, e.g. the DMD2 4-step LoRA "
+                                       "when distilling a finetune (its rank and alpha are taken). The saved LoRA is the whole "
+                                       "adapter: load it alone. none: start from zero."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA applied (sample it with DMD2 Generate)."),
@@ -324,14 +356,16 @@ class DMD2TrainLoRA(io.ComfyNode):
     def execute(cls, model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
                 regression_steps, preview_every, save_every, images=None, captions="", fake_score="lora", fake_score_rank=0,
-                lora_targets="dmd2") -> io.NodeOutput:
+                lora_targets="dmd2", init_lora=NO_INIT_LORA) -> io.NodeOutput:
         try:
             patched, name, plot = train_lora(
                 model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
                 regression_steps, preview_every, save_every, images=images, captions=captions, fake_score=fake_score,
-                fake_score_rank=fake_score_rank, lora_targets=lora_targets,
+                fake_score_rank=fake_score_rank, lora_targets=lora_targets, init_lora=init_lora,
             )
+        except LoRAError as exc:  # an init LoRA that is no LoRA, or made for another model
+            raise TrainingInputError(str(exc)) from None
         except ConfigError as exc:  # a resume with changed settings, a value out of range
             raise TrainingInputError(str(exc).replace("--no-resume or another --output", "another lora_name")) from None
         return io.NodeOutput(patched, name, plot)

@@ -398,7 +398,8 @@ def test_help_explains_every_flag_with_examples():
             continue
         assert action.help and ("default" in action.help or "required" in action.help), (action.option_strings, action.help)
     text = parser.format_help()
-    assert text.count("dmd2-train --checkpoint") == 2 and "--timesteps 1-step" in text and "--images" in text
+    assert text.count("dmd2-train --checkpoint") == 3 and "--timesteps 1-step" in text and "--images" in text
+    assert "--init-lora ComfyUI/models/loras/dmd2_sdxl_4step_lora_fp16.safetensors" in text
     assert "COMFYUI_PATH" in text and "custom_nodes/comfyui-dmd2" in text and "resume" in text
 
 
@@ -456,13 +457,38 @@ def test_resume_with_other_settings_is_refused_naming_the_key(finished, tiny_che
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == before  # nothing touched
 
 
-def test_one_step_preset_flag_trains_a_399_student(tiny_checkpoints, inputs, tmp_path):
-    trainer, _, output = cli.train(_args(tiny_checkpoints["sdxl"], inputs, tmp_path / "one", 2, "--timesteps", "1-step", "--grad-accum", "2", "--sample-every", "0"))
+def test_one_step_preset_flag_trains_a_399_student(tiny_checkpoints, inputs, tmp_path, caplog):
+    """``--timesteps 1-step`` on SDXL: timestep 399 and the 1-step layout (a rank-2x LoRA fake
+    score, every layer adapted), said at start-up with its estimated peak."""
+    caplog.set_level("INFO", logger="dmd2-train")
+    trainer, backend, output = cli.train(_args(tiny_checkpoints["sdxl"], inputs, tmp_path / "one", 2, "--timesteps", "1-step", "--grad-accum", "2", "--sample-every", "0"))
     assert trainer.config.generator_timesteps == (399,) and trainer.config.grad_accum == 2
+    assert backend.adapters.ranks == {"generator": 4, "fake_score": 8} and "conv_in" in backend.adapters.layers
+    assert "1-step layout for SDXL: the fake score is a LoRA of rank 8, the LoRAs adapt every layer (lora_targets all); estimated peak" in caplog.text
     with safe_open(str(output / "dmd2_tiny_sdxl_lora.safetensors"), "pt") as fh:
         assert fh.metadata()["dmd2_timesteps"] == "399"
     graph = json.loads((output / "workflow_api.json").read_text())
     assert {n["class_type"]: n["inputs"] for n in graph.values()}["DMD2Generate"]["preset"] == "1-step (399)"
+
+
+def test_one_step_layout_fills_only_what_the_run_leaves_unset():
+    """The 1-step layout (run.ONE_STEP_LAYOUT): SD1.5 gets a full fake score and every layer,
+    SDXL a LoRA fake score at 2x the generator's rank and every layer; a key the run sets is
+    kept; multi-step students keep the reference's layout; each line names the estimate."""
+    from comfyui_dmd2.training.run import RunConfig, one_step_layout
+
+    run = RunConfig(lora_rank=64)
+    sd15, line = one_step_layout(run, "sd15", (999,), set())
+    assert (sd15.fake_score, sd15.fake_score_rank, sd15.lora_targets) == ("full", 0, ("all",))
+    assert line.startswith("1-step layout for SD1.5: the fake score is a full fp32 copy of the UNet") and "19.8 GiB at 512 px" in line
+    sdxl, line = one_step_layout(run, "sdxl", (399,), set())
+    assert (sdxl.fake_score, sdxl.fake_score_rank, sdxl.lora_targets) == ("lora", 128, ("all",)) and "18.1 GiB at 1024 px" in line
+    kept, _ = one_step_layout(RunConfig(lora_rank=64, lora_targets=("dmd2",)), "sdxl", (399,), {"lora_targets"})
+    assert (kept.fake_score_rank, kept.lora_targets) == (128, ("dmd2",))
+    lora_f, _ = one_step_layout(RunConfig(lora_rank=32, fake_score="lora"), "sd15", (999,), {"fake_score"})
+    assert (lora_f.fake_score, lora_f.fake_score_rank, lora_f.lora_targets) == ("lora", 128, ("all",))
+    assert one_step_layout(run, "sdxl", (999, 749, 499, 249), set()) == (run, None)
+    assert one_step_layout(run, "sdxl", (399,), {"fake_score", "fake_score_rank", "lora_targets"}) == (run, None)
 
 
 def test_full_fake_score_and_all_targets_train_resume_and_export_the_generator(tiny_checkpoints, inputs, tmp_path):
@@ -502,7 +528,8 @@ def test_toml_then_set_then_flags(tmp_path, inputs):
         ["--config", str(toml), "--set", "lora_rank=8", "--set", "steps=50", "--steps", "70", "--resolution", "512",
          "--grad-accum", "4", "--batch-size", "2", "--timesteps", "999,499"]
     )
-    run, dmd2 = cli.resolve_settings(args)
+    run, dmd2, given = cli.resolve_settings(args)
+    assert given == {"checkpoint", "prompts", "output", "resolution", "lora_rank", "sample_seeds"}
     assert run.checkpoint == str(tmp_path / "model.safetensors")
     assert (run.lora_rank, run.resolution, run.sample_seeds) == (8, 512, (5, 6))
     assert dmd2 == {"steps": 70, "real_guidance_scale": 4.5, "grad_accum": 4, "batch_size": 2, "generator_timesteps": (999, 499)}

@@ -18,13 +18,30 @@ import math
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import losses, sampling
-from .lora import DEFAULT_TARGETS, AdapterSwitch, UNetLoRA, to_device
+from .lora import (
+    DEFAULT_TARGETS,
+    AdapterSwitch,
+    InitLoRA,
+    LoRAError,
+    UNetLoRA,
+    init_deltas,
+    load_init_adapter,
+    merge_init_into,
+    read_init_lora,
+    resolve_targets,
+    targets_label,
+    to_device,
+)
+from .lora import (
+    lora_targets as layer_paths,
+)
 from .trainer import Batch
 
 
@@ -242,6 +259,8 @@ class SharedBaseBackend:
         lora_merged: bool = False,
         attention: str = "sdpa",
         fake_score_rank: int | None = None,
+        init_lora: InitLoRA | str | Path | None = None,
+        init_fake_score: bool = False,
     ):
         if attention not in ("sdpa", "comfy"):
             raise ValueError(f"attention must be 'sdpa' or 'comfy', got {attention!r}")
@@ -262,9 +281,15 @@ class SharedBaseBackend:
         sigmas = base_model.model_sampling.sigmas.double()
         self.alphas_cumprod = (1.0 / (1.0 + sigmas**2)).to(self.device)
         self.unet = to_device(base_model.diffusion_model, self.device).requires_grad_(False).eval()
+        self.unet_config = base_model.model_config.unet_config
+        deltas, init = {}, None
+        if init_lora is not None:  # parsed by ComfyUI on the plain UNet, before any adapter is injected
+            init = init_lora if isinstance(init_lora, InitLoRA) else read_init_lora(init_lora)
+            lora_rank, lora_alpha = init.rank, init.alpha  # the file's (the callers' RunConfig says so)
+            paths = layer_paths(self.unet, self.unet_config, resolve_targets(lora_targets))
+            deltas = init_deltas(base_model, init, paths, targets_label(lora_targets))
         self.copies = {name: trainable_copy(self.unet) for name in full}
         with_lora = tuple(name for name in NETWORKS if name not in full)
-        self.unet_config = base_model.model_config.unet_config
         self.adapters = None
         self.switch = AdapterSwitch(lora_merged)
         if with_lora:
@@ -272,6 +297,8 @@ class SharedBaseBackend:
                                      ranks={"fake_score": fake_score_rank or lora_rank})
             to_device(self.adapters.unet, self.device)
             self.switch = self.adapters.switch
+        if init is not None:
+            self._start_from(init, deltas, paths, ("generator", "fake_score") if init_fake_score else ("generator",))
         if gradient_checkpointing is None:
             gradient_checkpointing = on_gpu
         self.gradient_checkpointing = False
@@ -292,6 +319,18 @@ class SharedBaseBackend:
             self._mid_hook = mid.register_forward_hook(self._capture_mid)
         self.has_gan_head = self.head is not None
         self.rng = torch.Generator().manual_seed(seed * 1000 + 17 + rank)
+
+    def _start_from(self, init: InitLoRA, deltas: dict, paths: dict[str, str], networks: Sequence[str]) -> None:
+        """``networks`` start from the init LoRA: its factors in a LoRA adapter, its update
+        merged into a fully trained copy."""
+        for network in networks:
+            if network in self.copies:
+                merge_init_into(self.copies[network], paths, deltas, init.alpha / init.rank)
+                continue
+            if self.adapters.ranks[network] != init.rank:
+                raise LoRAError(f"the {network.replace('_', ' ')} LoRA has rank {self.adapters.ranks[network]}, init LoRA "
+                                f"{init.name} rank {init.rank}: start it from the file only at the file's rank")
+            load_init_adapter(self.adapters, network, deltas)
 
     def close(self) -> None:
         """Give the base model back as it came (original layers, forwards and hooks), so a

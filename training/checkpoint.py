@@ -41,9 +41,10 @@ class LoadedCheckpoint:
     vae: Any
 
 
-def _read_state_dict(path: Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _read_state_dict(path: Path, mmap: bool = False, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict | None]:
     """Tensors of a .safetensors file, or of a .ckpt/.pt file unpickled safely (weights only);
-    ``mmap``: map a .ckpt's storage instead of reading it (enough to look at its keys)."""
+    ``mmap``: map a .ckpt's storage instead of reading it (enough to look at its keys);
+    ``what``: the file's role in the messages (a checkpoint, an init LoRA)."""
     import pickle
 
     try:
@@ -60,22 +61,22 @@ def _read_state_dict(path: Path, mmap: bool = False) -> tuple[dict[str, torch.Te
             data = torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # torch's refusal of objects, vs bytes that are no pickle
-            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file (not a readable pickle)") from exc
+            raise CheckpointError(f"cannot read {what} {path}: it is corrupt or not a model file (not a readable pickle)") from exc
         raise CheckpointError(
             f"{path} is a pickle that holds more than tensors (Python objects or code): it is refused because "
             "loading it could run that code. Use the model's .safetensors file, or convert it with a tool you trust"
         ) from exc
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a model file ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"cannot read {what} {path}: it is corrupt or not a model file ({type(exc).__name__}: {exc})") from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{what} {path} does not hold a state dict of tensors")
     return data, None
 
 
 # What a file holds, told from its tensor names alone (kohya / diffusers / LDM conventions).
-_LORA_MARKS = ("lora_down", "lora_up", ".lora_A.", ".lora_B.", "lora_unet_", "lora_te", "hada_w1", "lokr_w1")
+_LORA_MARKS = ("lora_down", "lora_up", "lora.down.", "lora.up.", ".lora_A.", ".lora_B.", "lora_unet_", "lora_te", "hada_w1", "lokr_w1")
 _TEXT_MARKS = ("text_model.", "transformer.resblocks.", "text_projection", "token_embedding", "cond_stage_model.", "conditioner.")
 _VAE_MARKS = ("encoder.down", "decoder.up", "quant_conv", "first_stage_model.", "encoder.conv_in", "decoder.conv_in")
 _UNET_MARKS = ("model.diffusion_model.", "input_blocks.", "middle_block.", "time_embed.", "time_embedding.", "down_blocks.")

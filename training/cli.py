@@ -94,6 +94,12 @@ examples:
              --prompts prompts.txt --output runs/mySD15-1step --timesteps 1-step --regression-steps 1000 \\
              --lora-targets all --fake-score full
 
+  # SDXL finetune, starting from the released DMD2 4-step LoRA instead of zero (what users put
+  # on finetunes today at strength 0.75): a LoRA distilled from the finetune itself
+  dmd2-train --checkpoint ComfyUI/models/checkpoints/myFinetune.safetensors \\
+             --init-lora ComfyUI/models/loras/dmd2_sdxl_4step_lora_fp16.safetensors \\
+             --prompts prompts.txt --images real_images/ --output runs/myFinetune-from-dmd2
+
   From a ComfyUI install without installing the pack, with ComfyUI's own Python:
     python ComfyUI/custom_nodes/comfyui-dmd2/dmd2_train.py --checkpoint ... (same flags)
 
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fake score's own LoRA rank, e.g. 4x --lora-rank: it must follow the generator's samples, and is "
                    "never exported (default: --lora-rank)")
     p.add_argument("--lora-alpha", type=float, dest="lora_alpha", help=f"LoRA alpha; the update is scaled by alpha/rank (default: {run.lora_alpha})")
+    p.add_argument("--init-lora", dest="init_lora", metavar="FILE",
+                   help="start the generator from this few-step LoRA instead of zero, e.g. the DMD2 4-step LoRA on your "
+                   "finetune (kohya, diffusers or PEFT keys; its rank and alpha are taken); the exported LoRA is the whole "
+                   "adapter (default: none)")
+    p.add_argument("--init-fake-score", dest="init_fake_score", action="store_true", default=None,
+                   help="with --init-lora: the fake score starts from it too, instead of from the base model (default: off)")
     p.add_argument("--lora-name", dest="lora_name", help="file name of the exported LoRA (default: dmd2_<checkpoint name>_lora)")
     p.add_argument("--save-every", type=int, dest="save_every", help=f"iterations between resumable checkpoints (default: {run.save_every})")
     p.add_argument("--sample-every", type=int, dest="sample_every",
@@ -193,9 +205,9 @@ def parse_timesteps_flag(value: str) -> tuple[int, ...] | str:
         raise ConfigError(f"--timesteps: expected 4-step, 1-step or timesteps such as 999,499, got {value!r}") from None
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
-    """RunConfig and the dmd2 keys (applied later on the checkpoint's arch defaults):
-    TOML file, then ``--set`` overrides, then the dedicated flags."""
+def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], set[str]]:
+    """RunConfig, the dmd2 keys (applied later on the checkpoint's arch defaults) and the run
+    keys set anywhere: TOML file, then ``--set`` overrides, then the dedicated flags."""
     from .config import ConfigError, DMD2Config, parse_overrides
 
     run_keys = {f.name for f in dataclasses.fields(RunConfig)}
@@ -225,7 +237,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
         for name, table in tables.items():
             route(table, f"[{name}] of {path}")
         # Paths in the file are relative to the file.
-        for key in ("checkpoint", "prompts", "images", "output"):
+        for key in ("checkpoint", "prompts", "images", "output", "init_lora"):
             if run_values.get(key) and not Path(run_values[key]).is_absolute():
                 run_values[key] = str(path.parent / run_values[key])
     route(parse_overrides(args.overrides), "--set")
@@ -237,7 +249,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
         dmd2_values["generator_timesteps"] = parse_timesteps_flag(args.timesteps)
     run = RunConfig(**{k: _coerce_run(k, v) for k, v in run_values.items()})
     run.validate(required=("checkpoint",) if args.estimate else ("checkpoint", "prompts", "output"))
-    return run, dmd2_values
+    return run, dmd2_values, set(run_values)
 
 
 def workflow_api(checkpoint_name: str, lora_name: str, prompt: str, resolution: int, timesteps: Sequence[int], seed: int = 0) -> dict:
@@ -431,10 +443,11 @@ def train(argv: Sequence[str] | None = None):
         save_cached,
         write_text_atomic,
     )
-    from .run import resume_settings
+    from .lora import check_init_arch, read_init_lora
+    from .run import adopt_init_lora, init_settings, one_step_layout, resume_settings
 
     args = build_parser().parse_args(argv)
-    run, dmd2_values = resolve_settings(args)
+    run, dmd2_values, given = resolve_settings(args)
     if args.memory_budget is not None and not args.estimate:
         raise ConfigError("--memory-budget goes with --estimate")
 
@@ -448,9 +461,16 @@ def train(argv: Sequence[str] | None = None):
     C.refuse_non_checkpoint(Path(run.checkpoint), kind)
     if "arch" in dmd2_values and dmd2_values["arch"] != arch:
         raise ConfigError(f"config says arch={dmd2_values['arch']!r} but {run.checkpoint} is an {arch} checkpoint")
-    if run.fake_score == "full":  # a full network's rate unless one is given
-        dmd2_values.setdefault("lr_fake_score", FULL_FAKE_SCORE_LR[arch])
+    init = read_init_lora(run.init_lora) if run.init_lora else None
+    if init is not None:
+        check_init_arch(init, checkpoint_context_dim(run.checkpoint), f"{Path(run.checkpoint).name} ({arch.upper() if arch == 'sdxl' else 'SD1.5'})")
+        run = adopt_init_lora(run, init, log.info)
     config = DMD2Config.for_arch(arch, **{k: v for k, v in dmd2_values.items() if k != "arch"})
+    run, layout = one_step_layout(run, arch, config.generator_timesteps, given)
+    if layout is not None:
+        log.info("%s", layout)
+    if run.fake_score == "full" and "lr_fake_score" not in dmd2_values:  # a full network's rate unless one is given
+        config = dataclasses.replace(config, lr_fake_score=FULL_FAKE_SCORE_LR[arch])
     if config.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {config.steps} (with 0 the LoRA would be exported untrained)")
     resolution = run.resolution or (1024 if arch == "sdxl" else 512)
@@ -472,7 +492,7 @@ def train(argv: Sequence[str] | None = None):
     cache = output / "cache"
     latest = find_latest_checkpoint(checkpoints) if run.resume else None
     if latest is not None:
-        check_resume_settings(latest, resume_settings(run, config, resolution))
+        check_resume_settings(latest, resume_settings(run, config, resolution) | init_settings(run, init))
     created = prepare_output(output) if dist.main else None
     try:
         # Frozen base weights in the autocast dtype on GPU (bf16 by default), fp32 otherwise.
@@ -517,7 +537,7 @@ def train(argv: Sequence[str] | None = None):
         data, sample_conds = texts.split(conds, real_latents)
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
-        training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist)
+        training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist, init_lora=init)
         start = training.resume(latest)
     except BaseException:
         if created is not None:  # nothing half-written: a failed start leaves no new folder
@@ -597,6 +617,16 @@ def train(argv: Sequence[str] | None = None):
         log.info("wrote %s: copy it into ComfyUI's models/loras and open %s", output / lora_name, output / "workflow.json")
     dist.barrier()
     return training.trainer, training.backend, output
+
+
+def checkpoint_context_dim(path: str | Path) -> int | None:
+    """The text width the checkpoint's cross-attention takes, from its header (no weight read)."""
+    from .checkpoint import header_tensors
+
+    for key, value in header_tensors(path).items():
+        if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight"):
+            return int(value.shape[1])
+    return None
 
 
 def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: float | None, with_images: bool) -> None:

@@ -204,8 +204,8 @@ class DMD2Config:
             raise ConfigError(f"fake_loss_weighting must be 'eps' or 'x0', got {self.fake_loss_weighting!r}")
         if self.fake_updates_per_generator_update < 1:
             raise ConfigError("fake_updates_per_generator_update must be >= 1")
-        if self.lr_generator <= 0 or self.lr_fake_score <= 0 or self.lr_gan_head < 0:
-            raise ConfigError("learning rates must be positive (lr_gan_head: 0 for lr_fake_score)")
+        if self.lr_generator < 0 or self.lr_fake_score < 0 or self.lr_gan_head < 0:
+            raise ConfigError("learning rates must be >= 0 (0 holds that network where it starts; lr_gan_head: 0 for lr_fake_score)")
         if self.steps < 0 or self.warmup_steps < 0:
             raise ConfigError("steps and warmup_steps must be >= 0")
         if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0:

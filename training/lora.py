@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -304,3 +305,165 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --- starting from an existing few-step LoRA (``--init-lora``) ----------------------------
+
+# Keys of a LoRA that is not a plain low-rank update: LoHa, LoKr, LoCon's mid factor, DoRA,
+# full weight differences. The generator adapter is a plain LoRA: such a file cannot seed it.
+_NOT_PLAIN = ("hada_w1", "hada_w2", "lokr_w1", "lokr_w2", "lora_mid", "dora_scale", ".diff", ".diff_b", ".w_norm", ".b_norm")
+# The down (A) factor's key endings in the layouts ComfyUI reads: kohya, diffusers (two), PEFT.
+_DOWN_ENDINGS = (".lora_down.weight", "_lora.down.weight", ".lora.down.weight", ".lora_A.weight")
+# What a file is, for the refusal (``checkpoint.classify_keys`` kinds).
+_KIND_TEXT = {"checkpoint": "a full checkpoint", "unet": "a UNet-only model file", "vae": "a VAE",
+              "text_encoder": "a text encoder", "unknown": "not a LoRA file ComfyUI recognises"}
+_CONTEXT_FAMILIES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
+
+
+@dataclass
+class InitLoRA:
+    """A few-step LoRA that the generator starts from instead of zero (SwiftBrush v2: a student
+    initialised from a few-step model, then trained with LoRA, beats one trained from the base).
+    ``tensors`` as in the file; ``rank`` and ``alpha`` are the file's (one of each: the generator
+    adapter has one); ``sha256`` identifies it to a resume."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def context_dim(self) -> int | None:
+        """The text width its cross-attention key projection takes (768 SD1.5, 2048 SDXL)."""
+        for key, value in self.tensors.items():
+            flat = key.replace(".", "_")
+            if "attn2_to_k" in flat and key.endswith(_DOWN_ENDINGS):
+                return int(value.shape[1])
+        return None
+
+    def settings(self, fake_score_too: bool) -> dict:
+        """What a resume must match (``checkpoints/step_N/settings.json``)."""
+        return {"init_lora": {"sha256": self.sha256, "fake_score_too": bool(fake_score_too)}}
+
+
+def targets_label(targets: Iterable[str]) -> str:
+    """A target list as the user names it: dmd2, all, or the names themselves."""
+    resolved = resolve_targets(targets)
+    return next((name for name, names in TARGET_SETS.items() if names == resolved), ",".join(resolved))
+
+
+def no_init_settings() -> dict:
+    return {"init_lora": None}
+
+
+def read_init_lora(path: str | Path) -> InitLoRA:
+    """Read and check ``--init-lora`` before any model weight is loaded: a readable file (never
+    an unpickled object: the same refusals as ``--checkpoint``), a LoRA and not a checkpoint /
+    VAE / text encoder, a plain one (no LoHa, LoKr, DoRA) with one rank and one alpha."""
+    from .checkpoint import _read_state_dict, classify_keys
+    from .data import file_sha256
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAError(f"init LoRA not found: {path}")
+    tensors, _ = _read_state_dict(path, what="init LoRA")
+    kind, _ = classify_keys(tensors)
+    if kind != "lora":
+        raise LoRAError(f"{path} is {_KIND_TEXT.get(kind, kind)}, not a LoRA: --init-lora takes a few-step LoRA "
+                        "file (kohya, diffusers or PEFT keys), e.g. the DMD2 4-step LoRA")
+    odd = next((k for k in tensors if any(m in k for m in _NOT_PLAIN)), None)
+    if odd is not None:
+        raise LoRAError(f"{path.name} is not a plain LoRA ({odd}: LoHa, LoKr, LoCon or DoRA): the generator "
+                        "starts from a plain low-rank update only")
+    ranks = sorted({int(v.shape[0]) for k, v in tensors.items() if k.endswith(_DOWN_ENDINGS)})
+    if not ranks:
+        raise LoRAError(f"{path.name} holds no LoRA down/up pairs")
+    if len(ranks) > 1:
+        raise LoRAError(f"{path.name} has layers of ranks {ranks}: the generator adapter has one rank")
+    alpha_keys = [k for k in tensors if k.endswith(".alpha")]
+    alphas = sorted({round(float(tensors[k]), 6) for k in alpha_keys})
+    downs = sum(k.endswith(_DOWN_ENDINGS) for k in tensors)
+    if len(alphas) > 1 or 0 < len(alpha_keys) < downs:
+        raise LoRAError(f"{path.name} has layers with alphas {alphas or 'none'} and without: the generator adapter has one alpha")
+    alpha = alphas[0] if alphas else float(ranks[0])  # no alpha: ComfyUI applies the update at scale 1
+    return InitLoRA(path, tensors, ranks[0], alpha, file_sha256(path))
+
+
+def check_init_arch(init: InitLoRA, model_context_dim: int | None, model_name: str) -> None:
+    """Refuse a LoRA made for another architecture, naming both (before the model loads:
+    ``model_context_dim`` is read from the checkpoint's header)."""
+    dim = init.context_dim()
+    if dim is None or model_context_dim is None or dim == model_context_dim:
+        return
+
+    def family(d: int) -> str:
+        return f"{_CONTEXT_FAMILIES[d]} (cross-attention dim {d})" if d in _CONTEXT_FAMILIES else f"cross-attention dim {d}"
+
+    raise LoRAError(f"init LoRA {init.name} was made for {family(dim)}, but {model_name} is {family(model_context_dim)}")
+
+
+def init_deltas(base_model, init: InitLoRA, paths: Mapping[str, str], targets_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{diffusers path: (down, up)} of ``init`` for the adapted layers ``paths`` (diffusers path
+    -> ComfyUI path), read by ComfyUI's own LoRA parser on the base model's key map (so every
+    layout ComfyUI loads works, and a key it would skip is refused). A layer the file adapts
+    outside ``paths`` is refused by name; layers it leaves out start at zero, as usual."""
+    import types
+
+    import comfy.weight_adapter
+
+    from ..nodes.loaders import DMD2LoadError, lora_patches
+
+    try:
+        patches = lora_patches(types.SimpleNamespace(model=base_model), init.tensors, name=f"init LoRA {init.name}")
+    except DMD2LoadError as exc:
+        raise LoRAError(str(exc)) from None
+    by_ldm = {f"diffusion_model.{ldm}.weight": d_path for d_path, ldm in paths.items()}
+    outside = sorted(k for k in patches if k not in by_ldm)
+    if outside:
+        names = _diffusers_names(base_model, outside)
+        hint = " (run with lora_targets all)" if targets_name != "all" and all(any(_matches(n, t) for t in TARGET_SETS["all"]) for n in names) else ""
+        raise LoRAError(f"init LoRA {init.name} adapts {len(outside)} layers that lora_targets {targets_name} leaves out, "
+                        f"e.g. {', '.join(names[:3])}{hint}")
+    out = {}
+    for key, patch in patches.items():
+        if not isinstance(patch, comfy.weight_adapter.LoRAAdapter) or any(v is not None for v in patch.weights[3:5]):
+            raise LoRAError(f"init LoRA {init.name}: {key} is not a plain low-rank update")
+        up, down = patch.weights[0], patch.weights[1]
+        out[by_ldm[key]] = (down.float(), up.float())
+    return out
+
+
+def _diffusers_names(base_model, ldm_keys: Iterable[str]) -> list[str]:
+    """Diffusers module names of ComfyUI weight keys, for messages (the ComfyUI path where none)."""
+    import comfy.utils
+
+    to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(dict(base_model.model_config.unet_config)).items()}
+    names = []
+    for key in ldm_keys:
+        ldm = key.removeprefix("diffusion_model.")
+        names.append(to_diffusers.get(ldm, ldm).removesuffix(".weight"))
+    return names
+
+
+def load_init_adapter(adapters: UNetLoRA, name: str, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the init LoRA's factors into adapter ``name`` (same rank and alpha as the file)."""
+    with torch.no_grad():
+        for d_path, (down, up) in deltas.items():
+            adapter = adapters.layers[d_path].adapters[name]
+            for param, value in ((adapter.down.weight, down), (adapter.up.weight, up)):
+                if value.numel() != param.numel():
+                    raise LoRAError(f"init LoRA: {d_path} has a factor of shape {tuple(value.shape)}, the adapter {tuple(param.shape)}")
+                param.copy_(value.reshape(param.shape))
+
+
+def merge_init_into(unet: nn.Module, paths: Mapping[str, str], deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
+    """Add the init LoRA's update ``scale * up @ down`` to a fully trained copy's weights."""
+    with torch.no_grad():
+        for d_path, (down, up) in deltas.items():
+            weight = unet.get_submodule(paths[d_path]).weight
+            delta = (up.flatten(1) @ down.flatten(1)) * scale
+            weight.add_(delta.reshape(weight.shape).to(weight.dtype))

@@ -52,6 +52,8 @@ class RunConfig:
     fake_score: str = "lora"  # "lora": LoRA F on the shared base; "full": a trained fp32 copy of the UNet (16 B/parameter more)
     lora_targets: tuple[str, ...] = ()  # empty or "dmd2": the reference's list; "all": also the in/out convs and embeddings (training.lora)
     lora_name: str = ""  # file name of the exported LoRA; empty: dmd2_<checkpoint stem>_lora
+    init_lora: str = ""  # a few-step LoRA file the generator starts from (its rank and alpha are taken); empty: zero
+    init_fake_score: bool = False  # the fake score starts from the init LoRA too (default: from the base, docs/training.md)
     save_every: int = 500
     keep_checkpoints: int = 2
     sample_every: int = 500  # 0: only at the end
@@ -83,6 +85,8 @@ class RunConfig:
             raise ConfigError("mixed_precision must be bf16, fp16 or no")
         if not self.sample_seeds:
             raise ConfigError("sample_seeds must hold at least one seed")
+        if self.init_fake_score and not self.init_lora:
+            raise ConfigError("init_fake_score starts the fake score from the init LoRA: give --init-lora too")
 
 
 # --- distributed -------------------------------------------------------------------------
@@ -378,6 +382,71 @@ def resume_settings(run: RunConfig, config, resolution: int) -> dict[str, Any]:
             "lora_targets": list(targets), "resolution": resolution, **dmd2}
 
 
+# The layout a 1-step student gets unless the run sets it (``one_step_layout``): on the digits
+# a 1-step student needs a fake score that can follow it and every layer of the generator
+# (docs/digits.md: full fake score + every layer 1.99 ± 0.15, LoRA F at 4x the generator's rank
+# + every layer 2.17 ± 0.17, the 4-step layout 2.67 ± 0.16). Each arch gets the best of those
+# that fits a 24 GB card by ``--estimate`` at its default resolution, rank 64, batch 1 x 4, bf16,
+# checkpointing, GAN on (``benchmarks/bench_memory_estimate.py``, docs/training.md): SD1.5 a full
+# fake score (19.8 GiB); SDXL LoRA F at 2x (18.1 GiB; 3x is 21.8 GiB, too close to 24 with the
+# CUDA context, 4x 25.6 GiB). ``fake_score_rank_x`` multiplies ``lora_rank`` where F is a LoRA.
+ONE_STEP_LAYOUT = {
+    "sd15": {"fake_score": "full", "fake_score_rank_x": 4, "lora_targets": ("all",), "estimate": "19.8 GiB at 512 px"},
+    "sdxl": {"fake_score": "lora", "fake_score_rank_x": 2, "lora_targets": ("all",), "estimate": "18.1 GiB at 1024 px"},
+}
+LAYOUT_KEYS = ("fake_score", "fake_score_rank", "lora_targets")
+
+
+def one_step_layout(run: RunConfig, arch: str, timesteps, given: set[str]) -> tuple[RunConfig, str | None]:
+    """The run with ``ONE_STEP_LAYOUT[arch]`` for the layout keys it does not set itself
+    (``given``: the keys set in the config file, ``--set`` or a flag), when the student has
+    one timestep; and the start-up line that says what was chosen. Multi-step runs keep the
+    reference's layout (LoRA F at the generator's rank, the DMD2 list)."""
+    if len(tuple(timesteps)) != 1 or arch not in ONE_STEP_LAYOUT or set(LAYOUT_KEYS) <= given:
+        return run, None
+    layout = ONE_STEP_LAYOUT[arch]
+    changes: dict[str, Any] = {}
+    if "fake_score" not in given:
+        changes["fake_score"] = layout["fake_score"]
+    fake_score = changes.get("fake_score", run.fake_score)
+    if "fake_score_rank" not in given and fake_score == "lora" and layout.get("fake_score_rank_x"):
+        changes["fake_score_rank"] = layout["fake_score_rank_x"] * run.lora_rank
+    if "lora_targets" not in given:
+        changes["lora_targets"] = layout["lora_targets"]
+    run = dataclasses.replace(run, **changes)
+    fake = "a full fp32 copy of the UNet" if run.fake_score == "full" else f"a LoRA of rank {run.fake_score_rank or run.lora_rank}"
+    targets = "every layer (lora_targets all)" if run.lora_targets == ("all",) else f"lora_targets {','.join(run.lora_targets) or 'dmd2'}"
+    return run, (f"1-step layout for {'SDXL' if arch == 'sdxl' else 'SD1.5'}: the fake score is {fake}, the LoRAs adapt {targets}; "
+                 f"estimated peak {layout['estimate']}, rank 64, batch 1 x 4 (--estimate gives yours; --fake-score, --fake-score-rank and "
+                 "--lora-targets choose another layout)")
+
+
+def adopt_init_lora(run: RunConfig, init, say: Callable[[str], None]) -> RunConfig:
+    """The run with the init LoRA's rank and alpha: the generator adapter continues that file
+    (said through ``say`` when they differ from the run's). A fake score started from the
+    file must be a LoRA of that rank or a full copy."""
+    from .config import ConfigError
+
+    if init is None:
+        return run
+    if run.init_fake_score and run.fake_score == "lora" and run.fake_score_rank not in (0, init.rank):
+        raise ConfigError(f"init_fake_score: the fake score LoRA has rank {run.fake_score_rank}, init LoRA {init.name} rank "
+                          f"{init.rank}; leave fake_score_rank at 0 (the file's rank) or drop init_fake_score")
+    if (run.lora_rank, run.lora_alpha) == (init.rank, init.alpha):
+        return run
+    say(f"init LoRA {init.name} has rank {init.rank}, alpha {init.alpha:g}: the run takes them "
+        f"(lora_rank {run.lora_rank}, lora_alpha {run.lora_alpha:g} were set)")
+    return dataclasses.replace(run, lora_rank=init.rank, lora_alpha=init.alpha)
+
+
+def init_settings(run: RunConfig, init) -> dict[str, Any]:
+    """The init LoRA's part of what a resume must match: the file's content, and whether the
+    fake score started from it (a run started from zero holds None)."""
+    from .lora import no_init_settings
+
+    return init.settings(run.init_fake_score) if init is not None else no_init_settings()
+
+
 def check_resume_settings(path: Path, current: dict[str, Any]) -> None:
     """Refuse to resume ``path`` with settings that differ from the saved ones, naming the key."""
     from .config import ConfigError
@@ -429,14 +498,16 @@ class TrainingRun:
     frozen base, adapters injected in place until ``close``), checkpointed into ``folder``."""
 
     def __init__(self, base_model, data, run: RunConfig, config, resolution: int, folder: Path, device: str, dist: Dist | None = None,
-                 extra_settings: dict | None = None):
+                 extra_settings: dict | None = None, init_lora=None):
         from .backend import SharedBaseBackend
         from .trainer import DMD2Trainer
 
         self.run, self.config, self.resolution, self.folder = run, config, resolution, Path(folder)
         self.dist = dist or Dist()
         # what a resume must match; ``extra_settings``: the caller's own (the node: its base model)
-        self.settings = resume_settings(run, config, resolution) | dict(extra_settings or {})
+        # ``init_lora``: the ``lora.InitLoRA`` of ``run.init_lora`` (read and checked by the caller, ``adopt_init_lora``)
+        self.init = init_lora
+        self.settings = resume_settings(run, config, resolution) | init_settings(run, init_lora) | dict(extra_settings or {})
         self.checkpoints = self.folder / "checkpoints"
         self.backend = SharedBaseBackend(
             base_model, data, (4, resolution // 8, resolution // 8),
@@ -444,7 +515,7 @@ class TrainingRun:
             full_copies=("fake_score",) if run.fake_score == "full" else (),
             device=device, mixed_precision=run.mixed_precision or None,
             gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
-            seed=config.seed, rank=self.dist.rank,
+            seed=config.seed, rank=self.dist.rank, init_lora=init_lora, init_fake_score=run.init_fake_score,
         )
         self.trainer = DMD2Trainer(config, self.backend, rank=self.dist.rank)
         self.trainable = self.trainer.generator_params + self.trainer.fake_params
@@ -532,6 +603,7 @@ class TrainingRun:
             "dmd2_resolution": self.resolution,
             "dmd2_config": json.dumps({"run": dataclasses.asdict(self.run), "dmd2": config.to_dict()}),
             "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
+            "dmd2_init_lora": "" if self.init is None else f"{self.init.name} (sha256 {self.init.sha256})",
         }
 
     def close(self) -> None:
