@@ -505,9 +505,11 @@ def finetune_targets(rows: dict) -> list[dict]:
         out.append({"target": target, "result": result, "ratio": ratio, "met": ratio >= 1.0 if at_least else ratio <= 1.0})
 
     if "release LoRA at 1.0" in fd:
-        above = (fd["release LoRA at 1.0"]["mean"] - floor) / max(t4 - floor, 1e-9)
+        release = fd["release LoRA at 1.0"]["mean"] - floor
+        # a DDIM 4 at or below the floor: any release LoRA above it is infinitely further
+        ratio = release / (2 * (t4 - floor)) if t4 > floor else float(release > 0)
         judge("release LoRA at 1.0 >= 2x further above the floor than the finetune's DDIM 4",
-              f"{fd['release LoRA at 1.0']['mean'] - floor:.2f} vs {t4 - floor:.2f} above the floor ({above:.1f}x)", above / 2, at_least=True)
+              f"{release:.2f} vs {t4 - floor:.2f} above the floor", ratio, at_least=True)
     # the larger of the two rows' spreads; one seed has none: then only the sign counts
     std = max(ours["std"], best["std"])
     gap = best["mean"] - ours["mean"]
