@@ -3,8 +3,8 @@
 Fast tests check the pieces (the node samples the digits model exactly like the trainer's
 1-step convention; the students are LoRAs on the frozen teacher with each real digit paired
 with its own label; the exported LoRA, loaded by ComfyUI's stock loader, is the student; the
-distance); the slow test runs the demo's ``--quick`` variant end to end through exported
-LoRA files in a ComfyUI graph and checks that distillation beats the teacher's 1 step.
+distance; the finetune's styles); the slow test runs the demo's ``--quick`` variant, the
+finetune scenario, end to end through exported LoRA files in a ComfyUI graph.
 """
 
 from __future__ import annotations

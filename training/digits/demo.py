@@ -1,23 +1,27 @@
 """DMD2 end to end on real data, in minutes on a CPU: ``python -m comfyui_dmd2.training.digits``.
 
-The digits are the proof of what ``dmd2-train`` runs, so the demo runs the product:
+The digits are the proof of what ``dmd2-train`` runs, so the demo runs the product, on the
+question it exists for (#23): is a LoRA distilled from a finetune better than the released
+DMD2 LoRA put on it?
 
-1. trains (or reuses a cached) class-conditioned teacher on scikit-learn's 8x8 digits;
-2. distils a 1-step and a 4-step student with the pack's trainer over its shared-base
-   backend: a rank-8 LoRA generator on the frozen teacher, a fake score (LoRA F for 4 steps,
-   a full copy for 1 step) with the GAN head on its mid-block, the generator's moving
-   average, each after a regression warm start (``students``);
-3. exports each student with the export ``dmd2-train`` uses (a kohya LoRA file) and samples
+1. trains (or reuses cached) the base teacher on scikit-learn's 8x8 digits, its 4-step
+   student (the "release LoRA", the product's path: a rank-8 LoRA generator on the frozen
+   teacher, LoRA F with the GAN head on its mid-block, the moving average, a regression warm
+   start; ``students``) and a finetune of it on mirrored digits (``finetune``);
+2. distils the finetune with the same path on its own digits: from scratch, and from the
+   release LoRA (``init_lora``) at 1/4 of the budget, two trainings at a time;
+3. exports every student with the export ``dmd2-train`` uses (a kohya LoRA file) and samples
    it in real ComfyUI graphs run by ComfyUI's own server and executor (``comfy_runner``:
-   teacher file -> stock ``LoraLoaderModelOnly`` -> class conditioning -> the pack's
-   ``DMD2Generate`` -> SaveLatent), and the teacher with DDIM at 50, 4 and 1 steps;
-4. writes ``grid.png`` (one row per sampler, digits 0-9 across), ``training.png`` (the
+   finetune file -> stock ``LoraLoaderModelOnly`` at a strength -> class conditioning -> the
+   pack's ``DMD2Generate`` -> SaveLatent): the release LoRA at strengths 0.5-1.0, ours at 1.0;
+   the finetune itself with DDIM at 50, 4 and 1 steps;
+4. writes ``grid.png`` (one row per sampler, digits 0-9 across), ``training.png`` (our
    students' losses and discriminator logits) and ``metrics.md`` / ``metrics.json``:
-   Fréchet distance in a held-out classifier's feature space, per seed, with the
-   real-vs-real floor (``metric.real_floor``) and the targets judged.
+   Fréchet distance in the features of a classifier of held-out mirrored digits, per seed,
+   with the real-vs-real floor (``metric.real_floor``) and the targets judged.
 
-The two students train side by side in two processes when there are two cores.
-``--quick`` is the shortened run the test suite uses.
+The base teacher, the release LoRA and the finetune are cached (``--cache``); a repeated run
+trains only the two students. ``--quick`` is the shortened run the test suite uses.
 """
 
 from __future__ import annotations
@@ -550,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfyui_dmd2.training.digits", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("dmd2-digits-demo"), help="folder for grid.png and metrics")
     parser.add_argument("--quick", action="store_true", help="a shortened run (about a quarter of the time)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2", help="where the trained teacher is kept")
-    parser.add_argument("--no-cache", action="store_true", help="always train a fresh teacher")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2",
+                        help="where the base teacher, the release LoRA and the finetune are kept")
+    parser.add_argument("--no-cache", action="store_true", help="always train them afresh")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads > 0:
