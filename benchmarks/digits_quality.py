@@ -2,11 +2,12 @@
 
     python benchmarks/digits_quality.py [--quick] [--out DIR] [--threads N]
 
-Runs the digits demo (teacher; 1-step and 4-step students trained as LoRAs by the product's
-path, exported as kohya LoRA files and sampled in a ComfyUI graph through the stock LoRA
-loader and the pack's DMD2Generate node) and prints the Fréchet-distance table and the ratios
-the targets are judged on (``demo.targets``): each student vs the teacher's 4 and 50 steps,
-the teacher's 1 step vs the 1-step student. The ablations are ``digits_study.py``.
+Runs the digits demo, the finetune scenario (#23: the base teacher's 4-step student as the
+release LoRA, swept over strengths on a finetune of the teacher; our LoRAs distilled from the
+finetune by the product's path, from scratch and from the release LoRA; all exported as kohya
+LoRA files and sampled in a ComfyUI graph through the stock LoRA loader and the pack's
+DMD2Generate node) and prints the Fréchet-distance table and the ratios the targets are
+judged on (``demo.finetune_targets``). The ablations are ``digits_study.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The digits study: the demo's students and their ablations, side by side in one run.
 
-    python benchmarks/digits_study.py [--rows "NAME;NAME"] [--jobs 2] [--seeds 3] [--out DIR] [--cache DIR]
+    python benchmarks/digits_study.py [--rows "NAME;NAME"] [--jobs 2] [--seeds 3] [--training-seeds 0] [--out DIR] [--cache DIR]
 
 Every row trains students with the product's path (``students.distill``: the pack's
 trainer over the shared-base backend, LoRA G/F on the frozen digits teacher, exported by the
@@ -39,7 +39,7 @@ import torch
 
 def rows() -> dict[str, tuple]:
     """{row name: (StudentSettings, training seeds)}."""
-    from comfyui_dmd2.training.digits.demo import FOUR_STEP, FULL, ONE_STEP
+    from comfyui_dmd2.training.digits.demo import FOUR_STEP, FOUR_STEP_STUDENT, ONE_STEP, ONE_STEP_STUDENT
     from comfyui_dmd2.training.digits.students import StudentSettings
     from comfyui_dmd2.training.lora import TARGET_SETS
 
@@ -62,7 +62,7 @@ def rows() -> dict[str, tuple]:
     previous_one = replace(one, **warm_start, lr_fake_score=2e-2)
     demo_one = replace(one, full_copies=("fake_score",), lr_fake_score=2e-3, lora_targets=ALL_LAYERS, **warm_start)
     demo_four = replace(four, lr_fake_score=2.5e-3, **warm_start)
-    assert (demo_one, demo_four) == (FULL.one_step, FULL.four_step), "the (demo) rows must be the demo's students"
+    assert (demo_one, demo_four) == (ONE_STEP_STUDENT, FOUR_STEP_STUDENT), "the (demo) rows must be the demo's students"
     return {
         "1-step LoRA r8, first rates (the demo before last)": (one, main),
         "1-step LoRA G r8 (demo): all layers adapted, full fake score, regression warm start (300 it, teacher DDIM 10)": (demo_one, main),
@@ -150,17 +150,42 @@ def rows() -> dict[str, tuple]:
     }
 
 
-def _yardstick(teacher_file: str, samples: int, seeds: int):
+FINETUNE = "finetune: "  # the finetune scenario's rows (#23): on the finetuned teacher, scored on its digits
+
+
+def finetune_rows() -> dict[str, tuple]:
+    """The finetune scenario's student rows: {row name: (StudentSettings, training seeds)}. A
+    row whose settings have ``init_lora="release"`` starts from the release LoRA (the demo's,
+    trained or cached by ``demo.release_for``)."""
+    from comfyui_dmd2.training.digits.demo import FOUR_STEP_STUDENT, FROM_RELEASE, ONE_STEP_STUDENT
+    from comfyui_dmd2.training.lora import DEFAULT_TARGETS
+
+    main = (0, 1, 2)
+    # the 1-step student from the release LoRA adapts the release LoRA's layers (the file's targets)
+    one_from_release = replace(ONE_STEP_STUDENT, iterations=ONE_STEP_STUDENT.iterations // 4, regression_steps=0,
+                               lora_targets=DEFAULT_TARGETS, init_lora="release")
+    return {
+        FINETUNE + "4-step LoRA r8 from scratch (demo's recipe and budget)": (FOUR_STEP_STUDENT, main),
+        FINETUNE + "1-step LoRA G r8 from scratch (demo's 1-step recipe and budget)": (ONE_STEP_STUDENT, main),
+        FINETUNE + "4-step LoRA r8 from the release LoRA, 1/4 budget (demo)": (replace(FROM_RELEASE, init_lora="release"), main),
+        FINETUNE + "1-step LoRA G r8 from the release LoRA, 1/4 budget, release LoRA's targets": (one_from_release, main),
+    }
+
+
+def _yardstick(teacher_file: str, samples: int, seeds: int, style: str = ""):
     """The demo's metric for one study: ``fd(sample)`` is the mean ± std over ``seeds`` of the
     Fréchet distance of ``sample(labels, seed)`` to the reference pool. Returns it, the data
-    and the teacher."""
+    and the teacher. ``style``: the finetune scenario's (its digits, their own feature
+    space)."""
     from safetensors.torch import load_file
 
     from comfyui_dmd2.training.digits import data as D
     from comfyui_dmd2.training.digits import metric as M
     from comfyui_dmd2.training.digits import teacher as T
+    from comfyui_dmd2.training.digits.finetune import shifted_data
 
     data = D.load_digits_data()
+    data = shifted_data(data, style) if style else data
     space = M.train_feature_space(data.heldout_x, data.heldout_y)
     reference = space.features(M.reference_pool(data))
     labels = D.balanced_labels(samples)
@@ -173,7 +198,7 @@ def _yardstick(teacher_file: str, samples: int, seeds: int):
 
 def _job(job: tuple) -> dict:
     """Train one row's student and measure it (in a spawned worker, one thread)."""
-    name, settings, seed, teacher_file, samples, seeds, threads = job
+    name, settings, seed, teacher_file, samples, seeds, threads, style = job
     torch.set_num_threads(threads)
     from comfyui_dmd2.comfy_env import ensure_comfy
 
@@ -182,7 +207,7 @@ def _job(job: tuple) -> dict:
     from comfyui_dmd2.training.digits import teacher as T
     from comfyui_dmd2.training.digits.demo import gan_summary
 
-    fd, data, teacher, _ = _yardstick(teacher_file, samples, seeds)
+    fd, data, teacher, _ = _yardstick(teacher_file, samples, seeds, style)
     history: list[dict] = []
     start = time.time()
     student = students.distill(teacher, data, settings, seed=seed, callbacks=[history.append])
@@ -206,6 +231,40 @@ def teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
     out = {f"teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
     floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
     out["real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
+    return out
+
+
+def finetune_teacher_rows(finetune_file: str, base_file: str, release_file: str, style: str, strengths, samples: int, seeds: int) -> dict:
+    """The finetune scenario's sampling rows: the finetune's DDIM steps, the base teacher on
+    its digits, the release LoRA on the finetune at each strength (put on by ComfyUI's
+    stock loader, sampled by DMD2Generate, in-process), and the matched floor."""
+    import comfy.sd
+    import comfy.utils
+    from safetensors.torch import load_file
+
+    from comfyui_dmd2.nodes.sampler import DMD2Generate
+    from comfyui_dmd2.nodes.schedules import PRESETS
+    from comfyui_dmd2.training.digits import metric as M
+    from comfyui_dmd2.training.digits.demo import FOUR_STEP
+    from comfyui_dmd2.training.digits import teacher as T
+
+    fd, _, finetune, reference = _yardstick(finetune_file, samples, seeds, style)
+    base = T.load_denoiser(load_file(base_file))
+    out = {f"{FINETUNE}finetune DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(finetune, labels, steps, s)) for steps in (50, 4, 1)}
+    out[f"{FINETUNE}base teacher DDIM 50 (no finetune)"] = fd(lambda labels, s: T.sample_ddim(base, labels, 50, s))
+    lora = comfy.utils.load_torch_file(release_file, safe_load=True)
+    preset = next(name for name, ts in PRESETS.items() if ts == FOUR_STEP)
+    for strength in strengths:
+        model, _ = comfy.sd.load_lora_for_models(T.comfy_model(finetune), None, lora, strength, 0.0)
+
+        def sample(labels, s, model=model):
+            latent = {"samples": torch.zeros(len(labels), 1, 8, 8)}
+            return DMD2Generate.execute(model=model, positive=T.comfy_conditioning(labels), latent_image=latent, seed=s,
+                                        preset=preset, custom_timesteps="").result[0]["samples"].float()
+
+        out[f"{FINETUNE}release LoRA at {strength:.1f} (4 steps)"] = fd(sample)
+    floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
+    out[f"{FINETUNE}real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
     return out
 
 
@@ -254,6 +313,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=Path("dmd2-digits-study"))
+    parser.add_argument("--training-seeds", default="", help="train only these training seeds of each row (e.g. 0; default: the row's)")
+    parser.add_argument("--base-teacher-rows", action="store_true", help="with finetune rows: the base teacher's rows too")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2", help="where the demo's teacher is cached")
     args = parser.parse_args()
     from comfyui_dmd2.comfy_env import ensure_comfy
@@ -266,9 +327,9 @@ def main() -> int:
 
     from comfyui_dmd2.training.digits import data as D
     from comfyui_dmd2.training.digits import teacher as T
-    from comfyui_dmd2.training.digits.demo import FULL, teacher_for
+    from comfyui_dmd2.training.digits.demo import FULL, finetune_for, release_for, teacher_for
 
-    all_rows = rows()
+    all_rows = rows() | finetune_rows()
     chosen = [r.strip() for r in args.rows.split(";") if r.strip()] or list(all_rows)
     unknown = [r for r in chosen if r not in all_rows]
     if unknown:
@@ -278,8 +339,25 @@ def main() -> int:
     teacher_file = str(args.out / "teacher.safetensors")
     save_file(T.denoiser_state_dict(teacher), teacher_file)
     start = time.time()
+    finetune = any(name.startswith(FINETUNE) for name in chosen)
+    if finetune:
+        # the finetune and the release LoRA: the demo's (cached in --cache like its teacher)
+        base = T.denoiser_state_dict(teacher)
+        finetune_file = str(args.out / "finetune.safetensors")
+        save_file(finetune_for(base, FULL, args.cache), finetune_file)
+        release_file = release_for(base, FULL, args.cache, args.out)
+
+    def job(name: str, seed: int) -> tuple:
+        settings = all_rows[name][0]
+        if not name.startswith(FINETUNE):
+            return (name, settings, seed, teacher_file, args.samples, args.seeds, 1, "")
+        if settings.init_lora == "release":
+            settings = replace(settings, init_lora=release_file)
+        return (name, settings, seed, finetune_file, args.samples, args.seeds, 1, FULL.style)
+
     # longest first (4-step, then the rest) so that the two workers finish together
-    jobs = [(name, all_rows[name][0], seed, teacher_file, args.samples, args.seeds, 1) for name in chosen for seed in all_rows[name][1]]
+    only = {int(seed) for seed in args.training_seeds.split(",")} if args.training_seeds else None
+    jobs = [job(name, seed) for name in chosen for seed in all_rows[name][1] if only is None or seed in only]
     jobs.sort(key=lambda job: -len(job[1].timesteps))
     # each training's result is kept as it arrives, so an interrupted study picks up where it stopped
     runs_dir = args.out / "runs"
@@ -310,7 +388,9 @@ def main() -> int:
             results.append(result)
     order = {name: i for i, name in enumerate(chosen)}
     rows_out = sorted(combine(results), key=lambda r: order[r["name"]])
-    teachers = teacher_rows(teacher_file, args.samples, args.seeds)
+    teachers = teacher_rows(teacher_file, args.samples, args.seeds) if not finetune or args.base_teacher_rows else {}
+    if finetune:
+        teachers |= finetune_teacher_rows(finetune_file, teacher_file, release_file, FULL.style, FULL.strengths, args.samples, args.seeds)
     text = table(rows_out, teachers)
     print(text)
     print(f"study: {time.time() - start:.0f} s")

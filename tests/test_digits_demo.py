@@ -3,8 +3,8 @@
 Fast tests check the pieces (the node samples the digits model exactly like the trainer's
 1-step convention; the students are LoRAs on the frozen teacher with each real digit paired
 with its own label; the exported LoRA, loaded by ComfyUI's stock loader, is the student; the
-distance); the slow test runs the demo's ``--quick`` variant end to end through exported
-LoRA files in a ComfyUI graph and checks that distillation beats the teacher's 1 step.
+distance; the finetune's styles); the slow test runs the demo's ``--quick`` variant, the
+finetune scenario, end to end through exported LoRA files in a ComfyUI graph.
 """
 
 from __future__ import annotations
@@ -187,30 +187,70 @@ def test_students_train_side_by_side_exactly_as_one_after_the_other(data, monkey
             assert torch.equal(got[key], value), key
 
 
+def test_the_finetune_styles_keep_the_digits_and_their_labels(data):
+    """The finetune's style is a way of writing the same digits: the mirror flips each image
+    left-right (twice: the original), the bold pen only adds ink, into the four neighbours,
+    at ``strength`` x the neighbour's ink."""
+    from comfyui_dmd2.training.digits import finetune
+
+    x = data.train_x[:50]
+    assert torch.equal(finetune.mirror(x)[..., 0], x[..., 7]) and torch.equal(finetune.mirror(finetune.mirror(x)), x)
+    assert torch.equal(finetune.bold(x, 0.0), x)
+    y = finetune.bold(x, 0.5)
+    assert y.shape == x.shape and (y >= x).all() and y.min() >= -1 and y.max() <= 1
+    dot = -torch.ones(1, 1, 8, 8)
+    dot[0, 0, 3, 3] = 1.0
+    expected = torch.zeros(8, 8)
+    expected[3, 3] = 1.0
+    expected[2, 3] = expected[4, 3] = expected[3, 2] = expected[3, 4] = 0.5
+    torch.testing.assert_close((finetune.bold(dot, 0.5) + 1)[0, 0] / 2, expected)
+    shifted = finetune.shifted_data(data)  # the demo's style
+    assert finetune.STYLE == "mirror"
+    assert torch.equal(shifted.train_y, data.train_y) and torch.equal(shifted.heldout_y, data.heldout_y)
+    assert torch.equal(shifted.heldout_x, finetune.mirror(data.heldout_x)) and torch.equal(shifted.unseen_x, finetune.mirror(data.unseen_x))
+
+
+def test_finetune_starts_from_the_base_and_leaves_it_alone(data):
+    from comfyui_dmd2.training.digits import finetune
+
+    base = T.new_teacher(seed=4)
+    before = T.denoiser_state_dict(base)
+    tuned = finetune.finetune_teacher(base, finetune.shifted_data(data), steps=1, batch_size=4, lr=1e-12)
+    after = T.denoiser_state_dict(tuned)
+    for key, value in before.items():
+        assert torch.equal(T.denoiser_state_dict(base)[key], value)  # the base is untouched
+        torch.testing.assert_close(after[key], value, rtol=0, atol=1e-6)  # a step at ~0 rate: the base's weights
+    tuned = finetune.finetune_teacher(base, finetune.shifted_data(data), steps=3, batch_size=4)
+    assert any(not torch.equal(T.denoiser_state_dict(tuned)[k], v) for k, v in before.items())
+
+
 @pytest.mark.slow
-def test_quick_demo_student_beats_teacher_one_step(tmp_path):
+def test_quick_demo_distils_the_finetune_and_samples_the_release_lora_on_it(tmp_path):
+    """The demo's finetune scenario end to end, shortened: base teacher, release LoRA, the
+    finetune, our students, everything sampled through exported files in a ComfyUI graph."""
     metrics = demo.run_demo(tmp_path, demo.QUICK, cache_dir=None)
     rows = metrics["rows"]
     print(demo._markdown(metrics))
-    teacher_1 = rows["teacher 1-step"]["fd"]["mean"]
-    student_1 = rows["DMD2 1-step"]["fd"]["mean"]
-    teacher_50 = rows["teacher 50-step"]["fd"]["mean"]
-    # the teacher itself learned the data: many steps are far better than one
-    assert teacher_50 < teacher_1 / 2
-    # distillation: one student step lands far closer to the data than one teacher step
-    # (short run; the full demo goes several times further)
-    assert student_1 < teacher_1 / 2
-    assert rows["DMD2 1-step"]["accuracy"] > 0.6  # samples look like their class
-    assert rows["DMD2 1-step"]["sampler"].startswith("ComfyUI graph: teacher + LoRA rank 8 (LoraLoaderModelOnly)")
-    # the floor is a floor: real-vs-real at the model rows' sample sizes beats the model rows
-    assert rows["real data (floor, matched)"]["fd"]["mean"] < min(teacher_50, student_1)
-    assert rows["DMD2 1-step"]["fd"]["values"] and len(rows["DMD2 1-step"]["fd"]["values"]) == demo.QUICK.seeds
-    assert [t["target"] for t in metrics["targets"]][:2] == ["1-step student <= teacher 4-step", "1-step student >= 8x closer than teacher 1-step"]
-    assert metrics["targets"][1]["ratio"] == pytest.approx(teacher_1 / student_1)
-    assert (tmp_path / "grid.png").stat().st_size > 0
-    assert (tmp_path / "training.png").stat().st_size > 0
-    assert (tmp_path / "digits_dmd2_1-step.safetensors").is_file()  # the exported student
-    assert set(metrics["training"]["1-step"]) >= {"logits_real", "logits_fake", "discriminator_accuracy"}
+    fd = {name: row["fd"]["mean"] for name, row in rows.items()}
+    # the finetune learned its style: many steps are far better than one
+    assert fd["finetune DDIM 50"] < fd["finetune DDIM 1"] / 2
+    # the release LoRA was swept through the stock loader's strength, in the graph
+    for strength in demo.QUICK.strengths:
+        assert rows[f"release LoRA at {strength:.1f}"]["sampler"].startswith(
+            f"ComfyUI graph: finetune + release LoRA (LoraLoaderModelOnly, strength {strength:.1f})")
+    assert fd[f"release LoRA at {demo.QUICK.strengths[0]:.1f}"] != fd["release LoRA at 1.0"]
+    assert rows["release LoRA, best strength"]["fd"]["mean"] == min(fd[f"release LoRA at {s:.1f}"] for s in demo.QUICK.strengths)
+    # our student, distilled from the finetune on its own digits, lands far closer than one teacher step
+    ours = fd["DMD2 4-step on the finetune"]
+    assert ours < fd["finetune DDIM 1"] / 2 and rows["DMD2 4-step on the finetune"]["accuracy"] > 0.6
+    assert rows["DMD2 4-step on the finetune"]["sampler"].startswith("ComfyUI graph: finetune + LoRA rank 8 (LoraLoaderModelOnly)")
+    assert rows["DMD2 4-step from the release LoRA"]["iterations"] * 4 <= rows["DMD2 4-step on the finetune"]["iterations"]
+    assert fd["real data (floor, matched)"] < min(fd["finetune DDIM 50"], ours)
+    assert len(rows["DMD2 4-step on the finetune"]["fd"]["values"]) == demo.QUICK.seeds
+    assert metrics["targets"][0]["target"].startswith("release LoRA at 1.0 >= 2x further")
+    for name in ("grid.png", "training.png", "digits_release_lora.safetensors", "digits_finetune.safetensors",
+                 "digits_dmd2_finetune_4-step.safetensors", "digits_dmd2_finetune_4-step_from_release.safetensors"):
+        assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["rows"]["DMD2 1-step"]["fd"]["mean"] == pytest.approx(student_1)
-    assert "| DMD2 1-step |" in (tmp_path / "metrics.md").read_text()
+    assert saved["rows"]["DMD2 4-step on the finetune"]["fd"]["mean"] == pytest.approx(ours)
+    assert "| DMD2 4-step on the finetune |" in (tmp_path / "metrics.md").read_text()

@@ -70,8 +70,9 @@ class DigitsComfyRunner:
         shutil.copy(path, folder / Path(path).name)
         return Path(path).name
 
-    def generate(self, model_file: Path, batch: int, preset: str, seed: int, lora: str | None = None, side: int = 8) -> torch.Tensor:
-        """Digits model file [-> LoraLoaderModelOnly(lora)] -> class conditioning ->
+    def generate(self, model_file: Path, batch: int, preset: str, seed: int, lora: str | None = None, side: int = 8,
+                 strength: float = 1.0) -> torch.Tensor:
+        """Digits model file [-> LoraLoaderModelOnly(lora, strength)] -> class conditioning ->
         EmptyLatentImage -> DMD2Generate -> SaveLatent; returns the saved latents
         (batch, 1, side, side), labels cycling 0-9."""
         from safetensors.torch import load_file
@@ -80,7 +81,7 @@ class DigitsComfyRunner:
         model = ["1", 0]
         prompt = {"1": {"class_type": "DMD2DigitsModelLoader", "inputs": {"path": str(Path(model_file).resolve())}}}
         if lora is not None:
-            prompt["6"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora, "strength_model": 1.0}}
+            prompt["6"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora, "strength_model": strength}}
             model = ["6", 0]
         prompt |= {
             "2": {"class_type": "DMD2DigitsClassConditioning", "inputs": {"batch": batch}},

@@ -50,6 +50,8 @@ class StudentSettings:
     regression_teacher_steps: int = 25
     warmup_steps: int = 50
     full_copies: tuple[str, ...] = ()  # ("generator", "fake_score"): the reference's layout
+    init_lora: str = ""  # start LoRA G (and with init_fake_score LoRA F) from this LoRA file (rank and alpha: the file's)
+    init_fake_score: bool = False
     overrides: dict = field(default_factory=dict)  # any other DMD2Config key
 
     def config(self, seed: int = 0) -> DMD2Config:
@@ -98,6 +100,7 @@ def student_backend(teacher: DigitsDenoiser, data: DigitsData, settings: Student
         gradient_checkpointing=False, seed=seed, full_copies=settings.full_copies,
         fake_score_rank=settings.fake_score_rank or None,
         lora_merged=True,  # small layers: one merged kernel per layer is 1.4x faster per iteration
+        init_lora=settings.init_lora or None, init_fake_score=settings.init_fake_score,
     )
 
 

@@ -130,10 +130,12 @@ def train_teacher(
     label_dropout: float = 0.1,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    init: DigitsDenoiser | None = None,
 ) -> DigitsDenoiser:
-    """Plain DDPM training (eps MSE, t uniform in [0, 999]); returns the EMA weights."""
+    """Plain DDPM training (eps MSE, t uniform in [0, 999]); returns the EMA weights.
+    ``init``: start from these weights instead of fresh ones (a finetune of that model)."""
     torch.manual_seed(seed)
-    model = new_teacher(seed)
+    model = new_teacher(seed) if init is None else load_denoiser(denoiser_state_dict(init))
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / 200) * (0.5 * (1 + math.cos(math.pi * n / steps))) + 0.02)
