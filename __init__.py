@@ -20,6 +20,12 @@ async def comfy_entrypoint():
     for name in NODE_MODULES:
         module = importlib.import_module(f"{__name__}.nodes.{name}")
         node_classes.extend(module.NODE_CLASSES)
+    search = importlib.import_module(f"{__name__}.nodes.search")
+    aliases = search.node_search_aliases()
+    for node_class in node_classes:
+        node_id = node_class.define_schema().node_id
+        if node_id in aliases:
+            search.add_search_aliases(node_class, aliases[node_id])
 
     class DMD2Extension(ComfyExtension):
         async def get_node_list(self):

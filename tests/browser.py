@@ -153,6 +153,10 @@ class Chromium:
             raise CDPError(f"navigate {url}: {result['errorText']}")
         self.wait_for("document.readyState === 'complete'", timeout=timeout)
 
+    def type_text(self, text: str) -> None:
+        """Type into the focused element as the keyboard would (input events, one per text)."""
+        self.send("Input.insertText", {"text": text})
+
     def screenshot(self) -> bytes:
         """PNG of the viewport."""
         return base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"])

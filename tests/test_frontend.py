@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -487,3 +488,125 @@ def test_custom_only_widgets_follow_the_preset(page):
       return {off, rule, tcd: [!!w('custom_rule').disabled, !!w('gamma').disabled]};
     })()""")
     assert node == {"off": [True, True], "rule": [False, True], "tcd": [False, False]}, node
+
+
+# -- the template browser and the node search (issue #27, items 8 and 9) -----------------------
+
+TEMPLATE_META = json.loads((REPO / "web" / "templates.json").read_text())
+
+# Workflow -> Browse Templates, the pack's entry under Extensions, then (optionally) a query typed
+# in the browser's search box; the cards the browser then shows, in order.
+OPEN_TEMPLATES = """(async (pack) => {
+  const sleep = (ms) => new Promise(r => setTimeout(r, ms));
+  const until = async (f, what) => {
+    for (const end = Date.now() + 30000; Date.now() < end; await sleep(100)) { const v = f(); if (v) return v; }
+    throw new Error('template browser: no ' + what);
+  };
+  for (const b of document.querySelectorAll('.p-dialog-close-button')) b.click();
+  await window.app.extensionManager.command.execute('Comfy.BrowseTemplates');
+  const content = await until(() => document.querySelector('[data-testid="template-workflows-content"]'), 'grid');
+  await until(() => content.querySelector('[data-testid^="template-workflow-"]'), 'cards');
+  const dialog = content.closest('.p-dialog') ?? document;
+  const entry = await until(() => [...dialog.querySelectorAll('nav *')]
+    .find(e => e.children.length === 0 && e.textContent.trim() === pack), 'entry ' + pack);
+  entry.click();
+  await sleep(300);
+  const search = dialog.querySelector('input[type="text"], input:not([type])');
+  search.focus();
+  search.select();
+  return true;
+})"""
+
+TEMPLATE_CARDS = """(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')].map(card => ({
+  name: card.dataset.testid.slice('template-workflow-'.length),
+  title: card.querySelector('h3')?.textContent.trim(),
+  description: card.querySelector('p')?.textContent.trim(),
+  chips: [...card.querySelectorAll('h3 ~ * span, [class*="chip"]')].map(c => c.textContent.trim()),
+})))()"""
+
+
+def browse_templates(browser: Chromium, query: str = "") -> list[dict]:
+    browser.evaluate(f"{OPEN_TEMPLATES}({json.dumps(PACK_NAME)})")
+    if query:
+        browser.type_text(query)
+    time.sleep(0.8)  # the search is debounced (50 ms), then the grid re-renders
+    return browser.evaluate(TEMPLATE_CARDS)
+
+
+def close_dialogs(browser: Chromium) -> None:
+    browser.evaluate("(() => { for (const b of document.querySelectorAll('.p-dialog-close-button')) b.click(); })()")
+
+
+PACK_NAME = "comfyui-dmd2"
+
+
+def test_template_browser_shows_titles_and_descriptions(page):
+    """Issue #27, item 8: the pack's entry in the template browser lists every template under its
+    title and one-line description (templates.json), not under its file stem."""
+    cards = browse_templates(page)
+    close_dialogs(page)
+    shown = {card["name"]: card for card in cards}
+    assert set(shown) == {path.stem for path in UI_FILES}, cards
+    for name, card in shown.items():
+        meta = TEMPLATE_META[name]
+        assert card["title"] == meta["title"], card
+        assert card["description"] == meta["description"], card
+        assert card["title"] != name and card["description"] != name.replace("_", " ")
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("DMD2", {path.stem for path in UI_FILES}),
+    ("Lightning", {"sdxl_lightning_4step_lora", "sdxl_lightning_1step_unet"}),
+    ("LCM", {"sd15_lcm_lora_4step"}),
+])
+def test_template_browser_search_finds_the_templates(page, query, expected):
+    """Issue #27, item 8: typed in the browser's search box, "DMD2" finds all the pack's templates
+    (it found 2 of 11 by file stem) and a family's name finds that family's templates first."""
+    names = [card["name"] for card in browse_templates(page, query)]
+    close_dialogs(page)
+    assert set(names[:len(expected)]) == expected, names
+    if query != "DMD2":
+        assert "sd15_1step_unet" not in names, names
+
+
+# The node search box (double-click on the canvas; here its command), a query typed into it, the
+# names of the nodes it offers.
+NODE_SEARCH = """(async () => {
+  const sleep = (ms) => new Promise(r => setTimeout(r, ms));
+  const box = () => document.querySelector('.comfy-vue-node-search-box input');
+  if (!box()) await window.app.extensionManager.command.execute('Workspace.SearchBox.Toggle');
+  for (const end = Date.now() + 10000; !box() && Date.now() < end; await sleep(100));
+  box().focus();
+  box().select();
+  return !!box();
+})()"""
+
+NODE_OPTIONS = """(() => [...document.querySelectorAll('.option-display-name > div:first-child')]
+  .map(e => e.textContent.replace(/\\u00a0/g, ' ').trim()))()"""
+
+
+def search_nodes(browser: Chromium, query: str) -> list[str]:
+    assert browser.evaluate(NODE_SEARCH)
+    browser.type_text(query)
+    time.sleep(0.8)
+    options = browser.evaluate(NODE_OPTIONS)
+    browser.evaluate("(() => document.querySelector('.comfy-vue-node-search-box input')"
+                     "?.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true})))()")
+    return options
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("lightning", ["DMD2 Generate", "DMD2 LoRA Loader", "DMD2 UNet Loader", "Few-Step Checkpoint Loader"]),
+    ("lcm", ["DMD2 Generate", "DMD2 LoRA Loader", "Few-Step Release Sampler", "DMD2 Schedule"]),
+    ("hyper", ["DMD2 Generate", "DMD2 LoRA Loader", "DMD2 UNet Loader"]),
+    ("turbo", ["DMD2 Generate", "Few-Step Checkpoint Loader"]),
+    ("tcd", ["DMD2 Generate", "DMD2 LoRA Loader"]),
+    ("SDXL-Lightning", ["DMD2 Generate"]),
+])
+def test_node_search_finds_the_pack_by_family(page, query, expected):
+    """Issue #27, item 9: typed in the node search box, a family's name offers the pack's nodes
+    that run it (their search_aliases in /object_info); frontend 1.32.9 searches only names."""
+    options = search_nodes(page, query)
+    for display_name in expected:
+        assert display_name in options, (query, options)
+    assert "DMD2 Canny Edge Map" not in options and "DMD2 Sampler" not in options, options

@@ -77,22 +77,70 @@ def test_nodes_follow_pack_conventions():
             "DMD2ApplyT2IAdapter"} <= ids
 
 
+def test_node_info_carries_search_aliases():
+    """Issue #27, item 9: /object_info gives the nodes that run other release families the names
+    people search for (web/browse.js searches them); every id in the table is a node of the pack."""
+    from comfyui_dmd2.nodes.search import node_search_aliases
+
+    classes = {cls.define_schema().node_id: cls for cls in _node_classes()}
+    table = node_search_aliases()
+    assert set(table) <= set(classes), set(table) - set(classes)
+    generate = classes["DMD2Generate"].GET_NODE_INFO_V1()
+    assert generate["name"] == "DMD2Generate" and generate["display_name"] == "DMD2 Generate"
+    assert {"lightning", "lcm", "hyper", "turbo", "tcd", "SDXL-Lightning"} <= set(generate["search_aliases"])
+    assert "turbo" not in classes["DMD2LoraLoader"].GET_NODE_INFO_V1()["search_aliases"]  # no Turbo LoRA
+    assert {"turbo", "lightning"} <= set(classes["DMD2CheckpointLoader"].GET_NODE_INFO_V1()["search_aliases"])
+    assert "search_aliases" not in classes["DMD2CannyEdgeMap"].GET_NODE_INFO_V1()
+
+
+def test_template_browser_metadata_covers_every_template():
+    """Issue #27, item 8: web/templates.json gives every workflows/*.json (and nothing else) a
+    title the browser's one-line heading shows whole, a one-line description (the browser turns
+    '-' and '_' in descriptions into spaces, so there are none) and a family with a colour."""
+    import json
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from thumbnails import FAMILY_COLOURS
+
+    meta = json.loads((REPO / "web" / "templates.json").read_text())
+    assert set(meta) == {p.stem for p in (REPO / "workflows").glob("*.json")}
+    titles = [entry["title"] for entry in meta.values()]
+    assert len(set(titles)) == len(titles)
+    for name, entry in meta.items():
+        assert 0 < len(entry["title"]) <= 30 and entry["title"] != name, entry
+        description = entry["description"]
+        assert 20 < len(description) <= 120 and "\n" not in description, entry
+        assert "-" not in description and "_" not in description, entry
+        assert entry["tags"] and entry["family"] in FAMILY_COLOURS, entry
+
+
 def test_every_ui_workflow_has_a_thumbnail():
     """workflows/<name>.jpg beside each template: a real picture of the graph (the frontend
-    screenshot, tests/thumbnails.py), small enough for the template browser and the package."""
+    screenshot, tests/thumbnails.py), small enough for the template browser and the package;
+    square as the browser's cards, and told apart by their title bands (issue #27, item 8:
+    they were graph strips that all looked alike)."""
+    import itertools
+
     import numpy as np
     from PIL import Image
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from thumbnails import BAND
+
     workflows = sorted((REPO / "workflows").glob("*.json"))
     assert len(workflows) >= 5
+    bands = {}
     for workflow in workflows:
         thumb = workflow.with_suffix(".jpg")
         assert thumb.is_file(), f"{workflow.name} has no thumbnail {thumb.name}"
         assert 2_000 < thumb.stat().st_size < 150_000, (thumb.name, thumb.stat().st_size)
         with Image.open(thumb) as image:
-            assert image.format == "JPEG" and 256 <= image.width <= 1024 and 96 <= image.height <= 1024, image.size
+            assert image.format == "JPEG" and 256 <= image.width <= 1024 and image.height == image.width, image.size
             pixels = np.asarray(image.convert("L"), dtype=np.float32)
         assert pixels.std() > 8, f"{thumb.name} is nearly one flat colour (std {pixels.std():.1f})"
+        bands[thumb.name] = pixels[:BAND]
+    for a, b in itertools.combinations(bands, 2):  # the closest pair (4-step UNet / LoRA) differs in 1.5%
+        assert (np.abs(bands[a] - bands[b]) > 64).mean() > 0.01, f"{a} and {b} look alike"
     assert not set((REPO / "workflows").glob("*.jpg")) - {w.with_suffix(".jpg") for w in workflows}, "stray thumbnails"
 
 
@@ -144,7 +192,8 @@ def test_comfy_node_pack_leaves_out_tests_and_tooling(tmp_path):
     for left_out in ("tests/", "benchmarks/", ".ci/", "scripts/"):
         assert not [n for n in names if n.startswith(left_out)], left_out
     for kept in ("__init__.py", "comfy_env.py", "comfy_server.py", "LICENSE", "README.md", "pyproject.toml",
-                 "requirements.txt", "nodes/loaders.py", "nodes/releases.py", "training/cli.py"):
+                 "requirements.txt", "nodes/loaders.py", "nodes/releases.py", "training/cli.py",
+                 "web/dmd2.js", "web/browse.js", "web/templates.json"):
         assert kept in names, kept
     workflows = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "workflows").rglob("*") if p.is_file())
     assert set(workflows) <= set(names), set(workflows) - set(names)  # UI + API graphs and thumbnails

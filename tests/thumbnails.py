@@ -3,7 +3,9 @@ docs/images/<name>.png; and the registry icon, docs/images/icon.png, from the di
 
 ComfyUI's template browser shows ``/api/workflow_templates/<pack>/<name>.jpg`` for each
 template of a custom node pack (the server serves the pack's ``workflows/`` folder there) and
-draws it whole (object-contain, at most 256 px high). tests/test_frontend.py calls
+draws it whole (object-contain, at most 256 px high) in a square card. A graph crop alone is a
+thin strip that looks like every other one, so each thumbnail is square: the template's title
+and tags (web/templates.json) on its family's colour, above the graph. tests/test_frontend.py calls
 ``write_thumbnail`` next to each screenshot it writes (DMD2_WRITE_SCREENSHOTS=1);
 ``python tests/thumbnails.py`` rebuilds every thumbnail from the screenshots at hand, and the
 icon ([tool.comfy] Icon in pyproject.toml): digits 1-9 of the pack's own 4-step DMD2 student.
@@ -11,13 +13,20 @@ icon ([tool.comfy] Icon in pyproject.toml): digits 1-9 of the pack's own 4-step 
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parent.parent
+TEMPLATES = REPO / "web" / "templates.json"
 WIDTH = 512
+BAND = 216  # the title band's height; the graph fills the rest of the square
+FAMILY_COLOURS = {"DMD2": (38, 92, 178), "Training": (176, 74, 36), "Lightning": (170, 120, 0),
+                  "Hyper-SD": (118, 62, 176), "LCM": (34, 130, 78)}
+CANVAS = (34, 34, 34)
 QUALITY = 85
 MARGIN = 24  # canvas kept around the nodes, in screenshot pixels
 BLOCK = 8  # the graph's extent is found on 8x8 blocks that are mostly not canvas
@@ -39,12 +48,48 @@ def graph_box(image: Image.Image) -> tuple[int, int, int, int]:
             min(image.width, (xs.max() + 1) * BLOCK + MARGIN), min(image.height, (ys.max() + 1) * BLOCK + MARGIN))
 
 
+def template_meta(name: str) -> dict:
+    """The template's title, tags and family from web/templates.json (what the browser shows)."""
+    return json.loads(TEMPLATES.read_text())[name]
+
+
+def wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def write_thumbnail(screenshot: Path, dest: Path, width: int = WIDTH, quality: int = QUALITY) -> Path:
-    """The screenshot cropped to the graph, ``width`` pixels wide, as a JPEG of tens of KB."""
+    """A square JPEG of tens of KB: the title on the family's colour, the graph below it."""
+    meta = template_meta(dest.stem)
     with Image.open(screenshot) as image:
         graph = image.convert("RGB").crop(graph_box(image))
-    height = max(1, round(graph.height * width / graph.width))
-    graph.resize((width, height), Image.Resampling.LANCZOS).save(dest, "JPEG", quality=quality, optimize=True)
+    card = Image.new("RGB", (width, width), CANVAS)
+    draw = ImageDraw.Draw(card)
+    draw.rectangle((0, 0, width, BAND), fill=FAMILY_COLOURS[meta["family"]])
+    pad, badge = 24, 104  # the step count, large, at the band's right: 1-step and 4-step differ at a glance
+    label, title, tags, big = (ImageFont.load_default(size=s) for s in (24, 44, 26, 110))
+    steps = next((tag.split()[0] for tag in meta["tags"] if re.fullmatch(r"\d+ steps?", tag)), None)
+    if steps:
+        draw.text((width - pad - badge // 2, BAND // 2 - 10), steps, font=big, fill="white", anchor="mm")
+        draw.text((width - pad - badge // 2, BAND // 2 + 56), "steps" if steps != "1" else "step", font=label,
+                  fill="white", anchor="mm")
+    draw.text((pad, pad), meta["family"].upper(), font=label, fill=(255, 255, 255, 200))
+    y = pad + 34
+    for line in wrap(draw, meta["title"], title, width - 2 * pad - (badge if steps else 0))[:2]:
+        draw.text((pad, y), line, font=title, fill="white")
+        y += 50
+    draw.text((pad, y + 10), " · ".join(meta["tags"]), font=tags, fill=(235, 235, 235))
+    room = (width - 2 * 8, width - BAND - 2 * 8)
+    scale = min(room[0] / graph.width, room[1] / graph.height)
+    size = (max(1, round(graph.width * scale)), max(1, round(graph.height * scale)))
+    graph = graph.resize(size, Image.Resampling.LANCZOS)
+    card.paste(graph, ((width - size[0]) // 2, BAND + (width - BAND - size[1]) // 2))
+    card.save(dest, "JPEG", quality=quality, optimize=True)
     return dest
 
 
