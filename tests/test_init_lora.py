@@ -232,10 +232,13 @@ def test_layers_outside_the_targets_and_unread_keys_are_refused(tiny_checkpoints
     assert not (tmp_path / "out2").exists()
 
 
-def test_read_init_lora_reports_rank_alpha_and_width(release):
+def test_read_init_lora_reports_rank_alpha_and_width(release, tmp_path):
     init = read_init_lora(release["sdxl"])
     assert (init.rank, init.alpha, init.context_dim()) == (4, 8.0, 64)
     assert len(init.sha256) == 64
+    diffusers = _write(tmp_path / "diffusers.safetensors", _relayout(load_file(str(release["sd15"])), tiny_releases.diffusers_unet("sd15", 0),
+                                                                    "lora.down.weight", "lora.up.weight", processor=True))
+    assert read_init_lora(diffusers).context_dim() == 32  # attn2.processor.to_k: SD1.5's width, checked before loading
 
 
 # --- the node -----------------------------------------------------------------------------

@@ -341,7 +341,7 @@ class InitLoRA:
         """The text width its cross-attention key projection takes (768 SD1.5, 2048 SDXL)."""
         for key, value in self.tensors.items():
             flat = key.replace(".", "_")
-            if "attn2_to_k" in flat and key.endswith(_DOWN_ENDINGS):
+            if ("attn2_to_k" in flat or "attn2_processor_to_k" in flat) and key.endswith(_DOWN_ENDINGS):
                 return int(value.shape[1])
         return None
 
