@@ -1,0 +1,174 @@
+"""The family interface: forward process, prediction types, the Family record, the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+class FamilyError(ValueError):
+    """A base model no family describes, or a sampling the pack cannot distil or sample."""
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) values shaped (B, 1, 1, ...) in ``like``'s dtype and device."""
+    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class Process:
+    """A forward process x_t = alpha(t) * x0 + sigma(t) * noise on the family's timesteps."""
+
+    num_train_timesteps: int
+
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) at timesteps ``t`` (one per sample), float64 on the CPU."""
+        raise NotImplementedError
+
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, s = self.coefficients(t.detach().cpu())
+        return _per_sample(a, like), _per_sample(s, like)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x0) at timesteps ``t``."""
+        a, s = self.alpha_sigma(t, x0)
+        return a * x0 + s * noise
+
+    def trailing_timesteps(self, steps: int) -> tuple[int, ...]:
+        """``steps`` timesteps evenly spaced from the last (diffusers' "trailing"): 4 -> 999,749,499,249."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        n = self.num_train_timesteps
+        return tuple(round(n - k * n / steps) - 1 for k in range(steps))
+
+
+class DiscreteVP(Process):
+    """DDPM's variance-preserving process on integer timesteps 0..T-1, from its cumulative
+    products: alpha = sqrt(abar), sigma = sqrt(1 - abar). ComfyUI's sigma table is
+    sqrt((1 - abar) / abar); ``from_sigmas`` reads a model's own table (with ZTSNR in it)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.detach().double().cpu()
+        self.num_train_timesteps = len(self.alphas_cumprod)
+
+    @classmethod
+    def from_sigmas(cls, sigmas: torch.Tensor) -> DiscreteVP:
+        sigmas = sigmas.detach().double().cpu()
+        return cls(1.0 / (1.0 + sigmas**2))
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """ComfyUI's sigma table (float64): sqrt((1 - abar) / abar)."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def coefficients(self, t):
+        abar = self.alphas_cumprod[t.long()]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a network's output is, and its conversions at (alpha, sigma) for x_t.
+
+    ``to_x0(x_t, out, a, s)``, ``from_x0(x_t, x0, a, s)``, and ``weight(a, s)``: the factor
+    with |out_pred - out|^2 = weight^2 * |x0_pred - x0|^2 at a fixed x_t (the loss in the
+    network's own parameterization, written in x0)."""
+
+    name: str
+    to_x0: Callable
+    from_x0: Callable
+    weight: Callable
+
+
+PREDICTIONS: dict[str, Prediction] = {
+    # x_t = a*x0 + s*eps
+    "eps": Prediction("eps", lambda x, out, a, s: (x - s * out) / a, lambda x, x0, a, s: (x - a * x0) / s, lambda a, s: a / s),
+    # v = a*eps - s*x0 (a^2 + s^2 = 1): x0 = a*x_t - s*v, finite where a = 0
+    "v": Prediction("v", lambda x, out, a, s: a * x - s * out, lambda x, x0, a, s: (a * x - x0) / s, lambda a, s: 1 / s),
+    "x0": Prediction("x0", lambda x, out, a, s: out, lambda x, x0, a, s: x0, lambda a, s: torch.ones_like(a)),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One base-model family with one sampling (prediction type, terminal SNR).
+
+    ``process`` is built by ``make_process`` from ``zsnr`` unless a model's own table is
+    given (``with_process``): ComfyUI's sigmas are the truth for a loaded model."""
+
+    name: str  # "sd15", "sd2", "sdxl": the arch key used in files, metadata and tables
+    label: str  # "SD1.5", shown to users
+    prediction: str = "eps"  # key of PREDICTIONS
+    zsnr: bool = False  # zero terminal SNR (the last timestep has alpha ~ 0)
+    resolution: int = 512  # default training/sampling side in pixels
+    context_dim: int = 768  # cross-attention width (the text encoder's)
+    text_encoders: tuple[str, ...] = ("clip_l",)
+    pooled: bool = False  # SDXL's adm input: pooled text embedding + size/crop embedding
+    uncond: str = "empty"  # the default unconditional embedding: "empty" prompt or "zeros"
+    one_step_timestep: int = 999  # the reference's 1-step conditioning timestep
+    gan_block: str = "middle_block"  # the UNet block whose output the GAN head reads
+    make_process: Callable[[bool], Process] = field(default=None, repr=False, compare=False)
+    process_override: Process | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def process(self) -> Process:
+        return self.process_override if self.process_override is not None else self.make_process(self.zsnr)
+
+    @property
+    def parameterization(self) -> Prediction:
+        return PREDICTIONS[self.prediction]
+
+    @property
+    def sampling_label(self) -> str:
+        """'eps', 'v', 'v + zsnr': what metadata records and notes name."""
+        return self.prediction + (" + zsnr" if self.zsnr else "")
+
+    def with_sampling(self, prediction: str, zsnr: bool = False) -> Family:
+        if prediction not in PREDICTIONS:
+            raise FamilyError(f"unknown prediction type {prediction!r}; known: {sorted(PREDICTIONS)}")
+        return dataclasses.replace(self, prediction=prediction, zsnr=bool(zsnr))
+
+    def with_process(self, process: Process) -> Family:
+        return dataclasses.replace(self, process_override=process)
+
+    # -- the conversions every DMD2 computation goes through ---------------------------------
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.process.add_noise(x0, noise, t)
+
+    def to_x0(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's raw output at (x_t, t) as the clean sample it implies."""
+        a, s = self.process.alpha_sigma(t, x_t)
+        return self.parameterization.to_x0(x_t, output, a, s)
+
+    def from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The output the network would give for clean sample ``x0`` at (x_t, t)."""
+        a, s = self.process.alpha_sigma(t, x_t)
+        return self.parameterization.from_x0(x_t, x0, a, s)
+
+    def eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s = self.process.alpha_sigma(t, x_t)
+        return PREDICTIONS["eps"].from_x0(x_t, x0, a, s)
+
+    def output_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-sample factor turning an x0 error into the network's own output error."""
+        a, s = self.process.alpha_sigma(t, like)
+        return self.parameterization.weight(a, s)
+
+    def trailing_timesteps(self, steps: int) -> tuple[int, ...]:
+        return self.process.trailing_timesteps(steps)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str, prediction: str = "eps", zsnr: bool = False) -> Family:
+    if name not in FAMILIES:
+        raise FamilyError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name].with_sampling(prediction, zsnr)
