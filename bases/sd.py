@@ -108,11 +108,11 @@ def arch_of(base_model) -> str:
     import comfy.supported_models as sm
 
     config = base_model.model_config
-    if isinstance(base_model, mb.SDXL) and type(config) is sm.SDXL:
+    if isinstance(base_model, mb.SDXL) and isinstance(config, sm.SDXL):
         return "sdxl"
-    if type(base_model) is mb.BaseModel and type(config) is sm.SD15:
+    if type(base_model) is mb.BaseModel and isinstance(config, sm.SD15):
         return "sd15"
-    if type(base_model) is mb.BaseModel and type(config) is sm.SD20:
+    if type(base_model) is mb.BaseModel and isinstance(config, sm.SD20):  # not the unCLIP variants
         return "sd2"
     raise FamilyError(f"model family {type(config).__name__} is not supported yet: SD1.5, SD2.x and SDXL are")
 

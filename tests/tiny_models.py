@@ -181,12 +181,19 @@ def build_vae(seed: int = 0) -> comfy.sd.VAE:
     return comfy.sd.VAE(sd=taesd.state_dict())
 
 
-def save_checkpoint(arch: str, path: str | Path, seed: int = 0) -> Path:
+def save_checkpoint(arch: str, path: str | Path, seed: int = 0, v_pred: bool = False, ztsnr: bool = False) -> Path:
     """Write a single-file tiny checkpoint (UNet + text encoders + TAESD-shaped VAE), the way
-    ComfyUI's CheckpointSave does."""
+    ComfyUI's CheckpointSave does. ``v_pred``/``ztsnr`` add the empty marker tensors that
+    v-prediction (zero-terminal-SNR) community checkpoints carry and ComfyUI reads (SDXL)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     comfy.sd.save_checkpoint(str(path), build_model(arch, seed), build_clip(arch, seed), build_vae(seed))
+    if v_pred or ztsnr:
+        import safetensors.torch
+
+        tensors = safetensors.torch.load_file(str(path))
+        tensors.update({key: torch.tensor([]) for key, on in (("v_pred", v_pred), ("ztsnr", ztsnr)) if on})
+        safetensors.torch.save_file(tensors, str(path))
     return path
 
 
