@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import comfy.model_sampling as ms
+import tiny_models
 from comfyui_dmd2 import bases
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -72,11 +73,6 @@ def test_output_weight_turns_x0_error_into_output_error():
 
 
 def test_family_of_reads_patched_sampling_and_refuses_other_processes():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import tiny_models
     from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM, ModelSamplingDiscrete
 
     model = tiny_models.build_model("sdxl")
