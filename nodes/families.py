@@ -37,6 +37,12 @@ UPDATE_RULES = ("dmd2", "lcm", "euler", "euler_ancestral", "tcd")
 # diffusers' Euler schedulers with trailing spacing start from sigma_max * noise; the others
 # (LCM, TCD, DDIM; DMD2's training) from unit-variance noise, sqrt(1 + sigma^2) * noise.
 STARTS_FROM_SIGMA = frozenset({"euler", "euler_ancestral"})
+# Zero terminal SNR: the abar each rule's card scheduler uses at the last timestep. diffusers'
+# LCM, TCD and DDIM schedulers (and DMD2's, LCMScheduler) take rescale_zero_terminal_snr's exact
+# 0 (alpha = 0: x0 = -v); its Euler schedulers clamp it to 2**-24 (sigma 4096) to keep sigma
+# finite. ComfyUI's table holds 4.9e-8 (sigma 4519) for all; the sampler redoes that one step
+# at the rule's value (docs/families.md, "Zero terminal SNR").
+ZSNR_TERMINAL_ALPHA_CUMPROD = {"euler": 2.0**-24, "euler_ancestral": 2.0**-24}
 
 FAMILY_NAMES = {
     "dmd2": "DMD2",

@@ -29,7 +29,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from .families import STARTS_FROM_SIGMA, UPDATE_RULES, custom_rule, sampling_notes
+from .families import STARTS_FROM_SIGMA, UPDATE_RULES, ZSNR_TERMINAL_ALPHA_CUMPROD, custom_rule, sampling_notes
 from .releases import model_releases
 from .schedules import (
     CUSTOM,
@@ -39,6 +39,7 @@ from .schedules import (
     custom_timesteps_input,
     preset_input,
     preset_recipe,
+    sampling_of,
     sigmas_for_timesteps,
     validate_custom_text,
 )
@@ -122,12 +123,17 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
     model_sampling = find_model_sampling(model)
     if rule != "dmd2" and model_sampling is None:
         raise ValueError(f"the {rule} update needs a ComfyUI model with a sigma table")
+    terminal = zero_snr_terminal(model_sampling, rule)
     if noise_sampler is None:
         noise_sampler = fresh_noise_sampler(x, extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
+        if terminal is not None and int(model_sampling.timestep(sigma)) == terminal[0]:
+            denoised, eps = terminal[1](x, sigma, denoised)
+        else:
+            eps = (x - denoised) / sigma
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         last = not sigma_next > 0
@@ -142,15 +148,14 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
             else:
                 x = denoised + sigma_next * noise_sampler(sigma, sigma_next)
         elif rule == "euler":
-            x = denoised + (x - denoised) * (sigma_next / sigma)
+            x = denoised + eps * sigma_next
         elif rule == "euler_ancestral":
             sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
             sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-            x = denoised + (x - denoised) * (sigma_down / sigma)
+            x = denoised + eps * sigma_down
             if not last:
                 x = x + noise_sampler(sigma, sigma_next) * sigma_up
         elif rule == "tcd":
-            eps = (x - denoised) / sigma
             t_next = 0 if last else int(model_sampling.timestep(sigma_next).round().item())
             sigma_s = model_sampling.sigmas[int((1.0 - gamma) * t_next)].to(x)
             x = denoised + sigma_s * eps
@@ -161,6 +166,33 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
         else:
             raise ValueError(f"unknown update rule {rule!r}")
     return x
+
+
+def zero_snr_terminal(model_sampling, rule: str):
+    """(last timestep, fix) for a zero-terminal-SNR v or x0 model, else None. ComfyUI keeps the
+    last sigma finite (4519: alpha 2.2e-4); ``fix(x, sigma, denoised) -> (x0, eps)`` redoes
+    that step at the abar of the rule's card scheduler (0 for DMD2/LCM/TCD/DDIM: x0 = -v,
+    eps = the input), from the network's own output. An eps model has no finite x0 there
+    (x0 = (x - sigma*eps)/alpha): ComfyUI's finite value stays."""
+    if model_sampling is None:
+        return None
+    prediction, zsnr, _ = sampling_of(model_sampling)
+    if not zsnr or prediction == "eps":
+        return None
+    abar = torch.tensor(ZSNR_TERMINAL_ALPHA_CUMPROD.get(rule, 0.0), dtype=torch.float64)
+    alpha, sig = abar.sqrt(), (1 - abar).sqrt()
+
+    def fix(x, sigma, denoised):
+        scale = (1.0 + sigma.double() ** 2) ** 0.5  # ComfyUI's x = x_vp * scale
+        x_vp = x.double() / scale
+        x0 = denoised.double()
+        if prediction == "v":  # ComfyUI's x0 = a*x_vp - s*v at its own (a, s): read v back
+            v = (x_vp / scale - x0) * scale / sigma.double()
+            x0 = alpha * x_vp - sig * v
+        eps = (x_vp - alpha * x0) / sig
+        return x0.to(x.dtype), eps.to(x.dtype)
+
+    return len(model_sampling.sigmas) - 1, fix
 
 
 class DMD2KSampler(comfy.samplers.KSAMPLER):
