@@ -95,6 +95,11 @@ PREDICTIONS: dict[str, Prediction] = {
 }
 
 
+def sampling_label(prediction: str, zsnr: bool) -> str:
+    """'eps', 'v', 'v + zsnr': what LoRA metadata records and notes name."""
+    return prediction + (" + zsnr" if zsnr else "")
+
+
 @dataclass(frozen=True)
 class Family:
     """One base-model family with one sampling (prediction type, terminal SNR).
@@ -127,7 +132,7 @@ class Family:
     @property
     def sampling_label(self) -> str:
         """'eps', 'v', 'v + zsnr': what metadata records and notes name."""
-        return self.prediction + (" + zsnr" if self.zsnr else "")
+        return sampling_label(self.prediction, self.zsnr)
 
     def with_sampling(self, prediction: str, zsnr: bool = False) -> Family:
         if prediction not in PREDICTIONS:

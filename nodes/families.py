@@ -147,6 +147,28 @@ def custom_rule(releases) -> tuple[str, float]:
     return "dmd2", 0.0
 
 
+# LoRA metadata key: the sampling of the base a LoRA was distilled on (bases.sampling_label:
+# 'eps', 'v', 'v + zsnr'), written by the trainer with the LoRA.
+SAMPLING_METADATA_KEY = "dmd2_sampling"
+
+
+def prediction_notes(recipe: Recipe, sampling: str, zsnr: bool, last_timestep: int, lora_samplings) -> list[str]:
+    """Notes on the model's prediction type and terminal SNR: a LoRA distilled on a base of
+    another sampling (from its metadata: (file name, label) pairs), and a zero-terminal-SNR
+    model sampled from below its last timestep. Both run."""
+    notes = []
+    for file_name, trained in lora_samplings:
+        if trained != sampling:
+            notes.append(f"{file_name} was distilled on a '{trained}' base, but this model samples as '{sampling}': "
+                         f"its output is read the wrong way. Put it on a '{trained}' model (ModelSamplingDiscrete "
+                         f"sets v_prediction and zsnr).")
+    if zsnr and recipe.timesteps[0] != last_timestep:
+        notes.append(f"this model has zero terminal SNR (it starts from pure noise at timestep {last_timestep}); preset "
+                     f"'{recipe.name}' starts at {recipe.timesteps[0]}: it runs, but that first step is not where "
+                     f"this base starts.")
+    return notes
+
+
 def sampling_notes(recipe: Recipe, releases, reads_x0: bool) -> list[str]:
     """What the user should know before trusting the image: a preset of another family than
     the loaded release, a step count its authors did not publish, an x0 model sampled as an

@@ -29,8 +29,16 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from .families import STARTS_FROM_SIGMA, UPDATE_RULES, ZSNR_TERMINAL_ALPHA_CUMPROD, custom_rule, sampling_notes
-from .releases import model_releases
+from ..bases import sampling_label
+from .families import (
+    STARTS_FROM_SIGMA,
+    UPDATE_RULES,
+    ZSNR_TERMINAL_ALPHA_CUMPROD,
+    custom_rule,
+    prediction_notes,
+    sampling_notes,
+)
+from .releases import model_lora_samplings, model_releases
 from .schedules import (
     CUSTOM,
     PRESET_NAMES,
@@ -130,8 +138,9 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
+        sigma_rule = sigma  # the sigma the rule steps from: the card's own at a ZTSNR terminal step
         if terminal is not None and int(model_sampling.timestep(sigma)) == terminal[0]:
-            denoised, eps = terminal[1](x, sigma, denoised)
+            denoised, eps, sigma_rule = terminal[1](x, sigma, denoised)
         else:
             eps = (x - denoised) / sigma
         if callback is not None:
@@ -150,7 +159,7 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
         elif rule == "euler":
             x = denoised + eps * sigma_next
         elif rule == "euler_ancestral":
-            sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+            sigma_up = (sigma_next**2 * (sigma_rule**2 - sigma_next**2) / sigma_rule**2) ** 0.5
             sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
             x = denoised + eps * sigma_down
             if not last:
@@ -170,9 +179,9 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 def zero_snr_terminal(model_sampling, rule: str):
     """(last timestep, fix) for a zero-terminal-SNR v or x0 model, else None. ComfyUI keeps the
-    last sigma finite (4519: alpha 2.2e-4); ``fix(x, sigma, denoised) -> (x0, eps)`` redoes
-    that step at the abar of the rule's card scheduler (0 for DMD2/LCM/TCD/DDIM: x0 = -v,
-    eps = the input), from the network's own output. An eps model has no finite x0 there
+    last sigma finite (4519: alpha 2.2e-4); ``fix(x, sigma, denoised) -> (x0, eps, sigma')``
+    redoes that step at the abar of the rule's card scheduler (0 for DMD2/LCM/TCD/DDIM: x0 = -v,
+    eps = the input; sigma' its sigma, used by the ancestral split), from the network's output. An eps model has no finite x0 there
     (x0 = (x - sigma*eps)/alpha): ComfyUI's finite value stays."""
     if model_sampling is None:
         return None
@@ -190,7 +199,7 @@ def zero_snr_terminal(model_sampling, rule: str):
             v = (x_vp / scale - x0) * scale / sigma.double()
             x0 = alpha * x_vp - sig * v
         eps = (x_vp - alpha * x0) / sig
-        return x0.to(x.dtype), eps.to(x.dtype)
+        return x0.to(x.dtype), eps.to(x.dtype), (sig / alpha).to(sigma)
 
     return len(model_sampling.sigmas) - 1, fix
 
@@ -332,11 +341,12 @@ def prepare(model, preset: str, custom_timesteps: str = ""):
     A custom list runs with the loaded release's update rule (DMD2's if none is known)."""
     releases = model_releases(model)
     model_sampling = model.get_model_object("model_sampling")
-    check_model_sampling(model_sampling)
+    prediction, zsnr, process = sampling_of(model_sampling)
     rule, gamma = custom_rule(releases)
-    recipe = preset_recipe(preset, custom_timesteps, rule, gamma, len(model_sampling.sigmas))
-    reads_x0 = isinstance(model_sampling, comfy.model_sampling.X0)
-    notes = sampling_notes(recipe, releases, reads_x0)
+    recipe = preset_recipe(preset, custom_timesteps, rule, gamma, process.num_train_timesteps)
+    notes = sampling_notes(recipe, releases, reads_x0=prediction == "x0")
+    notes += prediction_notes(recipe, sampling_label(prediction, zsnr), zsnr, process.num_train_timesteps - 1,
+                              model_lora_samplings(model))
     if recipe.prediction == "x0":
         model = as_x0_model(model)
     return model, recipe, sigmas_for_timesteps(model.get_model_object("model_sampling"), recipe.timesteps), notes
