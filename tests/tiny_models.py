@@ -136,25 +136,6 @@ UNET_CONFIGS = {
         "use_temporal_attention": False,
         "use_temporal_resblock": False,
     },
-    "sd2": {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 32,
-        "num_res_blocks": [2, 2, 2, 2],
-        "channel_mult": [1, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "transformer_depth_middle": 1,
-        "context_dim": TINY_CLIP_H["hidden_size"],
-        "use_linear_in_transformer": True,
-        "adm_in_channels": None,
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-    },
     "sdxl": {
         "use_checkpoint": False,
         "image_size": 32,
@@ -176,6 +157,8 @@ UNET_CONFIGS = {
         "use_temporal_resblock": False,
     },
 }
+# SD2.x: SD1.5's layout with linear projections and the OpenCLIP-H width.
+UNET_CONFIGS["sd2"] = {**UNET_CONFIGS["sd15"], "context_dim": TINY_CLIP_H["hidden_size"], "use_linear_in_transformer": True}
 MODEL_CONFIG_CLASSES = {"sd15": TinySD15, "sd2": TinySD2, "sdxl": TinySDXL}
 # Latent side must be a multiple of 2**(levels-1).
 LATENT_MULTIPLE = {"sd15": 8, "sd2": 8, "sdxl": 4}
@@ -292,20 +275,9 @@ def diffusers_unet_config(arch: str) -> dict:
             norm_num_groups=32,
             use_linear_projection=False,
         )
-    if arch == "sd2":  # SD2.x's diffusers config: attention_head_dim holds the heads per level
-        return dict(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64, 64, 64),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=TINY_CLIP_H["hidden_size"],
-            attention_head_dim=(2, 4, 4, 4),  # heads: channels / 16
-            norm_num_groups=32,
-            use_linear_projection=True,
-        )
+    if arch == "sd2":  # SD1.5's, linear projections; attention_head_dim holds the heads per level
+        return {**diffusers_unet_config("sd15"), "cross_attention_dim": TINY_CLIP_H["hidden_size"],
+                "attention_head_dim": (2, 4, 4, 4), "use_linear_projection": True}  # heads: channels / 16
     return dict(
         sample_size=16,
         in_channels=4,
