@@ -25,6 +25,8 @@ from .core import (  # noqa: F401
     Process,
     get_family,
     register,
+    sampling_label,
+    trailing_timesteps,
 )
 from .sd import (  # noqa: F401
     SD2,

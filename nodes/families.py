@@ -22,18 +22,27 @@ them on ComfyUI's sigma table):
   DDIM (eta 0), which ends on the table's first timestep as the SD schedulers'
   ``set_alpha_to_one=False`` makes it.
 
-Pure data and integer arithmetic: importable without ComfyUI.
+Pure data and integer arithmetic: importable without ComfyUI (the trailing rule is
+``bases.trailing_timesteps``, the one the trainer's schedules use too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..bases import trailing_timesteps  # the one copy (releases.py and the presets use it from here)
+
 TRAIN_TIMESTEPS = 1000
 UPDATE_RULES = ("dmd2", "lcm", "euler", "euler_ancestral", "tcd")
 # diffusers' Euler schedulers with trailing spacing start from sigma_max * noise; the others
 # (LCM, TCD, DDIM; DMD2's training) from unit-variance noise, sqrt(1 + sigma^2) * noise.
 STARTS_FROM_SIGMA = frozenset({"euler", "euler_ancestral"})
+# Zero terminal SNR: the abar each rule's card scheduler uses at the last timestep. diffusers'
+# LCM, TCD and DDIM schedulers (and DMD2's, LCMScheduler) take rescale_zero_terminal_snr's exact
+# 0 (alpha = 0: x0 = -v); its Euler schedulers clamp it to 2**-24 (sigma 4096) to keep sigma
+# finite. ComfyUI's table holds 4.9e-8 (sigma 4519) for all; the sampler redoes that one step
+# at the rule's value (docs/families.md, "Zero terminal SNR").
+ZSNR_TERMINAL_ALPHA_CUMPROD = {"euler": 2.0**-24, "euler_ancestral": 2.0**-24}
 
 FAMILY_NAMES = {
     "dmd2": "DMD2",
@@ -43,14 +52,6 @@ FAMILY_NAMES = {
     "tcd": "TCD",
     "turbo": "SDXL-Turbo",
 }
-
-
-def trailing_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS) -> tuple[int, ...]:
-    """diffusers' ``timestep_spacing="trailing"``: round(arange(T, 0, -T/N)) - 1."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    ratio = train_timesteps / steps
-    return tuple(int(round(train_timesteps - k * ratio)) - 1 for k in range(steps))
 
 
 def lcm_timesteps(steps: int, original_steps: int = 50, train_timesteps: int = TRAIN_TIMESTEPS) -> tuple[int, ...]:
@@ -144,6 +145,28 @@ def custom_rule(releases) -> tuple[str, float]:
         if known is not None:
             return known.rule, known.gamma
     return "dmd2", 0.0
+
+
+# LoRA metadata key: the sampling of the base a LoRA was distilled on (bases.sampling_label:
+# 'eps', 'v', 'v + zsnr'), written by the trainer with the LoRA.
+SAMPLING_METADATA_KEY = "dmd2_sampling"
+
+
+def prediction_notes(recipe: Recipe, sampling: str, zsnr: bool, last_timestep: int, lora_samplings) -> list[str]:
+    """Notes on the model's prediction type and terminal SNR: a LoRA distilled on a base of
+    another sampling (from its metadata: (file name, label) pairs), and a zero-terminal-SNR
+    model sampled from below its last timestep. Both run."""
+    notes = []
+    for file_name, trained in lora_samplings:
+        if trained != sampling:
+            notes.append(f"{file_name} was distilled on a '{trained}' base, but this model samples as '{sampling}': "
+                         f"its output is read the wrong way. Put it on a '{trained}' model (ModelSamplingDiscrete "
+                         f"sets v_prediction and zsnr).")
+    if zsnr and recipe.timesteps[0] != last_timestep:
+        notes.append(f"this model has zero terminal SNR (it starts from pure noise at timestep {last_timestep}); preset "
+                     f"'{recipe.name}' starts at {recipe.timesteps[0]}: it runs, but that first step is not where "
+                     f"this base starts.")
+    return notes
 
 
 def sampling_notes(recipe: Recipe, releases, reads_x0: bool) -> list[str]:

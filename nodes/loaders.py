@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from .releases import RELEASES_BY_NAME, Release, releases, tag_release
+from .families import SAMPLING_METADATA_KEY
+from .releases import RELEASES_BY_NAME, Release, releases, tag_lora_sampling, tag_release
 from .schedules import as_x0_model
 
 log = logging.getLogger(__name__)
@@ -562,7 +563,19 @@ def load_dmd2_lora(model, path: str | os.PathLike, strength: float):
     skipped = sorted(set(patches) - applied)
     if skipped:
         raise DMD2LoadError(f"{path.name}: ComfyUI did not apply {len(skipped)} patches, e.g. {skipped[:3]}.")
-    return new_model
+    sampling = lora_base_sampling(path)
+    return tag_lora_sampling(new_model, path.name, sampling) if sampling else new_model
+
+
+def lora_base_sampling(path: Path) -> str | None:
+    """The sampling ('eps', 'v', 'v + zsnr') a LoRA of this pack records for its base (the
+    safetensors header only; other formats carry none)."""
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return (fh.metadata() or {}).get(SAMPLING_METADATA_KEY) or None
 
 
 def with_release(model, name: str, kind: str):

@@ -155,6 +155,21 @@ def model_releases(model) -> tuple[Release, ...]:
     return tuple(get(ATTACHMENT) or ()) if get is not None else ()
 
 
+LORA_SAMPLINGS = "dmd2_lora_samplings"  # ModelPatcher attachment: (file name, sampling label) of loaded LoRAs
+
+
+def model_lora_samplings(model) -> tuple[tuple[str, str], ...]:
+    """(file name, base sampling) of each LoRA a loader of this pack applied whose metadata
+    records the sampling of the base it was distilled on."""
+    get = getattr(model, "get_attachment", None)
+    return tuple(get(LORA_SAMPLINGS) or ()) if get is not None else ()
+
+
+def tag_lora_sampling(model, file_name: str, sampling: str):
+    model.set_attachments(LORA_SAMPLINGS, model_lora_samplings(model) + ((file_name, sampling),))
+    return model
+
+
 def tag_release(model, release: Release):
     """Record ``release`` on ``model`` (a ModelPatcher the caller owns, e.g. a fresh clone)."""
     model.set_attachments(ATTACHMENT, model_releases(model) + (release,))

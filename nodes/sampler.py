@@ -29,8 +29,16 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from .families import STARTS_FROM_SIGMA, UPDATE_RULES, custom_rule, sampling_notes
-from .releases import model_releases
+from ..bases import sampling_label
+from .families import (
+    STARTS_FROM_SIGMA,
+    UPDATE_RULES,
+    ZSNR_TERMINAL_ALPHA_CUMPROD,
+    custom_rule,
+    prediction_notes,
+    sampling_notes,
+)
+from .releases import model_lora_samplings, model_releases
 from .schedules import (
     CUSTOM,
     PRESET_NAMES,
@@ -39,6 +47,7 @@ from .schedules import (
     custom_timesteps_input,
     preset_input,
     preset_recipe,
+    sampling_of,
     sigmas_for_timesteps,
     validate_custom_text,
 )
@@ -122,12 +131,18 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
     model_sampling = find_model_sampling(model)
     if rule != "dmd2" and model_sampling is None:
         raise ValueError(f"the {rule} update needs a ComfyUI model with a sigma table")
+    terminal = zero_snr_terminal(model_sampling, rule)
     if noise_sampler is None:
         noise_sampler = fresh_noise_sampler(x, extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
+        sigma_rule = sigma  # the sigma the rule steps from: the card's own at a ZTSNR terminal step
+        if terminal is not None and int(model_sampling.timestep(sigma)) == terminal[0]:
+            denoised, eps, sigma_rule = terminal[1](x, sigma, denoised)
+        else:
+            eps = (x - denoised) / sigma
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         last = not sigma_next > 0
@@ -142,15 +157,14 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
             else:
                 x = denoised + sigma_next * noise_sampler(sigma, sigma_next)
         elif rule == "euler":
-            x = denoised + (x - denoised) * (sigma_next / sigma)
+            x = denoised + eps * sigma_next
         elif rule == "euler_ancestral":
-            sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+            sigma_up = (sigma_next**2 * (sigma_rule**2 - sigma_next**2) / sigma_rule**2) ** 0.5
             sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-            x = denoised + (x - denoised) * (sigma_down / sigma)
+            x = denoised + eps * sigma_down
             if not last:
                 x = x + noise_sampler(sigma, sigma_next) * sigma_up
         elif rule == "tcd":
-            eps = (x - denoised) / sigma
             t_next = 0 if last else int(model_sampling.timestep(sigma_next).round().item())
             sigma_s = model_sampling.sigmas[int((1.0 - gamma) * t_next)].to(x)
             x = denoised + sigma_s * eps
@@ -161,6 +175,33 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
         else:
             raise ValueError(f"unknown update rule {rule!r}")
     return x
+
+
+def zero_snr_terminal(model_sampling, rule: str):
+    """(last timestep, fix) for a zero-terminal-SNR v or x0 model, else None. ComfyUI keeps the
+    last sigma finite (4519: alpha 2.2e-4); ``fix(x, sigma, denoised) -> (x0, eps, sigma')``
+    redoes that step at the abar of the rule's card scheduler (0 for DMD2/LCM/TCD/DDIM: x0 = -v,
+    eps = the input; sigma' its sigma, used by the ancestral split), from the network's output. An eps model has no finite x0 there
+    (x0 = (x - sigma*eps)/alpha): ComfyUI's finite value stays."""
+    if model_sampling is None:
+        return None
+    prediction, zsnr, _ = sampling_of(model_sampling)
+    if not zsnr or prediction == "eps":
+        return None
+    abar = torch.tensor(ZSNR_TERMINAL_ALPHA_CUMPROD.get(rule, 0.0), dtype=torch.float64)
+    alpha, sig = abar.sqrt(), (1 - abar).sqrt()
+
+    def fix(x, sigma, denoised):
+        scale = (1.0 + sigma.double() ** 2) ** 0.5  # ComfyUI's x = x_vp * scale
+        x_vp = x.double() / scale
+        x0 = denoised.double()
+        if prediction == "v":  # ComfyUI's x0 = a*x_vp - s*v at its own (a, s): read v back
+            v = (x_vp / scale - x0) * scale / sigma.double()
+            x0 = alpha * x_vp - sig * v
+        eps = (x_vp - alpha * x0) / sig
+        return x0.to(x.dtype), eps.to(x.dtype), (sig / alpha).to(sigma)
+
+    return len(model_sampling.sigmas) - 1, fix
 
 
 class DMD2KSampler(comfy.samplers.KSAMPLER):
@@ -300,11 +341,12 @@ def prepare(model, preset: str, custom_timesteps: str = ""):
     A custom list runs with the loaded release's update rule (DMD2's if none is known)."""
     releases = model_releases(model)
     model_sampling = model.get_model_object("model_sampling")
-    check_model_sampling(model_sampling)
+    prediction, zsnr, process = sampling_of(model_sampling)
     rule, gamma = custom_rule(releases)
-    recipe = preset_recipe(preset, custom_timesteps, rule, gamma, len(model_sampling.sigmas))
-    reads_x0 = isinstance(model_sampling, comfy.model_sampling.X0)
-    notes = sampling_notes(recipe, releases, reads_x0)
+    recipe = preset_recipe(preset, custom_timesteps, rule, gamma, process.num_train_timesteps)
+    notes = sampling_notes(recipe, releases, reads_x0=prediction == "x0")
+    notes += prediction_notes(recipe, sampling_label(prediction, zsnr), zsnr, process.num_train_timesteps - 1,
+                              model_lora_samplings(model))
     if recipe.prediction == "x0":
         model = as_x0_model(model)
     return model, recipe, sigmas_for_timesteps(model.get_model_object("model_sampling"), recipe.timesteps), notes

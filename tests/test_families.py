@@ -5,6 +5,11 @@ UNet; Hyper-SD: DDIM trailing, TCD for the 1-step LoRA, LCM at 800 for the 1-ste
 LCM-LoRA: LCMScheduler; TCD: TCDScheduler with eta 0.3; SDXL-Turbo: EulerAncestral trailing).
 Also: one UNet evaluation per step, the loaders' release tags, and the warnings."""
 
+import contextlib
+import dataclasses
+import sys
+from unittest import mock
+
 import diffusers
 import pytest
 import torch
@@ -16,6 +21,7 @@ import tiny_releases
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 from comfyui_dmd2.nodes import loaders
 from comfyui_dmd2.nodes import sampler as dmd2
+from comfyui_dmd2.nodes import schedules
 from comfyui_dmd2.nodes.families import (
     RECIPES,
     RECIPES_BY_NAME,
@@ -39,6 +45,75 @@ from test_sampler import (
 # from_config keeps what a scheduler knows of it, as the cards' from_config(pipe.scheduler.config) does.
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """What a release's model card runs in diffusers, copied from the card (never from the
+    pack's RECIPES): scheduler class, from_config overrides, set_timesteps arguments, step kwargs."""
+
+    scheduler: str
+    overrides: dict
+    set_timesteps: dict
+    step: dict
+    timesteps: tuple  # what that scheduler visits (diffusers computes it; written out to be read)
+
+
+_TRAILING = {"timestep_spacing": "trailing"}
+CARDS = {
+    # https://huggingface.co/tianweiy/DMD2 : "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+    # pipe(..., num_inference_steps=4, guidance_scale=0, timesteps=[999, 749, 499, 249]); the 1-step UNet: timesteps=[399].
+    "4-step (999,749,499,249)": Card("LCMScheduler", {}, {"timesteps": [999, 749, 499, 249]}, {}, (999, 749, 499, 249)),
+    "1-step (399)": Card("LCMScheduler", {}, {"timesteps": [399]}, {}, (399,)),
+    # https://huggingface.co/ByteDance/SDXL-Lightning : "Ensure sampler uses \"trailing\" timesteps":
+    # EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing"), guidance_scale=0,
+    # num_inference_steps = the checkpoint's step count; the 1-step UNet adds prediction_type="sample".
+    "SDXL-Lightning 1-step x0 (euler, 999)": Card("EulerDiscreteScheduler", {**_TRAILING, "prediction_type": "sample"},
+                                                  {"num_inference_steps": 1}, {}, (999,)),
+    "SDXL-Lightning 2-step (euler, trailing)": Card("EulerDiscreteScheduler", _TRAILING, {"num_inference_steps": 2}, {},
+                                                    (999, 499)),
+    "SDXL-Lightning 4-step (euler, trailing)": Card("EulerDiscreteScheduler", _TRAILING, {"num_inference_steps": 4}, {},
+                                                    (999, 749, 499, 249)),
+    "SDXL-Lightning 8-step (euler, trailing)": Card("EulerDiscreteScheduler", _TRAILING, {"num_inference_steps": 8}, {},
+                                                    (999, 874, 749, 624, 499, 374, 249, 124)),
+    # https://huggingface.co/ByteDance/Hyper-SD : Hyper-SDXL-1step-Unet: "LCMScheduler.from_config(pipe.scheduler.config)",
+    # "Set start timesteps to 800 in the one-step inference", pipe(..., num_inference_steps=1, guidance_scale=0, timesteps=[800]);
+    # the 1-step unified LoRA: TCDScheduler, num_inference_steps=1, guidance_scale=0, eta=1.0;
+    # the N-step LoRAs: DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing"), guidance_scale=0.
+    "Hyper-SD 1-step UNet (lcm, 800)": Card("LCMScheduler", {}, {"timesteps": [800]}, {}, (800,)),
+    "Hyper-SD 1-step LoRA (tcd, gamma 1.0)": Card("TCDScheduler", {}, {"num_inference_steps": 1}, {"eta": 1.0}, (999,)),
+    "Hyper-SD 2-step LoRA (ddim, trailing)": Card("DDIMScheduler", _TRAILING, {"num_inference_steps": 2}, {"eta": 0.0},
+                                                  (999, 499)),
+    "Hyper-SD 4-step LoRA (ddim, trailing)": Card("DDIMScheduler", _TRAILING, {"num_inference_steps": 4}, {"eta": 0.0},
+                                                  (999, 749, 499, 249)),
+    "Hyper-SD 8-step LoRA (ddim, trailing)": Card("DDIMScheduler", _TRAILING, {"num_inference_steps": 8}, {"eta": 0.0},
+                                                  (999, 874, 749, 624, 499, 374, 249, 124)),
+    # https://huggingface.co/latent-consistency/lcm-lora-sdxl : "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+    # num_inference_steps=4 in the examples ("2 - 8 steps"), guidance_scale 0 or 1 (no CFG pass).
+    "LCM 2-step (lcm, 999,499)": Card("LCMScheduler", {}, {"num_inference_steps": 2}, {}, (999, 499)),
+    "LCM 4-step (lcm, 999,759,499,259)": Card("LCMScheduler", {}, {"num_inference_steps": 4}, {}, (999, 759, 499, 259)),
+    "LCM 8-step (lcm, 999,879,759,639,499,379,259,139)": Card("LCMScheduler", {}, {"num_inference_steps": 8}, {},
+                                                              (999, 879, 759, 639, 499, 379, 259, 139)),
+    # https://huggingface.co/h1t/TCD-SDXL-LoRA : "pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)",
+    # pipe(..., num_inference_steps=4, guidance_scale=0, eta=0.3) ("eta ... referred to as `gamma` in the paper ... 0.3
+    # often yields good results").
+    "TCD 2-step (tcd, gamma 0.3)": Card("TCDScheduler", {}, {"num_inference_steps": 2}, {"eta": 0.3}, (999, 499)),
+    "TCD 4-step (tcd, gamma 0.3)": Card("TCDScheduler", {}, {"num_inference_steps": 4}, {"eta": 0.3}, (999, 759, 499, 259)),
+    "TCD 8-step (tcd, gamma 0.3)": Card("TCDScheduler", {}, {"num_inference_steps": 8}, {"eta": 0.3},
+                                        (999, 879, 759, 639, 499, 379, 259, 139)),
+    # https://huggingface.co/stabilityai/sdxl-turbo : AutoPipelineForText2Image, num_inference_steps=1, guidance_scale=0.0,
+    # with the repo's scheduler/scheduler_config.json: EulerAncestralDiscreteScheduler, timestep_spacing "trailing".
+    "SDXL-Turbo 1-step (euler ancestral, 999)": Card("EulerAncestralDiscreteScheduler", _TRAILING,
+                                                     {"num_inference_steps": 1}, {}, (999,)),
+    "SDXL-Turbo 2-step (euler ancestral, trailing)": Card("EulerAncestralDiscreteScheduler", _TRAILING,
+                                                          {"num_inference_steps": 2}, {}, (999, 499)),
+    "SDXL-Turbo 4-step (euler ancestral, trailing)": Card("EulerAncestralDiscreteScheduler", _TRAILING,
+                                                          {"num_inference_steps": 4}, {}, (999, 749, 499, 249)),
+}
+# A v-prediction base's own scheduler config (e.g. https://huggingface.co/Laxhar/noobai-XL-Vpred-1.0 :
+# prediction_type="v_prediction", rescale_betas_zero_snr=True), applied under every card's scheduler.
+V_BASE = {"prediction_type": "v_prediction"}
+V_ZSNR_BASE = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
 FAMILY_RECIPES = [r for r in RECIPES if r.family != "dmd2"]  # DMD2's own parity: tests/test_sampler.py
 
 
@@ -47,51 +122,49 @@ def models():
     return {arch: tiny_models.build_model(arch) for arch in ("sd15", "sdxl")}
 
 
-def card_scheduler(recipe):
-    """The diffusers scheduler (and step kwargs) the release's model card uses."""
-    if recipe.rule == "euler":
-        prediction = "sample" if recipe.prediction == "x0" else "epsilon"
-        return diffusers.EulerDiscreteScheduler.from_config(SD_SCHEDULER, timestep_spacing="trailing",
-                                                            prediction_type=prediction), {}
-    if recipe.rule == "euler_ancestral":
-        return diffusers.EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER, timestep_spacing="trailing"), {}
-    if recipe.rule == "dmd2":  # DMD2's card: LCMScheduler with its timesteps passed explicitly
-        return diffusers.LCMScheduler.from_config(SD_SCHEDULER, original_inference_steps=1000), {}
-    if recipe.rule == "lcm":
-        return diffusers.LCMScheduler.from_config(SD_SCHEDULER), {}
-    if recipe.rule == "tcd" and recipe.family == "hyper" and recipe.gamma == 0:
-        return diffusers.DDIMScheduler.from_config(SD_SCHEDULER, timestep_spacing="trailing"), {"eta": 0.0}
-    if recipe.rule == "tcd":
-        return diffusers.TCDScheduler.from_config(SD_SCHEDULER), {"eta": recipe.gamma}
-    raise AssertionError(recipe)
-
-
-def card_set_timesteps(scheduler, recipe):
-    if recipe.rule == "dmd2" or (recipe.family == "hyper" and recipe.rule == "lcm"):  # DMD2; Hyper-SDXL-1step-Unet: [800]
-        scheduler.set_timesteps(timesteps=list(recipe.timesteps))
-    else:
-        scheduler.set_timesteps(recipe.steps)
+def card_scheduler(name, base=None):
+    """The card's diffusers scheduler for preset ``name`` (on ``base``'s scheduler config) and its step kwargs."""
+    card = CARDS[name]
+    config = {**SD_SCHEDULER, **(base or {})}
+    scheduler = getattr(diffusers, card.scheduler).from_config(config, **card.overrides)
+    scheduler.set_timesteps(**card.set_timesteps)
+    return scheduler, dict(card.step)
 
 
 @torch.no_grad()
-def diffusers_reference(arch, unet, conditioning, start_noise, recipe, renoise_generator):
-    """The model card's diffusers loop (as the SD/SDXL pipelines run it at guidance 0)."""
-    scheduler, step_kwargs = card_scheduler(recipe)
-    card_set_timesteps(scheduler, recipe)
+def diffusers_reference(arch, unet, conditioning, start_noise, name, renoise_generator, base=None):
+    """The model card's diffusers loop (as the SD/SDXL pipelines run it at guidance 0). The Euler
+    schedulers' arithmetic is float64 (the UNet output cast up; their noise still drawn in
+    float32): in float32 their first step from sigma 4096 (zero terminal SNR) loses ~5e-4 to
+    cancellation in x + (x0 - x), ~6e-3 of a tiny model's output."""
+    scheduler, step_kwargs = card_scheduler(name, base)
+    euler = "Euler" in CARDS[name].scheduler
     context, added = diffusers_conditioning(arch, conditioning, start_noise.shape[-1])
-    latents = start_noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        out = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=context,
-                   added_cond_kwargs=added).sample
-        latents = scheduler.step(out, t, latents, generator=renoise_generator, return_dict=False, **step_kwargs)[0]
-    return latents
+    latents = start_noise.double() * scheduler.init_noise_sigma if euler else start_noise * scheduler.init_noise_sigma
+    module = sys.modules[type(scheduler).__module__]
+    draw = module.randn_tensor if hasattr(module, "randn_tensor") else None
+
+    def float32_draw(shape, **kwargs):
+        dtype = kwargs.pop("dtype", None)
+        return draw(shape, **kwargs, dtype=torch.float32).to(dtype)
+
+    with mock.patch.object(module, "randn_tensor", float32_draw) if euler and draw else contextlib.nullcontext():
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(latents, t).float(), t, encoder_hidden_states=context,
+                       added_cond_kwargs=added).sample
+            latents = scheduler.step(out.double() if euler else out, t, latents, generator=renoise_generator,
+                                     return_dict=False, **step_kwargs)[0]
+    return latents.float()
 
 
-@pytest.mark.parametrize("recipe", FAMILY_RECIPES, ids=lambda r: r.name)
-def test_preset_timesteps_are_the_card_schedulers(recipe):
-    scheduler, _ = card_scheduler(recipe)
-    card_set_timesteps(scheduler, recipe)
-    assert [int(t) for t in scheduler.timesteps] == list(recipe.timesteps)
+def test_every_preset_has_a_card():
+    assert set(CARDS) == {r.name for r in RECIPES}
+
+
+@pytest.mark.parametrize("name", list(CARDS))
+def test_preset_timesteps_are_the_card_schedulers(name):
+    scheduler, _ = card_scheduler(name)
+    assert tuple(int(t) for t in scheduler.timesteps) == CARDS[name].timesteps == RECIPES_BY_NAME[name].timesteps
 
 
 def test_timestep_rules():
@@ -105,20 +178,44 @@ def test_timestep_rules():
         lcm_timesteps(51)
 
 
+def card_error(model, arch, name, seed=2024, base=None):
+    """Relative L2 distance of DMD2Generate with preset ``name`` to the card's diffusers loop on
+    the same weights, start noise and re-noise draws."""
+    conditioning = text_conditioning(arch)
+    latent = empty_latent()
+    out = dmd2.DMD2Generate.execute(model, conditioning, latent, seed, name, "").result[0]["samples"]
+    start_noise = comfy.sample.prepare_noise(latent["samples"], seed)
+    renoise = torch.Generator().manual_seed(dmd2.renoise_seed(seed))
+    expected = diffusers_reference(arch, diffusers_unet(arch, model), conditioning, start_noise, name, renoise, base)
+    return relative_error(model_space(model, out), expected)
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 @pytest.mark.parametrize("recipe", FAMILY_RECIPES, ids=lambda r: r.name)
 def test_generate_matches_the_card_scheduler_in_diffusers(models, arch, recipe):
     """Same weights (the model read as x0 for Lightning's 1-step UNet), same start noise, same
     re-noise draws: DMD2Generate with the family's preset equals the card's diffusers loop."""
-    model, seed = models[arch], 2024
-    conditioning = text_conditioning(arch)
-    latent = empty_latent()
-    out = dmd2.DMD2Generate.execute(model, conditioning, latent, seed, recipe.name, "").result[0]["samples"]
-    start_noise = comfy.sample.prepare_noise(latent["samples"], seed)
-    renoise = torch.Generator().manual_seed(dmd2.renoise_seed(seed))
-    expected = diffusers_reference(arch, diffusers_unet(arch, model), conditioning, start_noise, recipe, renoise)
-    error = relative_error(model_space(model, out), expected)
-    assert error < 1e-3, error
+    error = card_error(models[arch], arch, recipe.name)
+    assert error < 1e-4, error
+
+
+@pytest.mark.parametrize("name,change", [
+    ("TCD 4-step (tcd, gamma 0.3)", {"gamma": 0.35}),
+    ("Hyper-SD 1-step UNet (lcm, 800)", {"timesteps": (799,)}),
+    ("SDXL-Turbo 2-step (euler ancestral, trailing)", {"rule": "euler"}),
+    ("Hyper-SD 4-step LoRA (ddim, trailing)", {"gamma": 0.3}),
+], ids=lambda v: str(v))
+def test_a_wrong_constant_in_the_packs_table_fails_the_card_comparison(models, monkeypatch, name, change):
+    """The references are the cards' literal constants: a recipe changed in the pack's table
+    (the mistakes once seen: TCD gamma 0.35, the Hyper-SD UNet at 799, Turbo on plain Euler) is
+    caught, where a reference built from the table would have followed it. (A one-timestep shift,
+    499 -> 500, moves the tiny models' output by ~1e-6 only: the literal timesteps of
+    test_preset_timesteps_are_the_card_schedulers catch that.)"""
+    assert card_error(models["sdxl"], "sdxl", name) < 1e-4
+    wrong = dataclasses.replace(RECIPES_BY_NAME[name], **change)
+    monkeypatch.setitem(RECIPES_BY_NAME, name, wrong)
+    monkeypatch.setitem(schedules.PRESETS, name, wrong.timesteps)
+    assert card_error(models["sdxl"], "sdxl", name) > 1e-3
 
 
 @pytest.mark.parametrize("recipe", [RECIPES_BY_NAME[n] for n in (
@@ -159,7 +256,7 @@ def test_stock_sgm_uniform_route_differs_from_the_lightning_card(models):
     stock = SamplerCustom.execute(model, True, seed, 1.0, conditioning, conditioning, sampler, stock_sigmas,
                                   empty_latent()).result[0]["samples"]
     start_noise = comfy.sample.prepare_noise(empty_latent()["samples"], seed)
-    expected = diffusers_reference("sdxl", diffusers_unet("sdxl", model), conditioning, start_noise, recipe, None)
+    expected = diffusers_reference("sdxl", diffusers_unet("sdxl", model), conditioning, start_noise, recipe.name, None)
     ours = dmd2.DMD2Generate.execute(model, conditioning, empty_latent(), seed, recipe.name, "").result[0]["samples"]
     assert relative_error(model_space(model, ours), expected) < 1e-5
     assert relative_error(model_space(model, stock), expected) > 10 * relative_error(model_space(model, ours), expected)
@@ -198,7 +295,7 @@ def test_x0_unet_loaded_as_an_eps_model_is_read_as_x0_by_its_preset(tmp_path, mo
     conditioning = text_conditioning("sdxl")
     out = dmd2.DMD2Generate.execute(as_eps, conditioning, empty_latent(), 3, recipe.name, "").result[0]["samples"]
     start_noise = comfy.sample.prepare_noise(empty_latent()["samples"], 3)
-    expected = diffusers_reference("sdxl", diffusers_unet("sdxl", as_eps), conditioning, start_noise, recipe, None)
+    expected = diffusers_reference("sdxl", diffusers_unet("sdxl", as_eps), conditioning, start_noise, recipe.name, None)
     assert relative_error(model_space(as_eps, out), expected) < 1e-3
     # read as eps (another preset) it is far off: the x0 reading is what makes it right
     eps_out = dmd2.DMD2Generate.execute(as_eps, conditioning, empty_latent(), 3, "custom", "999").result[0]["samples"]
