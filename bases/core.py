@@ -71,6 +71,12 @@ class DiscreteVP(Process):
         abar = self.alphas_cumprod[t.long()]
         return abar.sqrt(), (1 - abar).sqrt()
 
+    def alpha_sigma(self, t, like):
+        # abar rounded to the sample's dtype first, then the roots: the arithmetic eps runs
+        # have always used, so their samples and losses stay bit-identical across versions.
+        abar = _per_sample(self.alphas_cumprod[t.detach().cpu().long()], like)
+        return abar.sqrt(), (1 - abar).sqrt()
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -161,9 +167,10 @@ class Family:
         return PREDICTIONS["eps"].from_x0(x_t, x0, a, s)
 
     def output_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Per-sample factor turning an x0 error into the network's own output error."""
-        a, s = self.process.alpha_sigma(t, like)
-        return self.parameterization.weight(a, s)
+        """Per-sample factor turning an x0 error into the network's own output error (in
+        float64 first: 1 - abar near t = 0 loses digits in float32)."""
+        a, s = self.process.coefficients(t.detach().cpu())
+        return _per_sample(self.parameterization.weight(a, s), like)
 
     def trailing_timesteps(self, steps: int) -> tuple[int, ...]:
         return self.process.trailing_timesteps(steps)
