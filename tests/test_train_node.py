@@ -168,9 +168,9 @@ def test_node_lora_equals_the_command_lora_on_sd15(trained, tiny_checkpoints, tm
     assert_same_lora(lora_file(server, "node_run_sd15"), tmp_path / "out" / "dmd2_tiny_sd15_lora.safetensors")
 
 
-def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
-    server, _, _ = trained
-    graph = training_graph("interrupted", preview_every=0)
+def interrupt_at_step_2(server, graph: dict, name: str) -> None:
+    """Queue ``graph`` (training the run ``name``), press Interrupt once the node has done two
+    iterations, and check that it stopped with one checkpoint and no LoRA."""
     listener = Listener(server)
     try:
         prompt_id = submit(server, graph, listener.client_id)
@@ -186,11 +186,17 @@ def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
         listener.close()
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds and execution_error(entry) is None, kinds
-    run = server.base / "output" / "dmd2_training" / "interrupted" / "checkpoints"
+    run = server.base / "output" / "dmd2_training" / name / "checkpoints"
     assert run.is_dir(), json.dumps([listener.progress("2"), sorted(str(p) for p in (server.base / "output").rglob("*")), entry["status"]])
     saved = sorted(p.name for p in run.iterdir())
     assert len(saved) == 1 and 2 <= int(saved[0].split("_")[1]) < 6, saved
-    assert not lora_file(server, "interrupted").exists()
+    assert not lora_file(server, name).exists()
+
+
+def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
+    server, _, _ = trained
+    graph = training_graph("interrupted", preview_every=0)
+    interrupt_at_step_2(server, graph, "interrupted")
 
     entry = server.wait(submit(server, graph))  # the same graph, queued again
     assert execution_error(entry) is None, execution_error(entry)
@@ -353,11 +359,16 @@ def test_fewer_captions_a_patched_model_and_changed_sampling_are_refused(trained
     error = execution_error(server.wait(body["prompt_id"]))
     assert error is not None and "captions has 2 lines for 3 images" in error["exception_message"]
 
-    graph = training_graph("vpred")
-    graph["22"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction", "zsnr": False}}
-    graph["2"]["inputs"]["model"] = ["22", 0]
-    error = execution_error(server.wait(submit(server, graph)))
-    assert error is not None and "the MODEL's sampling was changed in the graph" in error["exception_message"]
+    # A ModelSamplingDiscrete node with eps or v_prediction is trained on (issue #24); its other
+    # samplings are not DDPM eps/v on SD's table: refused in one line naming what was found.
+    for sampling, found in (("lcm", "ModelSamplingDiscreteDistilled"), ("x0", "the MODEL samples with x0 prediction")):
+        graph = training_graph(f"sampling_{sampling}")
+        graph["22"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": sampling, "zsnr": False}}
+        graph["2"]["inputs"]["model"] = ["22", 0]
+        error = execution_error(server.wait(submit(server, graph)))
+        assert error is not None and found in error["exception_message"], error
+        assert "\n" not in error["exception_message"].strip()
+        assert not (server.base / "output" / "dmd2_training" / f"sampling_{sampling}").exists()
 
     graph = training_graph("patched")
     graph["21"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "node_run.safetensors", "strength_model": 1.0}}
@@ -379,17 +390,17 @@ def test_real_images_with_captions_train_the_gan_term(trained):
 
 
 def test_other_model_families_are_named(tiny_checkpoints):
-    """A MODEL of another family (SD2 here, built tiny in-process) is refused by name."""
+    """A MODEL of another family (an SD1.5 InstructPix2Pix, built tiny in-process) is refused by name."""
     import comfy.model_patcher
     import comfy.supported_models
     import tiny_models
 
     from comfyui_dmd2.nodes.training import TrainingInputError, train_lora
 
-    config = comfy.supported_models.SD20(dict(tiny_models.UNET_CONFIGS["sd15"]))
+    config = comfy.supported_models.SD15_instructpix2pix(dict(tiny_models.UNET_CONFIGS["sd15"], in_channels=8))
     config.set_inference_dtype(torch.float32, None)
     model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(TrainingInputError, match="model family SD20 is not supported"):
+    with pytest.raises(TrainingInputError, match="model family SD15_instructpix2pix is not supported"):
         train_lora(model, None, None, PROMPTS, "family", "4-step (999,749,499,249)", "", 2, 0, 4, 8.0, 1e-3, 1e-3, 0.0, 64, 1, 1, 0, 0, 0, 10)
 
 
