@@ -10,12 +10,14 @@ sampler nodes sample it (``comfy_model``, ``comfy_conditioning``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ... import bases
 from .. import losses, sampling
 from ..state import copy_checked
 from .data import NULL_CLASS, NUM_CLASSES, SIDE, DigitsData, one_hot
@@ -45,6 +47,11 @@ UNET_CONFIG = {
     "num_heads": -1,
     "num_head_channels": 16,
 }
+
+
+# The digits model's family: SD's process (ComfyUI's "linear" beta schedule of 0.00085..0.012
+# is SD's scaled-linear one) and eps prediction; class labels instead of text.
+FAMILY = dataclasses.replace(bases.SD15, name="digits", label="digits", resolution=SIDE, context_dim=0, text_encoders=())
 
 
 def _digits_model_config():
@@ -94,20 +101,20 @@ def _init_weights(module: torch.nn.Module, seed: int) -> None:
 class DigitsDenoiser(torch.nn.Module):
     """The UNet as an x0 predictor of (x_t, t, labels)."""
 
-    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor):
+    def __init__(self, unet: torch.nn.Module, family: bases.Family = FAMILY):
         super().__init__()
         self.unet = unet
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+        self.family = family
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, timesteps=t.float(), y=one_hot(labels))
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return losses.x0_from_eps(x_t, self.eps(x_t, t, labels), t, self.alphas_cumprod)
+        return self.family.to_x0(x_t, self.eps(x_t, t, labels), t)
 
 
 def new_teacher(seed: int = 0) -> DigitsDenoiser:
-    return DigitsDenoiser(build_base_model(seed).diffusion_model, losses.sd_alphas_cumprod())
+    return DigitsDenoiser(build_base_model(seed).diffusion_model)
 
 
 def denoiser_state_dict(model: DigitsDenoiser) -> dict[str, torch.Tensor]:
@@ -139,7 +146,6 @@ def train_teacher(
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / 200) * (0.5 * (1 + math.cos(math.pi * n / steps))) + 0.02)
-    alphas = model.alphas_cumprod
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = torch.randint(0, len(data.train_y), (batch_size,), generator=g)
@@ -147,7 +153,7 @@ def train_teacher(
         labels[torch.rand(batch_size, generator=g) < label_dropout] = NULL_CLASS
         t = torch.randint(0, 1000, (batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(model.eps(losses.add_noise(x0, noise, t, alphas), t, labels), noise)
+        loss = F.mse_loss(model.eps(model.family.add_noise(x0, noise, t), t, labels), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -173,7 +179,7 @@ def sample_ddim(model: DigitsDenoiser, labels: torch.Tensor, steps: int, seed: i
         pred = model.x0(x_t, t, labels)
         return pred if guidance == 1.0 else losses.classifier_free_guidance(pred, model.x0(x_t, t, null), guidance)
 
-    return sampling.ddim_sample(x0, x, sampling.ddim_timesteps(steps), model.alphas_cumprod)
+    return sampling.ddim_sample(x0, x, model.family.trailing_timesteps(steps), model.family)
 
 
 @torch.no_grad()
@@ -182,7 +188,7 @@ def sample_student(model: DigitsDenoiser, labels: torch.Tensor, timesteps: Seque
     re-noise with fresh noise to the next timestep (start and re-noise drawn from ``seed``)."""
     g = torch.Generator().manual_seed(seed)
     noises = [torch.randn((len(labels), 1, SIDE, SIDE), generator=g) for _ in timesteps]
-    return sampling.dmd2_sample(lambda x, t: model.x0(x, t, labels), noises, timesteps, model.alphas_cumprod)
+    return sampling.dmd2_sample(lambda x, t: model.x0(x, t, labels), noises, timesteps, model.family)
 
 
 def comfy_model(model: DigitsDenoiser):
