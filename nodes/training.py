@@ -170,8 +170,6 @@ def model_family(model) -> bases.Family:
     in_channels = model.model.model_config.unet_config.get("in_channels", 4)
     if in_channels != 4:
         raise TrainingInputError(f"the MODEL's UNet has {in_channels} input channels: inpainting and instruct models are not supported")
-    if family.name not in ARCH_DEFAULTS:
-        raise TrainingInputError(f"{family.label} models are not supported by the trainer yet: SD1.5 and SDXL are")
     return family
 
 
@@ -269,7 +267,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     data = data_fingerprints(prompt_list, None if images is None else (image_bytes(image) for image in images),
                              caption_list if images is not None else ())
     base = {"base_model_fingerprint": unpatched_base_fingerprint(model)} | data  # (unloads the other models)
-    settings = resume_settings(run, config, resolution) | init_settings(run, init) | base
+    settings = resume_settings(run, config, resolution, family) | init_settings(run, init) | base
     loras = Path(folder_paths.get_folder_paths("loras")[0])
     lora_path = loras / file_name
     latest = find_latest_checkpoint(folder / "checkpoints")
@@ -290,12 +288,13 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     try:
         with torch.inference_mode(False), torch.enable_grad():
             make_normal_tensors(model.model.diffusion_model)
-            loaded = C.LoadedCheckpoint(path=None, family=C.detect_family(model), model=model, clip=clip, vae=vae)
+            loaded = C.LoadedCheckpoint(path=None, family=family, model=model, clip=clip, vae=vae)
             texts = C.RunTexts(prompt_list, prompt_list[:4], [c or None for c in caption_list] if images is not None else [])
             real_latents = None if images is None else C.encode_image_batch(loaded, images, resolution)
             data, sample_conds = texts.split(C.encode_prompts(loaded, texts.all(), resolution), real_latents, config.uncond)
 
-            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device), extra_settings=base, init_lora=init)
+            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device), extra_settings=base, init_lora=init,
+                                   family=family)  # read before loading: model.model holds the patched sampling only while loaded
             start = training.resume(latest)
             total = config.total_steps
             bar = progress or comfy.utils.ProgressBar(total)
@@ -448,11 +447,11 @@ class DMD2TrainLoRA(io.ComfyNode):
             node_id="DMD2TrainLoRA",
             display_name="DMD2 Train LoRA",
             category="DMD2/training",
-            description="Distil the connected SD1.5/SDXL model (eps or v-prediction, with or without zero terminal SNR) "
+            description="Distil the connected SD1.5/SD2.x/SDXL model (eps or v-prediction, with or without zero terminal SNR) "
                         "into a few-step DMD2 LoRA (the same training as the dmd2-train command), save it in models/loras "
                         "and output the model with it applied. Interrupt saves a checkpoint; queue the same graph again to resume.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 or SDXL model to distil, straight from the checkpoint loader: its "
+                io.Model.Input("model", tooltip="The SD1.5, SD2.x or SDXL model to distil, straight from the checkpoint loader: its "
                                                 "weights are the frozen base (no copy is made). eps or v-prediction, with or "
                                                 "without zero terminal SNR: as the checkpoint's keys say (v_pred, ztsnr), or set "
                                                 "by a ModelSamplingDiscrete node (eps / v_prediction, zsnr) in between. The LoRA "

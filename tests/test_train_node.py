@@ -262,6 +262,56 @@ def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path)
     assert {p.name.split("_")[3] for p in output_images(server, entry)} == {"base", "trained"}
 
 
+def on_sampling(graph: dict, sampling: str, zsnr: bool) -> dict:
+    """``graph`` with ComfyUI's stock ModelSamplingDiscrete node between the checkpoint loader
+    and the training (and base sampling) nodes."""
+    graph["22"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": sampling, "zsnr": zsnr}}
+    graph["2"]["inputs"]["model"] = graph["6"]["inputs"]["model"] = ["22", 0]
+    return graph
+
+
+def test_a_vpred_ztsnr_base_trains_resumes_only_on_its_sampling_and_samples(trained):
+    """Issue #24: a v-prediction, zero-terminal-SNR SDXL base is distilled, whether ComfyUI
+    reads that from the checkpoint's keys or from a ModelSamplingDiscrete node on the eps
+    file (the same weights: the same LoRA, interrupted and resumed or not); the run records
+    its sampling, a resume on the eps sampling is refused naming both, and DMD2 Generate
+    samples the result."""
+    import numpy as np
+    from conftest import VPRED_ZTSNR_CHECKPOINT
+    from PIL import Image
+    from safetensors import safe_open
+
+    server, _, _ = trained
+    entry = server.wait(submit(server, on_sampling(training_graph("vpred_node", preview_every=0), "v_prediction", True)))
+    assert execution_error(entry) is None, execution_error(entry)
+
+    graph = training_graph("vpred_keys", preview_every=0)
+    graph["1"]["inputs"]["ckpt_name"] = VPRED_ZTSNR_CHECKPOINT
+    interrupt_at_step_2(server, graph, "vpred_keys")
+    eps = training_graph("vpred_keys", preview_every=0)  # the eps file, no ModelSamplingDiscrete node
+    error = execution_error(server.wait(submit(server, eps)))
+    assert error is not None and error["node_type"] == "DMD2TrainLoRA", error
+    message = error["exception_message"].strip()
+    assert ("a run named 'vpred_keys' exists" in message and "on a base with sampling v + zsnr; this graph's MODEL has sampling "
+            "eps. To continue it, give the MODEL the sampling v + zsnr again") in message and "\n" not in message, message
+
+    entry = server.wait(submit(server, graph))  # the same graph, queued again: resumes
+    assert execution_error(entry) is None, execution_error(entry)
+    ours = lora_file(server, "vpred_keys")
+    assert_same_lora(ours, lora_file(server, "vpred_node"))
+    with safe_open(str(ours), framework="pt") as fh:
+        assert fh.metadata()["dmd2_sampling"] == "v + zsnr", fh.metadata()
+    # Distilled as v-prediction: not what the same settings make of the eps base.
+    v_lora, eps_lora = load_file(str(ours)), load_file(str(lora_file(server, "node_run")))
+    assert all(torch.isfinite(v).all() for v in v_lora.values())
+    differs = max(float((v_lora[k].float() - eps_lora[k].float()).abs().max()) for k in v_lora if k.endswith("lora_up.weight"))
+    assert differs > 1e-3, differs
+    assert entry["outputs"]["9"]["text"] == []  # sampled at the trained timesteps on the trained sampling: no note
+    [image] = [p for p in output_images(server, entry) if "_trained_" in p.name]
+    with Image.open(image) as opened:  # a NaN latent decodes to a constant (black) image
+        assert float(np.asarray(opened.convert("RGB"), dtype=np.float32).std()) > 1.0
+
+
 def test_the_training_preset_offers_the_timesteps_dmd2_trains(workflow_files):
     """Issue #27, item 6: the sampling presets of other families (Euler ancestral, TCD...) are
     not offered for training: DMD2's 4-step and 1-step schedules, or a custom list."""

@@ -97,3 +97,8 @@ def test_other_families_and_inpainting_unets_are_named(config_class, in_channels
     with pytest.raises(TrainingInputError) as info:
         model_family(model)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_an_sd2_v_model_is_distilled_at_768_by_default():
+    family = model_family(tiny_models.build_model("sd2", v_pred=True))
+    assert (family.name, family.sampling_label, bases.default_resolution(family)) == ("sd2", "v", 768)
