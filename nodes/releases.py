@@ -35,7 +35,8 @@ class Release:
     repo_id: str = REPO_ID
     note: str = ""
     family: str = "dmd2"  # key of families.FAMILY_NAMES
-    prediction: str = "eps"  # "x0": the UNet outputs the clean sample (SDXL-Lightning 1-step)
+    prediction: str = "eps"  # "x0": the UNet outputs the clean sample (SDXL-Lightning 1-step); "v": v-prediction
+    zsnr: bool = False  # made for a zero-terminal-SNR sigma table (a LoRA DMD2 Train LoRA distilled on such a base)
     step_counts: tuple[int, ...] = ()  # the step counts its authors publish for it (default: len(timesteps))
 
     @property

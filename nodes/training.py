@@ -31,6 +31,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from .. import bases
 from ..training import checkpoint as C
 from ..training.config import ARCH_DEFAULTS, FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
 from ..training.data import check_resolution, data_fingerprints, prompt_lines
@@ -97,6 +98,10 @@ def resume_refusal(stem: str, step: int, total: int, key: str, now, saved, sugge
     if key in DATA_KEYS:
         differs = f"trained on other {key} ({_shown(saved)}; now {_shown(now)})"
         back = f"set the {key} back"
+    elif key == "sampling":  # the base's prediction type and terminal SNR (issue #24)
+        differs = f"on a base with sampling {saved}; this graph's MODEL has sampling {now}"
+        back = (f"give the MODEL the sampling {saved} again (the checkpoint it was trained on, or a ModelSamplingDiscrete node "
+                "with that sampling and zsnr)")
     else:
         differs = f"with {key} {_shown(saved)}; this graph has {key} {_shown(now)}"
         back = f"set {key} back to {_shown(saved)}"
@@ -125,23 +130,47 @@ def unpatched_base_fingerprint(model) -> str:
     return base_fingerprint(model)
 
 
-def check_model_sampling_unchanged(model) -> None:
-    """The trainer distils the model as its checkpoint defines it (eps prediction on its own
-    sigma table). A ModelSampling node in front that changes the prediction type or the sigmas
-    (v-prediction, zero terminal SNR, another schedule) is refused rather than ignored."""
-    import comfy.model_sampling as ms
+# The predictions the trainer distils (bases.PREDICTIONS also has x0: no SD checkpoint is
+# trained that way, and ModelSamplingDiscrete's 'x0' on one would misread its output).
+TRAINABLE_PREDICTIONS = ("eps", "v")
 
-    patched, base = model.get_model_object("model_sampling"), model.model.model_sampling
-    if patched is base:
-        return
-    same_kind = all(isinstance(patched, kind) == isinstance(base, kind) for kind in (ms.EPS, ms.V_PREDICTION, ms.EDM, ms.CONST))
-    same_sigmas = patched.sigmas.shape == base.sigmas.shape and torch.allclose(patched.sigmas.float().cpu(), base.sigmas.float().cpu())
-    if not (same_kind and same_sigmas):
+
+def model_family(model) -> bases.Family:
+    """The MODEL's family on its own, patched sampling (``bases.family_of``): eps or v
+    prediction, with or without zero terminal SNR, read from the checkpoint's keys or from a
+    ModelSamplingDiscrete node in front alike. Refused in one line, naming what was found:
+    another model family, another prediction type ('x0', 'lcm'), a continuous EDM or flow
+    sampling, a sigma table other than SD's (zero-terminal-SNR) schedule, an inpainting UNet."""
+    try:
+        bases.arch_of(model.model)
+    except bases.FamilyError as exc:
+        raise TrainingInputError(str(exc)) from None
+    try:
+        family = bases.family_of(model)
+    except bases.FamilyError as exc:
+        raise TrainingInputError(f"{exc}; DMD2TrainLoRA distils eps- and v-prediction models (the checkpoint's own sampling, "
+                                 "or a ModelSamplingDiscrete node set to eps or v_prediction)") from None
+    sampling = model.get_model_object("model_sampling")
+    found = f"{type(sampling).__name__} ({', '.join(c.__name__ for c in type(sampling).__mro__[1:3])})"
+    if family.prediction not in TRAINABLE_PREDICTIONS:
         raise TrainingInputError(
-            f"the MODEL's sampling was changed in the graph ({type(patched).__name__}, e.g. by a ModelSampling node): "
-            "DMD2TrainLoRA distils the model as its checkpoint defines it (eps prediction, its own sigmas); connect the "
-            "checkpoint loader's MODEL directly"
+            f"the MODEL samples with {family.prediction} prediction ({found}, e.g. a ModelSamplingDiscrete node set to "
+            f"'{family.prediction}'): DMD2TrainLoRA distils eps- and v-prediction models; set the node to eps or v_prediction, "
+            "or connect the checkpoint loader's MODEL directly"
         )
+    own = family.process.alphas_cumprod
+    standard = bases.get_family(family.name, family.prediction, family.zsnr).process.alphas_cumprod
+    if own.shape != standard.shape or not torch.allclose(own, standard, rtol=1e-4, atol=0):
+        sigmas = family.process.sigmas
+        raise TrainingInputError(
+            f"the MODEL's sigma table ({found}: {len(sigmas)} steps, sigma {float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}) "
+            f"is not {family.label}'s {'zero-terminal-SNR ' if family.zsnr else ''}schedule: DMD2TrainLoRA distils the "
+            "checkpoint's own schedule (its keys, or a ModelSamplingDiscrete node with eps/v_prediction and zsnr)"
+        )
+    in_channels = model.model.model_config.unet_config.get("in_channels", 4)
+    if in_channels != 4:
+        raise TrainingInputError(f"the MODEL's UNet has {in_channels} input channels: inpainting and instruct models are not supported")
+    return family
 
 
 def make_normal_tensors(module: torch.nn.Module) -> None:
@@ -197,16 +226,13 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             f"captions has {len(caption_list)} lines for {len(images)} images: give one caption per image, in order "
             "(an empty line for an image without one), or none at all"
         )
-    try:
-        arch = C.detect_arch(model)
-    except C.UnsupportedModel as exc:
-        raise TrainingInputError(str(exc)) from None
+    family = model_family(model)
+    arch = family.name
     if model.patches:
         raise TrainingInputError(
             f"the MODEL carries patches on {len(model.patches)} weights (a LoRA or another patch applied before this node): "
             "DMD2TrainLoRA trains on the base model, so connect the checkpoint loader's MODEL directly"
         )
-    check_model_sampling_unchanged(model)
     timesteps = timesteps_for_preset(preset, custom_timesteps, len(model.model.model_sampling.sigmas))
     if fake_score == "full" and lr_fake_score == _defaults("lr_fake_score"):
         lr_fake_score = FULL_FAKE_SCORE_LR[arch]  # a LoRA F's rate would be 10-50x too high for a full network
@@ -218,7 +244,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     config = DMD2Config.for_arch(arch, **values)
     if config.steps < 1:
         raise TrainingInputError("steps must be >= 1")
-    resolution = check_resolution(resolution or (1024 if arch == "sdxl" else 512))
+    resolution = check_resolution(resolution or bases.default_resolution(family))
     stem = file_name.removesuffix(".safetensors")
     runs = Path(folder_paths.get_output_directory()) / RUNS_FOLDER
     folder = runs / stem
@@ -231,7 +257,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
         if init_lora == file_name:
             raise TrainingInputError(f"init_lora {init_lora} is the LoRA this run writes: choose another lora_name, or another init_lora")
         init = read_init_lora(folder_paths.get_full_path_or_raise("loras", init_lora))
-        check_init_arch(init, model.model.model_config.unet_config.get("context_dim"), f"the MODEL ({arch.upper() if arch == 'sdxl' else 'SD1.5'})")
+        check_init_arch(init, model.model.model_config.unet_config.get("context_dim"), f"the MODEL ({family.label})")
         run = adopt_init_lora(run, init, lambda text: say(text, log_it=True, toast=True))
     run.validate()
     # The data is part of what a resume must match. Edited prompts under the same name are
@@ -241,7 +267,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     data = data_fingerprints(prompt_list, None if images is None else (image_bytes(image) for image in images),
                              caption_list if images is not None else ())
     base = {"base_model_fingerprint": unpatched_base_fingerprint(model)} | data  # (unloads the other models)
-    settings = resume_settings(run, config, resolution) | init_settings(run, init) | base
+    settings = resume_settings(run, config, resolution, family) | init_settings(run, init) | base
     loras = Path(folder_paths.get_folder_paths("loras")[0])
     lora_path = loras / file_name
     latest = find_latest_checkpoint(folder / "checkpoints")
@@ -262,12 +288,13 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     try:
         with torch.inference_mode(False), torch.enable_grad():
             make_normal_tensors(model.model.diffusion_model)
-            loaded = C.LoadedCheckpoint(path=None, family=C.detect_family(model), model=model, clip=clip, vae=vae)
+            loaded = C.LoadedCheckpoint(path=None, family=family, model=model, clip=clip, vae=vae)
             texts = C.RunTexts(prompt_list, prompt_list[:4], [c or None for c in caption_list] if images is not None else [])
             real_latents = None if images is None else C.encode_image_batch(loaded, images, resolution)
             data, sample_conds = texts.split(C.encode_prompts(loaded, texts.all(), resolution), real_latents, config.uncond)
 
-            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device), extra_settings=base, init_lora=init)
+            training = TrainingRun(model.model, data, run, config, resolution, folder, str(device), extra_settings=base, init_lora=init,
+                                   family=family)  # read before loading: model.model holds the patched sampling only while loaded
             start = training.resume(latest)
             total = config.total_steps
             bar = progress or comfy.utils.ProgressBar(total)
@@ -309,18 +336,20 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
 
     lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
-    patched = tag_release(patched, trained_release(file_name, arch, timesteps))
+    patched = tag_release(patched, trained_release(file_name, family, timesteps))
     import numpy as np
 
     plot_image = torch.from_numpy(np.asarray(plot.convert("RGB"), dtype=np.float32) / 255.0)[None]
     return patched, file_name, plot_image
 
 
-def trained_release(file_name: str, arch: str, timesteps) -> Release:
+def trained_release(file_name: str, family: bases.Family, timesteps) -> Release:
     """The trained LoRA as a release of the DMD2 family on the node's MODEL output: DMD2
-    Generate then notes a preset with another step count or family than the one trained."""
-    return Release(file_name, "", arch, "lora", tuple(timesteps), "fp32", "kohya", "", repo_id="",
-                   note="trained by DMD2 Train LoRA")
+    Generate then notes a preset with another step count or family than the one trained,
+    and knows the sampling (prediction type, zero terminal SNR) it was distilled on."""
+    return Release(file_name, "", family.name, "lora", tuple(timesteps), "fp32", "kohya", "", repo_id="",
+                   note=f"trained by DMD2 Train LoRA (sampling {family.sampling_label})", prediction=family.prediction,
+                   zsnr=family.zsnr)
 
 
 def status_reporter(status):
@@ -418,12 +447,15 @@ class DMD2TrainLoRA(io.ComfyNode):
             node_id="DMD2TrainLoRA",
             display_name="DMD2 Train LoRA",
             category="DMD2/training",
-            description="Distil the connected SD1.5/SDXL model into a few-step DMD2 LoRA (the same training as the "
-                        "dmd2-train command), save it in models/loras and output the model with it applied. "
-                        "Interrupt saves a checkpoint; queue the same graph again to resume.",
+            description="Distil the connected SD1.5/SD2.x/SDXL model (eps or v-prediction, with or without zero terminal SNR) "
+                        "into a few-step DMD2 LoRA (the same training as the dmd2-train command), save it in models/loras "
+                        "and output the model with it applied. Interrupt saves a checkpoint; queue the same graph again to resume.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 or SDXL model to distil, straight from the checkpoint loader: its "
-                                                "weights are the frozen base (no copy is made)."),
+                io.Model.Input("model", tooltip="The SD1.5, SD2.x or SDXL model to distil, straight from the checkpoint loader: its "
+                                                "weights are the frozen base (no copy is made). eps or v-prediction, with or "
+                                                "without zero terminal SNR: as the checkpoint's keys say (v_pred, ztsnr), or set "
+                                                "by a ModelSamplingDiscrete node (eps / v_prediction, zsnr) in between. The LoRA "
+                                                "records the sampling; a resume on another one is refused."),
                 io.Clip.Input("clip", tooltip="The model's text encoder: encodes the prompts and captions once."),
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the real images and decodes the previews."),
                 io.String.Input("prompts", multiline=True, default="",
@@ -453,7 +485,7 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.Float.Input("real_guidance_scale", default=0.0, min=0.0, max=30.0, step=0.05,
                                tooltip="Guidance of the real score; 0: the reference's value for the architecture (8 for SDXL, 1.75 for SD1.5)."),
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
-                             tooltip="Training image side; 0: 1024 for SDXL, 512 for SD1.5."),
+                             tooltip="Training image side; 0: the model's default: 1024 for SDXL, 512 for SD1.5 (768 for SD2.x v-prediction)."),
                 io.Int.Input("batch_size", default=config.batch_size, min=1, max=64, tooltip="Samples per micro-batch."),
                 io.Int.Input("grad_accum", default=config.grad_accum, min=1, max=256, tooltip="Micro-batches accumulated per update."),
                 io.Int.Input("warmup_steps", default=config.warmup_steps, min=0, max=100_000,

@@ -38,14 +38,21 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {arch: tiny_models.save_checkpoint(arch, folder / f"tiny_{arch}.safetensors") for arch in ("sd15", "sdxl")}
 
 
+# tiny_sdxl's weights (seed 0) with the v_pred and ztsnr keys of community v-prediction,
+# zero-terminal-SNR SDXL checkpoints: ComfyUI loads it as v + zsnr (issue #24).
+VPRED_ZTSNR_CHECKPOINT = "tiny_sdxl_vpred_ztsnr.safetensors"
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_checkpoints):
     """A real ComfyUI server on loopback with this pack and the tiny checkpoints installed
-    (models/checkpoints/tiny_sd15.safetensors, tiny_sdxl.safetensors)."""
+    (models/checkpoints/tiny_sd15.safetensors, tiny_sdxl.safetensors and its v-prediction
+    ZTSNR twin ``VPRED_ZTSNR_CHECKPOINT``)."""
     base = tmp_path_factory.mktemp("comfy_base")
     server = ComfyServer(COMFYUI, base)
     for path in tiny_checkpoints.values():
         shutil.copy(path, base / "models" / "checkpoints" / path.name)
+    tiny_models.save_checkpoint("sdxl", base / "models" / "checkpoints" / VPRED_ZTSNR_CHECKPOINT, v_pred=True, ztsnr=True)
     server.start()
     yield server
     server.stop()

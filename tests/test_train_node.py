@@ -168,9 +168,9 @@ def test_node_lora_equals_the_command_lora_on_sd15(trained, tiny_checkpoints, tm
     assert_same_lora(lora_file(server, "node_run_sd15"), tmp_path / "out" / "dmd2_tiny_sd15_lora.safetensors")
 
 
-def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
-    server, _, _ = trained
-    graph = training_graph("interrupted", preview_every=0)
+def interrupt_at_step_2(server, graph: dict, name: str) -> None:
+    """Queue ``graph`` (training the run ``name``), press Interrupt once the node has done two
+    iterations, and check that it stopped with one checkpoint and no LoRA."""
     listener = Listener(server)
     try:
         prompt_id = submit(server, graph, listener.client_id)
@@ -186,11 +186,17 @@ def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
         listener.close()
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds and execution_error(entry) is None, kinds
-    run = server.base / "output" / "dmd2_training" / "interrupted" / "checkpoints"
+    run = server.base / "output" / "dmd2_training" / name / "checkpoints"
     assert run.is_dir(), json.dumps([listener.progress("2"), sorted(str(p) for p in (server.base / "output").rglob("*")), entry["status"]])
     saved = sorted(p.name for p in run.iterdir())
     assert len(saved) == 1 and 2 <= int(saved[0].split("_")[1]) < 6, saved
-    assert not lora_file(server, "interrupted").exists()
+    assert not lora_file(server, name).exists()
+
+
+def test_interrupt_saves_and_the_same_graph_resumes_to_the_same_lora(trained):
+    server, _, _ = trained
+    graph = training_graph("interrupted", preview_every=0)
+    interrupt_at_step_2(server, graph, "interrupted")
 
     entry = server.wait(submit(server, graph))  # the same graph, queued again
     assert execution_error(entry) is None, execution_error(entry)
@@ -254,6 +260,56 @@ def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path)
     assert {"lora_unet_conv_in.lora_up.weight", "lora_unet_time_embedding_linear_1.lora_up.weight"} <= keys
     # The sampling half of the workflow ran on the model with this LoRA applied by the node.
     assert {p.name.split("_")[3] for p in output_images(server, entry)} == {"base", "trained"}
+
+
+def on_sampling(graph: dict, sampling: str, zsnr: bool) -> dict:
+    """``graph`` with ComfyUI's stock ModelSamplingDiscrete node between the checkpoint loader
+    and the training (and base sampling) nodes."""
+    graph["22"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": sampling, "zsnr": zsnr}}
+    graph["2"]["inputs"]["model"] = graph["6"]["inputs"]["model"] = ["22", 0]
+    return graph
+
+
+def test_a_vpred_ztsnr_base_trains_resumes_only_on_its_sampling_and_samples(trained):
+    """Issue #24: a v-prediction, zero-terminal-SNR SDXL base is distilled, whether ComfyUI
+    reads that from the checkpoint's keys or from a ModelSamplingDiscrete node on the eps
+    file (the same weights: the same LoRA, interrupted and resumed or not); the run records
+    its sampling, a resume on the eps sampling is refused naming both, and DMD2 Generate
+    samples the result."""
+    import numpy as np
+    from conftest import VPRED_ZTSNR_CHECKPOINT
+    from PIL import Image
+    from safetensors import safe_open
+
+    server, _, _ = trained
+    entry = server.wait(submit(server, on_sampling(training_graph("vpred_node", preview_every=0), "v_prediction", True)))
+    assert execution_error(entry) is None, execution_error(entry)
+
+    graph = training_graph("vpred_keys", preview_every=0)
+    graph["1"]["inputs"]["ckpt_name"] = VPRED_ZTSNR_CHECKPOINT
+    interrupt_at_step_2(server, graph, "vpred_keys")
+    eps = training_graph("vpred_keys", preview_every=0)  # the eps file, no ModelSamplingDiscrete node
+    error = execution_error(server.wait(submit(server, eps)))
+    assert error is not None and error["node_type"] == "DMD2TrainLoRA", error
+    message = error["exception_message"].strip()
+    assert ("a run named 'vpred_keys' exists" in message and "on a base with sampling v + zsnr; this graph's MODEL has sampling "
+            "eps. To continue it, give the MODEL the sampling v + zsnr again") in message and "\n" not in message, message
+
+    entry = server.wait(submit(server, graph))  # the same graph, queued again: resumes
+    assert execution_error(entry) is None, execution_error(entry)
+    ours = lora_file(server, "vpred_keys")
+    assert_same_lora(ours, lora_file(server, "vpred_node"))
+    with safe_open(str(ours), framework="pt") as fh:
+        assert fh.metadata()["dmd2_sampling"] == "v + zsnr", fh.metadata()
+    # Distilled as v-prediction: not what the same settings make of the eps base.
+    v_lora, eps_lora = load_file(str(ours)), load_file(str(lora_file(server, "node_run")))
+    assert all(torch.isfinite(v).all() for v in v_lora.values())
+    differs = max(float((v_lora[k].float() - eps_lora[k].float()).abs().max()) for k in v_lora if k.endswith("lora_up.weight"))
+    assert differs > 1e-3, differs
+    assert entry["outputs"]["9"]["text"] == []  # sampled at the trained timesteps on the trained sampling: no note
+    [image] = [p for p in output_images(server, entry) if "_trained_" in p.name]
+    with Image.open(image) as opened:  # a NaN latent decodes to a constant (black) image
+        assert float(np.asarray(opened.convert("RGB"), dtype=np.float32).std()) > 1.0
 
 
 def test_the_training_preset_offers_the_timesteps_dmd2_trains(workflow_files):
@@ -353,11 +409,16 @@ def test_fewer_captions_a_patched_model_and_changed_sampling_are_refused(trained
     error = execution_error(server.wait(body["prompt_id"]))
     assert error is not None and "captions has 2 lines for 3 images" in error["exception_message"]
 
-    graph = training_graph("vpred")
-    graph["22"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction", "zsnr": False}}
-    graph["2"]["inputs"]["model"] = ["22", 0]
-    error = execution_error(server.wait(submit(server, graph)))
-    assert error is not None and "the MODEL's sampling was changed in the graph" in error["exception_message"]
+    # A ModelSamplingDiscrete node with eps or v_prediction is trained on (issue #24); its other
+    # samplings are not DDPM eps/v on SD's table: refused in one line naming what was found.
+    for sampling, found in (("lcm", "ModelSamplingDiscreteDistilled"), ("x0", "the MODEL samples with x0 prediction")):
+        graph = training_graph(f"sampling_{sampling}")
+        graph["22"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": sampling, "zsnr": False}}
+        graph["2"]["inputs"]["model"] = ["22", 0]
+        error = execution_error(server.wait(submit(server, graph)))
+        assert error is not None and found in error["exception_message"], error
+        assert "\n" not in error["exception_message"].strip()
+        assert not (server.base / "output" / "dmd2_training" / f"sampling_{sampling}").exists()
 
     graph = training_graph("patched")
     graph["21"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "node_run.safetensors", "strength_model": 1.0}}
@@ -379,17 +440,17 @@ def test_real_images_with_captions_train_the_gan_term(trained):
 
 
 def test_other_model_families_are_named(tiny_checkpoints):
-    """A MODEL of another family (SD2 here, built tiny in-process) is refused by name."""
+    """A MODEL of another family (an SD1.5 InstructPix2Pix, built tiny in-process) is refused by name."""
     import comfy.model_patcher
     import comfy.supported_models
     import tiny_models
 
     from comfyui_dmd2.nodes.training import TrainingInputError, train_lora
 
-    config = comfy.supported_models.SD20(dict(tiny_models.UNET_CONFIGS["sd15"]))
+    config = comfy.supported_models.SD15_instructpix2pix(dict(tiny_models.UNET_CONFIGS["sd15"], in_channels=8))
     config.set_inference_dtype(torch.float32, None)
     model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(TrainingInputError, match="model family SD20 is not supported"):
+    with pytest.raises(TrainingInputError, match="model family SD15_instructpix2pix is not supported"):
         train_lora(model, None, None, PROMPTS, "family", "4-step (999,749,499,249)", "", 2, 0, 4, 8.0, 1e-3, 1e-3, 0.0, 64, 1, 1, 0, 0, 0, 10)
 
 
