@@ -32,15 +32,16 @@ REPO = TESTS.parent
 FAST = ["--steps", "2", "--resolution", "128", "--lora-rank", "4", "--grad-accum", "1", "--sample-every", "0",
         "--set", "warmup_steps=0", "--set", "fake_updates_per_generator_update=1", "--quiet"]
 
-TINY_HOOK = '''"""Test-only: register the tiny architectures once comfy.sd has been imported."""
+TINY_HOOK = '''"""Test-only: register the tiny architectures once ComfyUI's model list has been imported
+(dmd2-train reads a checkpoint's family with comfy.model_detection before comfy.sd loads it)."""
 import importlib.abc
 import importlib.machinery
 import sys
 
 
-class _AfterComfySD(importlib.abc.MetaPathFinder):
+class _AfterModelDetection(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "comfy.sd":
+        if name != "comfy.model_detection":
             return None
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
@@ -48,6 +49,7 @@ class _AfterComfySD(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
+            sys.modules["comfy"].model_detection = module  # bound before the import returns, for tiny_models' imports
             sys.path.append({tests!r})
             import tiny_models
             tiny_models.register()
@@ -56,7 +58,7 @@ class _AfterComfySD(importlib.abc.MetaPathFinder):
         return spec
 
 
-sys.meta_path.insert(0, _AfterComfySD())
+sys.meta_path.insert(0, _AfterModelDetection())
 '''
 
 
