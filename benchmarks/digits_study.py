@@ -172,6 +172,26 @@ def finetune_rows() -> dict[str, tuple]:
     }
 
 
+VPRED = "v-pred ZTSNR: "  # the v-prediction, zero-terminal-SNR teacher's rows (#24): the same metric as the base teacher's
+
+
+def vpred_rows() -> dict[str, tuple]:
+    """The v-prediction ZTSNR teacher's student rows: the demo's two recipes, unchanged but
+    for the 1-step student's timestep: 999, where under zero terminal SNR the UNet sees pure
+    noise, exactly what the 1-step sampler feeds it (``teacher.DIGITS_V``)."""
+    from comfyui_dmd2.training.digits.demo import FOUR_STEP_STUDENT, ONE_STEP_STUDENT
+    from comfyui_dmd2.training.digits.teacher import DIGITS_V
+
+    main, single = (0, 1, 2), (0,)
+    one = replace(ONE_STEP_STUDENT, timesteps=(DIGITS_V.one_step_timestep,))
+    return {
+        VPRED + "1-step LoRA G r8 at 999 (the demo's 1-step recipe)": (one, main),
+        VPRED + "4-step LoRA r8 (the demo's 4-step recipe)": (FOUR_STEP_STUDENT, main),
+        # the eps teacher's 1-step timestep, for comparison: unit noise fed as if it were x_399
+        VPRED + "1-step LoRA G r8 at 399 (the demo's 1-step recipe, the eps teacher's timestep)": (ONE_STEP_STUDENT, single),
+    }
+
+
 def _yardstick(teacher_file: str, samples: int, seeds: int, style: str = ""):
     """The demo's metric for one study: ``fd(sample)`` is the mean ± std over ``seeds`` of the
     Fréchet distance of ``sample(labels, seed)`` to the reference pool. Returns it, the data
@@ -231,6 +251,58 @@ def teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
     out = {f"teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
     floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
     out["real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
+    return out
+
+
+def eps_formula_x0(teacher, labels: torch.Tensor, variant: str):
+    """The v teacher's x0 predictor as an eps-only code path computes it (the ablation):
+    ``"v as eps"``: the UNet's v read as eps, x0 = (x_t - s*out)/a (what the pack did before
+    #24 to any model); ``"reference"``: the reference's x0 = (x_t - s*eps)/a on the teacher's
+    true eps (a*v + s*x_t, via the family) at ComfyUI's terminal a = 2.2e-4; ``"reference
+    bf16"``: the same with the UNet output and the arithmetic in bf16 (the GPU trainer's
+    autocast); ``"reference, exact zero"``: at diffusers' terminal a = 0 (rescale_betas_zero_snr)."""
+    from comfyui_dmd2 import bases
+
+    family = teacher.family
+    if variant == "reference, exact zero":
+        abar = family.process.alphas_cumprod.clone()
+        abar[-1] = 0.0
+        family = family.with_process(bases.DiscreteVP(abar))
+    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+
+    def x0(x_t, t):
+        out = teacher.output(x_t, t, labels).to(dtype)
+        x_t = x_t.to(dtype)
+        a, s = family.process.alpha_sigma(t, x_t)
+        eps = out if variant == "v as eps" else family.eps_from_x0(x_t, family.to_x0(x_t, out, t), t)
+        return ((x_t - s * eps) / a).float()
+
+    return x0
+
+
+def vpred_teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
+    """The v teacher's DDIM rows (x0 through its family), and the ablation: its DDIM 4 with
+    x0 by the eps-only formula (``eps_formula_x0``), with the share of non-finite samples."""
+    from comfyui_dmd2.training import sampling
+    from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits import teacher as T
+
+    fd, _, teacher, _ = _yardstick(teacher_file, samples, seeds)
+    out = {f"{VPRED}teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
+    for variant in ("v as eps", "reference", "reference bf16", "reference, exact zero"):
+        finite = []
+
+        def sample(labels, seed, variant=variant, finite=finite):
+            noise = torch.randn((len(labels), 1, D.SIDE, D.SIDE), generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                x = sampling.ddim_sample(eps_formula_x0(teacher, labels, variant), noise, sampling.ddim_timesteps(4), teacher.alphas_cumprod)
+            finite.append(float(torch.isfinite(x).flatten(1).all(1).float().mean()))
+            # the distance of the finite samples (none finite: inf); the share of them is reported
+            return x if finite[-1] == 1.0 else torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+
+        row = fd(sample)
+        row["finite_share"] = finite
+        out[f"{VPRED}ablation: teacher DDIM 4, x0 by the eps formula ({variant})"] = row
     return out
 
 
@@ -298,7 +370,8 @@ def table(rows: list[dict], teachers: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, fd in teachers.items():
-        lines.append(f"| {name} | {fd['mean']:.2f} ± {fd['std']:.2f} (sampling) | | | | | | |")
+        finite = f"; finite samples {100 * min(fd['finite_share']):.1f} %" if "finite_share" in fd else ""
+        lines.append(f"| {name} | {fd['mean']:.2f} ± {fd['std']:.2f} (sampling){finite} | | | | | | |")
     for r in rows:
         g = r["gan"]
         gan = f"{g['loss_gan_discriminator']:.3f} | {g['logits_real']:+.3f} / {g['logits_fake']:+.3f} | {g['discriminator_accuracy']:.3f}" if g else "GAN off | | "
@@ -314,7 +387,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=Path("dmd2-digits-study"))
     parser.add_argument("--training-seeds", default="", help="train only these training seeds of each row (e.g. 0; default: the row's)")
-    parser.add_argument("--base-teacher-rows", action="store_true", help="with finetune rows: the base teacher's rows too")
+    parser.add_argument("--base-teacher-rows", action="store_true", help="with finetune or v-pred rows: the base teacher's rows too")
+    parser.add_argument("--teachers-only", action="store_true", help="the chosen rows' teacher rows only (train no student)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2", help="where the demo's teacher is cached")
     args = parser.parse_args()
     from comfyui_dmd2.comfy_env import ensure_comfy
@@ -329,7 +403,7 @@ def main() -> int:
     from comfyui_dmd2.training.digits import teacher as T
     from comfyui_dmd2.training.digits.demo import FULL, finetune_for, release_for, teacher_for
 
-    all_rows = rows() | finetune_rows()
+    all_rows = rows() | finetune_rows() | vpred_rows()
     chosen = [r.strip() for r in args.rows.split(";") if r.strip()] or list(all_rows)
     unknown = [r for r in chosen if r not in all_rows]
     if unknown:
@@ -340,6 +414,10 @@ def main() -> int:
     save_file(T.denoiser_state_dict(teacher), teacher_file)
     start = time.time()
     finetune = any(name.startswith(FINETUNE) for name in chosen)
+    vpred = any(name.startswith(VPRED) for name in chosen)
+    if vpred:  # the v-prediction ZTSNR teacher: the same budget as the eps one, cached in --cache too
+        v_teacher_file = str(args.out / "teacher_v_zsnr.safetensors")
+        save_file(T.denoiser_state_dict(teacher_for(D.load_digits_data(), FULL, args.cache, family=T.DIGITS_V)), v_teacher_file)
     if finetune:
         # the finetune and the release LoRA: the demo's (cached in --cache like its teacher)
         base = T.denoiser_state_dict(teacher)
@@ -349,6 +427,8 @@ def main() -> int:
 
     def job(name: str, seed: int) -> tuple:
         settings = all_rows[name][0]
+        if name.startswith(VPRED):
+            return (name, settings, seed, v_teacher_file, args.samples, args.seeds, 1, "")
         if not name.startswith(FINETUNE):
             return (name, settings, seed, teacher_file, args.samples, args.seeds, 1, "")
         if settings.init_lora == "release":
@@ -357,7 +437,7 @@ def main() -> int:
 
     # longest first (4-step, then the rest) so that the two workers finish together
     only = {int(seed) for seed in args.training_seeds.split(",")} if args.training_seeds else None
-    jobs = [job(name, seed) for name in chosen for seed in all_rows[name][1] if only is None or seed in only]
+    jobs = [job(name, seed) for name in chosen for seed in all_rows[name][1] if (only is None or seed in only) and not args.teachers_only]
     jobs.sort(key=lambda job: -len(job[1].timesteps))
     # each training's result is kept as it arrives, so an interrupted study picks up where it stopped
     runs_dir = args.out / "runs"
@@ -388,7 +468,10 @@ def main() -> int:
             results.append(result)
     order = {name: i for i, name in enumerate(chosen)}
     rows_out = sorted(combine(results), key=lambda r: order[r["name"]])
-    teachers = teacher_rows(teacher_file, args.samples, args.seeds) if not finetune or args.base_teacher_rows else {}
+    base_rows = not (finetune or vpred) or args.base_teacher_rows
+    teachers = teacher_rows(teacher_file, args.samples, args.seeds) if base_rows else {}
+    if vpred:
+        teachers |= vpred_teacher_rows(v_teacher_file, args.samples, args.seeds)
     if finetune:
         teachers |= finetune_teacher_rows(finetune_file, teacher_file, release_file, FULL.style, FULL.strengths, args.samples, args.seeds)
     text = table(rows_out, teachers)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ...bases import Family
 from ..backend import Conditioning, SharedBaseBackend, TrainingData, export_generator_lora
 from ..config import DMD2Config
 from ..lora import DEFAULT_TARGETS
@@ -88,7 +89,7 @@ def training_data(data: DigitsData, gan: bool = True) -> TrainingData:
 
 def teacher_base_model(teacher: DigitsDenoiser):
     """A ComfyUI ``BaseModel`` holding a copy of the teacher's weights."""
-    base = build_base_model()
+    base = build_base_model(family=teacher.family)
     base.diffusion_model.load_state_dict(teacher.unet.state_dict())
     return base
 
@@ -109,6 +110,7 @@ class Student:
     settings: StudentSettings
     trainer: DMD2Trainer
     backend: SharedBaseBackend
+    family: Family  # the teacher's
 
     def export(self, path: Path, averaged: bool = True) -> Path:
         """The generator as the file a ComfyUI graph loads: the kohya LoRA (product path), or
@@ -129,8 +131,8 @@ class Student:
 
         unet = self.backend.copies.get("generator")
         if unet is not None:
-            return load_denoiser({k: v.detach().clone() for k, v in unet.state_dict().items()})
-        return load_denoiser(self.backend.adapters.merged_state_dict("generator"))
+            return load_denoiser({k: v.detach().clone() for k, v in unet.state_dict().items()}, self.family)
+        return load_denoiser(self.backend.adapters.merged_state_dict("generator"), self.family)
 
 
 def distill(
@@ -145,4 +147,4 @@ def distill(
     backend = student_backend(teacher, data, settings, seed)
     trainer = DMD2Trainer(settings.config(seed), backend, callbacks=callbacks)
     trainer.run(progress=False)
-    return Student(settings, trainer, backend)
+    return Student(settings, trainer, backend, teacher.family)
