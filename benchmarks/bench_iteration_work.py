@@ -77,7 +77,7 @@ def main() -> None:
     x_t = torch.zeros((1, 4, latent, latent))
     t = torch.full((1,), 500)
     with TensorMemory() as counter, torch.no_grad():
-        variants["after"]["backend"].eps(x_t, t, data.prompts[0], None)
+        variants["after"]["backend"].raw(x_t, t, data.prompts[0], None)
     unit = counter.flops
     for _ in range(args.repeats):
         for kind in ("generator", "fake"):

@@ -42,7 +42,7 @@ class ReferenceBackend:
         from comfyui_dmd2.training.lora import UNetLoRA
 
         self.s = shared  # reuse data, schedule, head construction and autocast of a shared backend
-        self.device, self.alphas_cumprod, self.has_gan_head = shared.device, shared.alphas_cumprod, shared.has_gan_head
+        self.device, self.family, self.has_gan_head = shared.device, shared.family, shared.has_gan_head
         shared.adapters.remove()  # back to the plain frozen UNet: this is the real score
         self.real = shared.unet
         self.generator = copy.deepcopy(self.real)
@@ -68,9 +68,7 @@ class ReferenceBackend:
             return unet(x_t, t.float(), context=cond.context, y=cond.y).float()
 
     def _x0(self, unet, x_t, t, cond):
-        from comfyui_dmd2.training import losses
-
-        return losses.x0_from_eps(x_t, self._eps(unet, x_t, t, cond), t, self.alphas_cumprod)
+        return self.family.to_x0(x_t, self._eps(unet, x_t, t, cond), t)
 
     def generator_x0(self, x_t, t, cond):
         return self._x0(self.generator, x_t, t, cond)
@@ -84,7 +82,7 @@ class ReferenceBackend:
 
         both = stack_conditionings([cond, uncond])
         eps_c, eps_u = self._eps(self.real, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-        return losses.x0_from_eps(x_t, losses.classifier_free_guidance(eps_c, eps_u, scale), t, self.alphas_cumprod)
+        return self.family.to_x0(x_t, losses.classifier_free_guidance(eps_c, eps_u, scale), t)
 
     def _capture(self, module, inputs, output):
         if self._stop:

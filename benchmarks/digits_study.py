@@ -295,7 +295,7 @@ def vpred_teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
         def sample(labels, seed, variant=variant, finite=finite):
             noise = torch.randn((len(labels), 1, D.SIDE, D.SIDE), generator=torch.Generator().manual_seed(seed))
             with torch.no_grad():
-                x = sampling.ddim_sample(eps_formula_x0(teacher, labels, variant), noise, sampling.ddim_timesteps(4), teacher.alphas_cumprod)
+                x = sampling.ddim_sample(eps_formula_x0(teacher, labels, variant), noise, teacher.family.trailing_timesteps(4), teacher.family)
             finite.append(float(torch.isfinite(x).flatten(1).all(1).float().mean()))
             # the distance of the finite samples (none finite: inf); the share of them is reported
             return x if finite[-1] == 1.0 else torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)

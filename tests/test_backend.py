@@ -9,7 +9,6 @@ import pytest
 import torch
 from comfyui_dmd2.training import backend as B
 from comfyui_dmd2.training import checkpoint as C
-from comfyui_dmd2.training import losses
 from comfyui_dmd2.training.config import DMD2Config
 from comfyui_dmd2.training.trainer import DMD2Trainer
 from PIL import Image
@@ -95,10 +94,10 @@ def test_three_networks_share_one_frozen_unet(loaded, arch):
         real1 = backend.real_x0(x_t, t, batch.cond, batch.uncond, 1.0)
         gen = backend.generator_x0(x_t, t, batch.cond)
         real = backend.real_x0(x_t, t, batch.cond, batch.uncond, 3.0)
-        eps_c = backend.eps(x_t, t, batch.cond, None)
-        eps_u = backend.eps(x_t, t, batch.uncond, None)
+        eps_c = backend.raw(x_t, t, batch.cond, None)
+        eps_u = backend.raw(x_t, t, batch.uncond, None)
     torch.testing.assert_close(gen, real1)  # fresh adapters: generator == base
-    expected = losses.x0_from_eps(x_t, eps_u + 3.0 * (eps_c - eps_u), t, backend.alphas_cumprod)
+    expected = backend.family.to_x0(x_t, eps_u + 3.0 * (eps_c - eps_u), t)
     torch.testing.assert_close(real, expected, rtol=1e-4, atol=1e-4)
     # Only adapters are trainable; the base is shared and frozen.
     base_params = [p for n, p in backend.unet.named_parameters() if ".adapters." not in n]

@@ -132,8 +132,8 @@ def test_exported_lora_reproduces_the_generator_in_comfyui(finished, tiny_checkp
     t = torch.tensor([999, 499])
     cond = Conditioning(torch.randn(2, 77, 32, generator=gen))
     with torch.no_grad(), trainer.averaged_generator():
-        ours = backend.eps(x, t, cond, "generator")
-        base = backend.eps(x, t, cond, None)
+        ours = backend.raw(x, t, cond, "generator")
+        base = backend.raw(x, t, cond, None)
         patched.patch_model()
         try:
             stock = patched.model.diffusion_model(x, t.float(), context=cond.context)

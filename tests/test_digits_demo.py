@@ -10,6 +10,7 @@ finetune scenario, end to end through exported LoRA files in a ComfyUI graph.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -318,3 +319,35 @@ def test_node_one_step_at_999_on_the_v_zsnr_teacher_equals_the_trainer_conventio
     plain = T.sample_student(model, labels, (999,), seed=11)
     assert torch.isfinite(plain).all()
     torch.testing.assert_close(via_node, plain, rtol=1e-3, atol=1e-4)
+
+
+def test_product_path_on_the_v_zsnr_teacher_trains_finite_and_its_lora_samples_in_comfyui(data, tmp_path):
+    """A few iterations of the product's path (SharedBaseBackend, DMD2Trainer, the warm
+    start's teacher DDIM) on the v/ZTSNR teacher, the 1-step student at 999: the backend reads
+    the teacher's family, every loss is finite, and the exported LoRA on the teacher, sampled
+    by DMD2Generate at 999 in ComfyUI, is the averaged student."""
+    import comfy.sd
+    import comfy.utils
+
+    from comfyui_dmd2.nodes.sampler import DMD2Generate
+
+    teacher = T.new_teacher(seed=2, family=T.DIGITS_V)
+    settings = students.StudentSettings(timesteps=(999,), iterations=6, batch_size=8, fake_updates_per_generator_update=2,
+                                        ema_decay=0.5, warmup_steps=0, regression_steps=2, regression_teacher_steps=2)
+    history: list[dict] = []
+    student = students.distill(teacher, data, settings, callbacks=[history.append])
+    assert student.backend.family == T.DIGITS_V and student.family == T.DIGITS_V
+    losses_seen = {k for h in history for k in h if k.startswith("loss_")}
+    assert {"loss_regression", "loss_dm", "loss_fake"} <= losses_seen
+    assert all(math.isfinite(v) for h in history for k, v in h.items() if k.startswith("loss_"))
+    path = student.export(tmp_path / "student.safetensors")
+    labels = D.balanced_labels(20)
+    with student.trainer.averaged_generator():
+        expected = T.sample_student(student.denoiser(), labels, (999,), seed=5)
+    assert torch.isfinite(expected).all()
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    model, _ = comfy.sd.load_lora_for_models(T.comfy_model(teacher), None, lora, 1.0, 0.0)
+    assert len(model.patches) == len(student.backend.adapters.layers)
+    out = DMD2Generate.execute(model=model, positive=T.comfy_conditioning(labels), latent_image={"samples": torch.zeros(20, 1, 8, 8)},
+                               seed=5, preset="custom", custom_timesteps="999")
+    torch.testing.assert_close(out.result[0]["samples"].float(), expected, rtol=1e-2, atol=2e-3)  # fp16 LoRA file

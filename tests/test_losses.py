@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from comfyui_dmd2 import bases
 from comfyui_dmd2.training import losses
 
 
 def test_sd_schedule_matches_the_published_endpoints():
-    a = losses.sd_alphas_cumprod()
+    a = bases.scaled_linear_alphas_cumprod()
     assert a.shape == (1000,)
     # first beta is 0.00085 exactly, so a_0 = 1 - 0.00085
     assert a[0].item() == pytest.approx(0.99915, abs=1e-12)
@@ -20,11 +21,12 @@ def test_sd_schedule_matches_the_published_endpoints():
 def test_sd_schedule_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    assert torch.allclose(losses.sd_alphas_cumprod().float(), sched.alphas_cumprod.float(), atol=1e-6)
+    assert torch.allclose(bases.scaled_linear_alphas_cumprod().float(), sched.alphas_cumprod.float(), atol=1e-6)
 
 
 def _schedule(*values):
-    return torch.tensor(values, dtype=torch.float64)
+    """An eps family on the cumulative products ``values`` (timesteps 0, 1, ...)."""
+    return bases.SD15.with_process(bases.DiscreteVP(torch.tensor(values, dtype=torch.float64)))
 
 
 def test_add_noise_and_inverse():
@@ -33,13 +35,13 @@ def test_add_noise_and_inverse():
     x0 = torch.tensor([[2.0], [-1.0]])
     eps = torch.tensor([[1.0], [2.0]])
     t = torch.tensor([1, 1])
-    x_t = losses.add_noise(x0, eps, t, alphas)
+    x_t = alphas.add_noise(x0, eps, t)
     assert torch.allclose(x_t, torch.tensor([[2.2], [0.4]]))
     # x0 = (x_t - 0.6 eps) / 0.8 recovers x0, and eps = (x_t - 0.8 x0) / 0.6 recovers eps
-    assert torch.allclose(losses.x0_from_eps(x_t, eps, t, alphas), x0)
-    assert torch.allclose(losses.eps_from_x0(x_t, x0, t, alphas), eps)
+    assert torch.allclose(alphas.to_x0(x_t, eps, t), x0)
+    assert torch.allclose(alphas.eps_from_x0(x_t, x0, t), eps)
     # per-sample timesteps: sample 0 at a_0=0.99 -> sqrt(.99)*2 + sqrt(.01)*1 = 1.98997 + 0.1
-    x_t = losses.add_noise(x0, eps, torch.tensor([0, 1]), alphas)
+    x_t = alphas.add_noise(x0, eps, torch.tensor([0, 1]))
     assert x_t[0, 0].item() == pytest.approx(2 * math.sqrt(0.99) + 0.1, abs=1e-6)
 
 
@@ -96,18 +98,24 @@ def test_fake_score_loss_weightings():
     assert losses.fake_score_loss(x0_pred, x0, t, alphas, "x0").item() == pytest.approx(2.5)
     # eps weighting a/(1-a): 1 at a=0.5, 4 at a=0.8 -> mean(1, 1, 16, 16) = 8.5
     assert losses.fake_score_loss(x0_pred, x0, t, alphas, "eps").item() == pytest.approx(8.5)
-    with pytest.raises(ValueError):
-        losses.fake_score_loss(x0_pred, x0, t, alphas, "v")
+    # native = the family's own prediction (eps here)
+    assert losses.fake_score_loss(x0_pred, x0, t, alphas, "native").item() == pytest.approx(8.5)
+    # v weighting 1/(1-a): 2 at a=0.5, 5 at a=0.8 -> mean(2, 2, 20, 20) = 11
+    assert losses.fake_score_loss(x0_pred, x0, t, alphas, "v").item() == pytest.approx(11.0)
+    # ... and it is the v model's native one
+    assert losses.fake_score_loss(x0_pred, x0, t, alphas.with_sampling("v"), "native").item() == pytest.approx(11.0)
+    with pytest.raises(ValueError, match="unknown weighting 'snr'"):
+        losses.fake_score_loss(x0_pred, x0, t, alphas, "snr")
 
 
 def test_fake_score_loss_eps_weighting_equals_eps_mse():
     # the "eps" weighting is literally |eps_pred - eps|^2 on the same x_t
     g = torch.Generator().manual_seed(0)
-    alphas = losses.sd_alphas_cumprod()
+    alphas = bases.SD15
     x0, eps, eps_pred = (torch.randn(3, 1, 2, 2, generator=g) for _ in range(3))
     t = torch.tensor([10, 500, 990])
-    x_t = losses.add_noise(x0, eps, t, alphas)
-    x0_pred = losses.x0_from_eps(x_t, eps_pred, t, alphas)
+    x_t = alphas.add_noise(x0, eps, t)
+    x0_pred = alphas.to_x0(x_t, eps_pred, t)
     expected = ((eps_pred - eps) ** 2).mean()
     assert losses.fake_score_loss(x0_pred, x0, t, alphas, "eps").item() == pytest.approx(expected.item(), rel=1e-4)
 

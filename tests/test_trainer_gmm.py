@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from comfyui_dmd2.training import losses
+from comfyui_dmd2 import bases
 from comfyui_dmd2.training.config import ConfigError, DMD2Config, load_config
 from comfyui_dmd2.training.trainer import Batch, DMD2Backend, DMD2Trainer
 
@@ -51,7 +51,8 @@ class GMMBackend(torch.nn.Module):
     def __init__(self, with_gan=False, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.alphas_cumprod = losses.sd_alphas_cumprod().float()
+        self.family = bases.SD15  # eps, SD's schedule
+        self.alphas_cumprod = self.family.process.alphas_cumprod.float()
         self.device = torch.device("cpu")
         self.with_gan = with_gan
         self.has_gan_head = with_gan
@@ -104,7 +105,7 @@ class GMMBackend(torch.nn.Module):
         for i, t in enumerate(timesteps):
             x0 = self.generator_x0(x, torch.full((n,), t), None)
             if i + 1 < len(timesteps):
-                x = losses.add_noise(x0, torch.randn(n, 2, generator=g), torch.full((n,), timesteps[i + 1]), self.alphas_cumprod)
+                x = self.family.add_noise(x0, torch.randn(n, 2, generator=g), torch.full((n,), timesteps[i + 1]))
         return x0
 
 
@@ -143,7 +144,7 @@ def test_backend_satisfies_protocol_and_mixture_denoiser_is_exact_at_small_noise
     g = torch.Generator().manual_seed(1)
     x0 = backend.sample_target(20000, g)
     t = torch.full((20000,), 500)
-    x_t = losses.add_noise(x0, torch.randn(x0.shape, generator=g), t, backend.alphas_cumprod)
+    x_t = backend.family.add_noise(x0, torch.randn(x0.shape, generator=g), t)
     pred = backend.real_x0(x_t, t, None, None, 1.0)
     assert ((pred - x0) ** 2).mean() < ((1.1 * pred - x0) ** 2).mean()
     assert ((pred - x0) ** 2).mean() < ((pred + 0.1 - x0) ** 2).mean()
@@ -455,11 +456,11 @@ def test_regression_warm_start_moves_the_generator_onto_the_teacher():
     config = gmm_config(regression_steps=300, regression_teacher_steps=10, steps=2, lr_generator=1e-2, ema_decay=0.9)
     trainer = DMD2Trainer(config, backend)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
-    teacher_ts = sampling.ddim_timesteps(10)
+    teacher_ts = bases.SD15.trailing_timesteps(10)
 
     def gap():
         with torch.no_grad():
-            target = sampling.ddim_sample(lambda x, t: backend.real_x0(x, t, None, None, 1.0), noise, teacher_ts, backend.alphas_cumprod)
+            target = sampling.ddim_sample(lambda x, t: backend.real_x0(x, t, None, None, 1.0), noise, teacher_ts, backend.family)
             return (backend.generator_x0(noise, torch.full((2000,), 399), None) - target).square().mean().item()
 
     before = gap()

@@ -2,12 +2,13 @@
 
 Real score = the base UNet; generator = base + LoRA G; fake score = base + LoRA F, with a
 small GAN head on the fake score's mid-block features (design.md). It works on any ComfyUI
-``BaseModel`` with an SD-style ``UNetModel`` (eps prediction): a community SD1.5/SDXL
-checkpoint (``checkpoint.py``: text conditioning, VAE latents) and the digits teacher
-(``digits``: class labels, pixels) differ only in where the model and the conditions come
-from (``TrainingData``). The UNet is called directly as the eps-prediction network it is
-(``diffusion_model(x_t, t, context, y)`` on variance-preserving ``x_t`` and integer DDPM
-timesteps, which is what ComfyUI's ``apply_model`` computes after its ``c_in`` scaling).
+``BaseModel`` with an SD-style ``UNetModel`` of a ``bases.Family`` (eps or v prediction, with
+or without zero terminal SNR): a community SD1.5/SD2.x/SDXL checkpoint (``checkpoint.py``:
+text conditioning, VAE latents) and the digits teacher (``digits``: class labels, pixels)
+differ only in where the model and the conditions come from (``TrainingData``). The UNet is
+called directly (``diffusion_model(x_t, t, context, y)`` on variance-preserving ``x_t`` and
+integer DDPM timesteps, which is what ComfyUI's ``apply_model`` computes after its ``c_in``
+scaling); its raw output (eps or v) becomes x0 through ``family.to_x0``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import bases
 from . import losses, sampling
 from .lora import (
     DEFAULT_TARGETS,
@@ -240,7 +242,9 @@ class SharedBaseBackend:
     fake score must track the generator's distribution, the exported generator can be smaller.
     ``lora_merged``: run adapted layers with merged weights (``lora.AdapterSwitch``).
     ``attention``: "sdpa" runs every attention through ``sdpa_attention`` whatever ComfyUI
-    picked for inference; "comfy" keeps ComfyUI's choice."""
+    picked for inference; "comfy" keeps ComfyUI's choice. ``family``: the base's
+    ``bases.Family`` (prediction type, forward process); None reads it from ``base_model``
+    (``bases.family_of``: its own sigma table)."""
 
     def __init__(
         self,
@@ -261,6 +265,7 @@ class SharedBaseBackend:
         fake_score_rank: int | None = None,
         init_lora: InitLoRA | str | Path | None = None,
         init_fake_score: bool = False,
+        family: bases.Family | None = None,
     ):
         if attention not in ("sdpa", "comfy"):
             raise ValueError(f"attention must be 'sdpa' or 'comfy', got {attention!r}")
@@ -278,8 +283,7 @@ class SharedBaseBackend:
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.data = data
 
-        sigmas = base_model.model_sampling.sigmas.double()
-        self.alphas_cumprod = (1.0 / (1.0 + sigmas**2)).to(self.device)
+        self.family = family if family is not None else bases.family_of(base_model)
         self.unet = to_device(base_model.diffusion_model, self.device).requires_grad_(False).eval()
         self.unet_config = base_model.model_config.unet_config
         deltas, init = {}, None
@@ -311,7 +315,7 @@ class SharedBaseBackend:
         self._features: torch.Tensor | None = None
         self._stop_after_mid = False
         if self.real_latents is not None:
-            mid = self._module("fake_score").middle_block[-1]
+            mid = getattr(self._module("fake_score"), self.family.gan_block)[-1]
             with torch.random.fork_rng(devices=[]):  # same head for the same seed
                 torch.manual_seed(seed + 1)
                 size = mid_block_size(self.unet_config, self.latent_shape)
@@ -391,9 +395,9 @@ class SharedBaseBackend:
     def _module(self, network: str | None) -> nn.Module:
         return self.copies.get(network, self.unet)
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, network: str | None, autocast: bool = True) -> torch.Tensor:
-        """The eps prediction of ``network`` ('generator', 'fake_score' or None = the base);
-        ``autocast=False``: in the weights' own dtype."""
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, network: str | None, autocast: bool = True) -> torch.Tensor:
+        """The raw output (the family's prediction: eps or v) of ``network`` ('generator',
+        'fake_score' or None = the base); ``autocast=False``: in the weights' own dtype."""
         adapter = None if network in self.copies else network
         options = {"optimized_attention_override": sdpa_attention} if self.attention == "sdpa" else {}
         with self.switch.use(adapter), self._autocast(autocast):
@@ -401,7 +405,7 @@ class SharedBaseBackend:
         return out.float()
 
     def _x0(self, x_t, t, cond, adapter):
-        return losses.x0_from_eps(x_t, self.eps(x_t, t, cond, adapter), t, self.alphas_cumprod)
+        return self.family.to_x0(x_t, self.raw(x_t, t, cond, adapter), t)
 
     def generator_x0(self, x_t, t, cond):
         return self._x0(x_t, t, cond, "generator")
@@ -411,15 +415,18 @@ class SharedBaseBackend:
         # full fp32 copy, as the reference runs it; LoRA F sits on the bf16/fp16 base and
         # stays under autocast, as does the fake score's own training pass.
         fp32 = "fake_score" in self.copies and not torch.is_grad_enabled()
-        return losses.x0_from_eps(x_t, self.eps(x_t, t, cond, "fake_score", autocast=not fp32), t, self.alphas_cumprod)
+        return self.family.to_x0(x_t, self.raw(x_t, t, cond, "fake_score", autocast=not fp32), t)
 
     def real_x0(self, x_t, t, cond, uncond, guidance_scale):
+        """The base with classifier-free guidance on its raw outputs (as the reference, on
+        eps). x0, eps and v are affine in each other at a fixed (x_t, t) with the same
+        coefficients for both passes, so this equals the guidance done in x0 or eps space."""
         if guidance_scale == 1.0:
             return self._x0(x_t, t, cond, None)
         both = stack_conditionings([cond, uncond])
-        eps = self.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), both, None)
-        eps_cond, eps_uncond = eps.chunk(2)
-        return losses.x0_from_eps(x_t, losses.classifier_free_guidance(eps_cond, eps_uncond, guidance_scale), t, self.alphas_cumprod)
+        out = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), both, None)
+        out_cond, out_uncond = out.chunk(2)
+        return self.family.to_x0(x_t, losses.classifier_free_guidance(out_cond, out_uncond, guidance_scale), t)
 
     def _capture_mid(self, module, inputs, output):
         if self._stop_after_mid:  # only for fake_logits: other forwards keep no reference
@@ -431,7 +438,7 @@ class SharedBaseBackend:
             raise RuntimeError("no GAN head: the backend was built without real latents")
         self._stop_after_mid, self._features = True, None
         try:
-            self.eps(x_t, t, cond, "fake_score")
+            self.raw(x_t, t, cond, "fake_score")
         except _StopAfterMidBlock:
             pass
         finally:
@@ -470,7 +477,7 @@ class SharedBaseBackend:
             gen = torch.Generator().manual_seed(int(seed))
             noises = [torch.randn((1, *self.latent_shape), generator=gen).to(self.device) for _ in timesteps]
             cond = cond.to(self.device)
-            x0 = sampling.dmd2_sample(lambda x, t: self.generator_x0(x, t, cond), noises, timesteps, self.alphas_cumprod)
+            x0 = sampling.dmd2_sample(lambda x, t: self.generator_x0(x, t, cond), noises, timesteps, self.family)
             out.append(x0.cpu())
         return torch.cat(out)
 

@@ -1,8 +1,9 @@
-"""The DMD2 losses, one function each, plus the DDPM noise arithmetic they rely on.
+"""The DMD2 losses, one function each.
 
-Notation (eps-prediction, DDPM schedule with cumulative products ``alphas_cumprod``):
-``x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps`` and ``x0 = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)``.
-Every score network is used through its x0 prediction.
+Every score network is used through its x0 prediction; the noise arithmetic and the
+conversions of a network's output (eps, v, x0) to x0 and back belong to the base model's
+family (``bases.Family``: ``add_noise``, ``to_x0``, ``from_x0``, ``output_weight``), so
+nothing here divides by alpha (docs/training.md, "Prediction types").
 """
 
 from __future__ import annotations
@@ -10,35 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """Stable Diffusion's "scaled linear" schedule: betas linear in sqrt space, float64."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values[t]`` shaped (B, 1, 1, ...) to broadcast against ``like``."""
-    out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion q(x_t | x0) at integer timesteps ``t`` (one per sample)."""
-    a = _per_sample(alphas_cumprod, t, x0)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Turn an eps prediction into the x0 prediction it implies."""
-    a = _per_sample(alphas_cumprod, t, x_t)
-    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-
-
-def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Turn an x0 prediction into the eps prediction it implies."""
-    a = _per_sample(alphas_cumprod, t, x_t)
-    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+from ..bases import PREDICTIONS, Family
 
 
 def classifier_free_guidance(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -76,20 +49,24 @@ def fake_score_loss(
     x0_pred: torch.Tensor,
     x0: torch.Tensor,
     t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    weighting: str = "eps",
+    family: Family,
+    weighting: str = "native",
 ) -> torch.Tensor:
-    """Denoising loss of the fake score on (detached) generated samples ``x0``.
+    """Denoising loss of the fake score on (detached) generated samples ``x0``, written in x0.
 
-    ``weighting="eps"`` is the usual eps-prediction MSE written in x0 terms:
-    ``|eps_pred - eps|^2 = a/(1-a) * |x0_pred - x0|^2``; ``"x0"`` is the plain x0 MSE."""
+    ``weighting`` names the parameterization whose output MSE it equals at a fixed x_t:
+    ``"native"`` the family's own (the teacher's), ``"eps"``: ``a/(1-a) * |x0_pred - x0|^2``,
+    ``"v"``: ``1/(1-a) * |x0_pred - x0|^2``, ``"x0"``: the plain x0 MSE (``a`` = abar_t).
+    The weight is ``family.output_weight``'s squared: finite at zero terminal SNR."""
+    if weighting == "native":
+        weighting = family.prediction
+    if weighting not in PREDICTIONS:
+        raise ValueError(f"unknown weighting {weighting!r}")
     err = (x0_pred.float() - x0.detach().float()) ** 2
     if weighting == "x0":
         return err.mean()
-    if weighting != "eps":
-        raise ValueError(f"unknown weighting {weighting!r}")
-    a = _per_sample(alphas_cumprod, t, err)
-    return (a / (1 - a) * err).mean()
+    a, s = family.process.alpha_sigma(t, err)
+    return (PREDICTIONS[weighting].weight(a, s) ** 2 * err).mean()
 
 
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:

@@ -279,7 +279,7 @@ def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device:
         t = torch.full((1,), 500, dtype=torch.long, device=backend.device)
         cond = backend.sample_batch(1).cond
         with torch.no_grad():
-            backend.eps(x_t, t, cond, None)
+            backend.raw(x_t, t, cond, None)
         unet_flops = tracker.flops
         del x_t, t, cond
         tracker.reset_peak()

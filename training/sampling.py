@@ -1,9 +1,11 @@
-"""The two samplers the trainer needs, on any x0 predictor (DDPM timesteps, VP noise).
+"""The two samplers the trainer needs, on any x0 predictor of a family's forward process.
 
 ``dmd2_sample`` is the student's sampler (the pack's node does the same in ComfyUI's
 sigma terms): unit noise fed at the first timestep, predict x0, re-noise with fresh noise to
 the next timestep. ``ddim_sample`` is the teacher's deterministic sampler, used for the
-regression warm start and by the digits demo's teacher rows.
+regression warm start and by the digits demo's teacher rows. Both step through x0 and the
+family's ``add_noise``/``eps_from_x0`` (never dividing by alpha, so zero terminal SNR's
+first step at alpha = 0 is finite whatever the network predicts).
 """
 
 from __future__ import annotations
@@ -12,36 +14,29 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .losses import add_noise, eps_from_x0
+from ..bases import Family
 
 X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> x0
-
-
-def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Evenly spaced from the last timestep ("trailing"): 4 -> 999, 749, 499, 249; 1 -> 999."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    last = num_train_timesteps - 1
-    return [round(last - i * num_train_timesteps / steps) for i in range(steps)]
 
 
 def _full(value: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((like.shape[0],), int(value), dtype=torch.long, device=like.device)
 
 
-def ddim_sample(x0_fn: X0Fn, noise: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from ``noise`` taken as x at ``timesteps[0]``; returns x0."""
+def ddim_sample(x0_fn: X0Fn, noise: torch.Tensor, timesteps: Sequence[int], family: Family) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from ``noise`` taken as x at ``timesteps[0]``; returns x0
+    (``family.trailing_timesteps(n)``: the usual n-step list)."""
     x = noise
     for i, step in enumerate(timesteps):
         t = _full(step, x)
         x0 = x0_fn(x, t)
         if i + 1 == len(timesteps):
             return x0
-        x = add_noise(x0, eps_from_x0(x, x0, t, alphas_cumprod), _full(timesteps[i + 1], x), alphas_cumprod)
+        x = family.add_noise(x0, family.eps_from_x0(x, x0, t), _full(timesteps[i + 1], x))
     raise ValueError("timesteps must not be empty")
 
 
-def dmd2_sample(x0_fn: X0Fn, noises: Sequence[torch.Tensor], timesteps: Sequence[int], alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def dmd2_sample(x0_fn: X0Fn, noises: Sequence[torch.Tensor], timesteps: Sequence[int], family: Family) -> torch.Tensor:
     """DMD2's sampler: ``noises[0]`` (unit variance) is fed at ``timesteps[0]``; after each
     x0 prediction the next ``noises[i]`` re-noises it to ``timesteps[i]``. Returns x0."""
     if len(noises) < len(timesteps) or not timesteps:
@@ -50,5 +45,5 @@ def dmd2_sample(x0_fn: X0Fn, noises: Sequence[torch.Tensor], timesteps: Sequence
     for i, step in enumerate(timesteps):
         x0 = x0_fn(x, _full(step, x))
         if i + 1 < len(timesteps):
-            x = add_noise(x0, noises[i + 1], _full(timesteps[i + 1], x), alphas_cumprod)
+            x = family.add_noise(x0, noises[i + 1], _full(timesteps[i + 1], x))
     return x0

@@ -45,6 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .. import bases
 from . import losses, sampling
 from .config import DMD2Config
 from .state import copy_checked
@@ -99,14 +100,15 @@ class DMD2Backend(Protocol):
     """What the trainer needs from a model backend.
 
     All ``*_x0`` functions take ``x_t`` (B, C, H, W), integer timesteps ``t`` (B,) long on
-    ``device``, and return the x0 prediction (same shape as ``x_t``). For an eps-prediction
-    model use ``losses.x0_from_eps``. The trainer decides where gradients flow (it wraps
-    calls in ``torch.no_grad()`` where none are needed); the backend only runs forwards.
+    ``device``, and return the x0 prediction (same shape as ``x_t``): a network's own
+    output (eps, v) goes there by ``family.to_x0``. The trainer decides where gradients flow
+    (it wraps calls in ``torch.no_grad()`` where none are needed); the backend only runs
+    forwards.
     """
 
-    #: (num_train_timesteps,) cumulative alpha products of the model's DDPM schedule
-    #: (``losses.sd_alphas_cumprod()`` for SD1.5/SDXL).
-    alphas_cumprod: torch.Tensor
+    #: The base model's family: its forward process (noising, timesteps) and prediction type
+    #: (the fake score's loss weighting); ``bases.family_of(model)`` for a ComfyUI model.
+    family: bases.Family
     device: torch.device
 
     def sample_batch(self, n: int) -> Batch:
@@ -209,11 +211,11 @@ class DMD2Trainer:
         self.config = config
         self.backend = backend
         self.device = torch.device(backend.device)
-        self.alphas_cumprod = backend.alphas_cumprod.to(self.device)
-        if self.alphas_cumprod.shape != (config.num_train_timesteps,):
+        self.family = backend.family
+        if self.family.process.num_train_timesteps != config.num_train_timesteps:
             raise ValueError(
-                f"backend.alphas_cumprod has shape {tuple(self.alphas_cumprod.shape)}, "
-                f"expected ({config.num_train_timesteps},)"
+                f"the backend's family has {self.family.process.num_train_timesteps} timesteps, "
+                f"expected {config.num_train_timesteps}"
             )
         self.generator_named = list(backend.generator_parameters())
         self.fake_named = list(backend.fake_score_parameters())
@@ -306,11 +308,11 @@ class DMD2Trainer:
             with torch.no_grad():
                 for j in range(k):
                     x0 = self.backend.generator_x0(x_t, self._full(self.timesteps[j], n), batch.cond)
-                    x_t = losses.add_noise(x0, draws["simulation"][j], self._full(self.timesteps[j + 1], n), self.alphas_cumprod)
+                    x_t = self.family.add_noise(x0, draws["simulation"][j], self._full(self.timesteps[j + 1], n))
         elif k > 0:
             if batch.real_x0 is None:
                 raise ValueError("backward_simulation=False needs real latents from the backend for steps after the first")
-            x_t = losses.add_noise(batch.real_x0.to(self.device), x_t, self._full(self.timesteps[k], n), self.alphas_cumprod)
+            x_t = self.family.add_noise(batch.real_x0.to(self.device), x_t, self._full(self.timesteps[k], n))
         with torch.set_grad_enabled(with_grad):
             return self.backend.generator_x0(x_t, self._full(self.timesteps[k], n), batch.cond)
 
@@ -319,7 +321,7 @@ class DMD2Trainer:
         config = self.config
         t = draws["dm_t"]
         with torch.no_grad():
-            x_t = losses.add_noise(x.detach(), draws["dm_noise"], t, self.alphas_cumprod)
+            x_t = self.family.add_noise(x.detach(), draws["dm_noise"], t)
             x0_real = self.backend.real_x0(x_t, t, batch.cond, batch.uncond, config.real_guidance_scale)
             x0_fake = self.backend.fake_x0(x_t, t, batch.cond)
         loss_dm, grad = losses.distribution_matching_loss(x, x0_real, x0_fake)
@@ -328,7 +330,7 @@ class DMD2Trainer:
         if use_gan:
             t_gan = draws["gan_generator_t"]
             with _frozen(self.fake_params):
-                noised = losses.add_noise(x, draws["gan_generator_noise"], t_gan, self.alphas_cumprod)
+                noised = self.family.add_noise(x, draws["gan_generator_noise"], t_gan)
                 logits = self.backend.fake_logits(noised, t_gan, batch.gan_condition)
             loss_gan = losses.gan_generator_loss(logits)
             loss = loss + config.gan_generator_weight * loss_gan
@@ -339,15 +341,15 @@ class DMD2Trainer:
         config = self.config
         x = x.detach()
         t = draws["fake_t"]
-        x0_pred = self.backend.fake_x0(losses.add_noise(x, draws["fake_noise"], t, self.alphas_cumprod), t, batch.cond)
-        loss_fake = losses.fake_score_loss(x0_pred, x, t, self.alphas_cumprod, config.fake_loss_weighting)
+        x0_pred = self.backend.fake_x0(self.family.add_noise(x, draws["fake_noise"], t), t, batch.cond)
+        loss_fake = losses.fake_score_loss(x0_pred, x, t, self.family, config.fake_loss_weighting)
         loss = loss_fake
         metrics = {"loss_fake": loss_fake.item()}
         if use_gan:
             real = batch.real_x0.to(self.device, x.dtype)
             t_real, t_fake = draws["gan_real_t"], draws["gan_fake_t"]
-            noised_real = losses.add_noise(real, draws["gan_real_noise"], t_real, self.alphas_cumprod)
-            noised_fake = losses.add_noise(x, draws["gan_fake_noise"], t_fake, self.alphas_cumprod)
+            noised_real = self.family.add_noise(real, draws["gan_real_noise"], t_real)
+            noised_fake = self.family.add_noise(x, draws["gan_fake_noise"], t_fake)
             cat = getattr(self.backend, "cat_conditions", None)
             if cat is not None:  # one pass of 2B rows instead of two of B: the same logits
                 logits = self.backend.fake_logits(torch.cat([noised_real, noised_fake]), torch.cat([t_real, t_fake]),
@@ -445,7 +447,7 @@ class DMD2Trainer:
         config = self.config
         batch = self._sample_batch()
         noise = self._noise(tuple(batch.shape))
-        teacher_steps = sampling.ddim_timesteps(config.regression_teacher_steps, config.num_train_timesteps)
+        teacher_steps = self.family.trailing_timesteps(config.regression_teacher_steps)
         first = self.timesteps[0]
         self.generator_optimizer.zero_grad(set_to_none=True)
         slices = self._micro_batches(batch)
@@ -455,7 +457,7 @@ class DMD2Trainer:
             with torch.no_grad():
                 target = sampling.ddim_sample(
                     lambda x, t: self.backend.real_x0(x, t, part.cond, part.uncond, config.real_guidance_scale),
-                    z, teacher_steps, self.alphas_cumprod,
+                    z, teacher_steps, self.family,
                 )
             loss = losses.regression_loss(self.backend.generator_x0(z, self._full(first, len(part)), part.cond), target)
             self.scaler.scale(loss / len(slices)).backward()

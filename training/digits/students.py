@@ -101,7 +101,7 @@ def student_backend(teacher: DigitsDenoiser, data: DigitsData, settings: Student
         gradient_checkpointing=False, seed=seed, full_copies=settings.full_copies,
         fake_score_rank=settings.fake_score_rank or None,
         lora_merged=True,  # small layers: one merged kernel per layer is 1.4x faster per iteration
-        init_lora=settings.init_lora or None, init_fake_score=settings.init_fake_score,
+        init_lora=settings.init_lora or None, init_fake_score=settings.init_fake_score, family=teacher.family,
     )
 
 

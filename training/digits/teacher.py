@@ -128,7 +128,6 @@ class DigitsDenoiser(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.family = family
-        self.register_buffer("alphas_cumprod", family.process.alphas_cumprod.float(), persistent=False)
 
     def output(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output: eps or v, as the family says."""
@@ -221,7 +220,7 @@ def sample_ddim(model: DigitsDenoiser, labels: torch.Tensor, steps: int, seed: i
         pred = model.x0(x_t, t, labels)
         return pred if guidance == 1.0 else losses.classifier_free_guidance(pred, model.x0(x_t, t, null), guidance)
 
-    return sampling.ddim_sample(x0, x, sampling.ddim_timesteps(steps), model.alphas_cumprod)
+    return sampling.ddim_sample(x0, x, model.family.trailing_timesteps(steps), model.family)
 
 
 @torch.no_grad()
@@ -230,7 +229,7 @@ def sample_student(model: DigitsDenoiser, labels: torch.Tensor, timesteps: Seque
     re-noise with fresh noise to the next timestep (start and re-noise drawn from ``seed``)."""
     g = torch.Generator().manual_seed(seed)
     noises = [torch.randn((len(labels), 1, SIDE, SIDE), generator=g) for _ in timesteps]
-    return sampling.dmd2_sample(lambda x, t: model.x0(x, t, labels), noises, timesteps, model.alphas_cumprod)
+    return sampling.dmd2_sample(lambda x, t: model.x0(x, t, labels), noises, timesteps, model.family)
 
 
 def comfy_model(model: DigitsDenoiser):
