@@ -189,6 +189,9 @@ def vpred_rows() -> dict[str, tuple]:
         VPRED + "4-step LoRA r8 (the demo's 4-step recipe)": (FOUR_STEP_STUDENT, main),
         # the eps teacher's 1-step timestep, for comparison: unit noise fed as if it were x_399
         VPRED + "1-step LoRA G r8 at 399 (the demo's 1-step recipe, the eps teacher's timestep)": (ONE_STEP_STUDENT, single),
+        # the ablation: the trainer reads the v teacher's output as eps (the pack before #24),
+        # x0 = (x_t - s*out)/a on ComfyUI's ZTSNR table; sampled as the trainer read it
+        VPRED + "ablation: 4-step LoRA r8, the teacher read as eps": (replace(FOUR_STEP_STUDENT, read_as="eps"), single),
     }
 
 
@@ -285,9 +288,10 @@ def vpred_teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
     x0 by the eps-only formula (``eps_formula_x0``), with the share of non-finite samples."""
     from comfyui_dmd2.training import sampling
     from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits import metric as M
     from comfyui_dmd2.training.digits import teacher as T
 
-    fd, _, teacher, _ = _yardstick(teacher_file, samples, seeds)
+    fd, _, teacher, reference = _yardstick(teacher_file, samples, seeds)
     out = {f"{VPRED}teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
     for variant in ("v as eps", "reference", "reference bf16", "reference, exact zero"):
         finite = []
@@ -303,6 +307,8 @@ def vpred_teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
         row = fd(sample)
         row["finite_share"] = finite
         out[f"{VPRED}ablation: teacher DDIM 4, x0 by the eps formula ({variant})"] = row
+    floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
+    out[f"{VPRED}real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
     return out
 
 
@@ -409,12 +415,14 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {list(all_rows)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    teacher = teacher_for(D.load_digits_data(), FULL, args.cache)
-    teacher_file = str(args.out / "teacher.safetensors")
-    save_file(T.denoiser_state_dict(teacher), teacher_file)
-    start = time.time()
     finetune = any(name.startswith(FINETUNE) for name in chosen)
     vpred = any(name.startswith(VPRED) for name in chosen)
+    base_rows = not (finetune or vpred) or args.base_teacher_rows
+    if base_rows or not all(name.startswith(VPRED) for name in chosen):  # the eps teacher (v-pred rows alone need none)
+        teacher = teacher_for(D.load_digits_data(), FULL, args.cache)
+        teacher_file = str(args.out / "teacher.safetensors")
+        save_file(T.denoiser_state_dict(teacher), teacher_file)
+    start = time.time()
     if vpred:  # the v-prediction ZTSNR teacher: the same budget as the eps one, cached in --cache too
         v_teacher_file = str(args.out / "teacher_v_zsnr.safetensors")
         save_file(T.denoiser_state_dict(teacher_for(D.load_digits_data(), FULL, args.cache, family=T.DIGITS_V)), v_teacher_file)
@@ -468,7 +476,6 @@ def main() -> int:
             results.append(result)
     order = {name: i for i, name in enumerate(chosen)}
     rows_out = sorted(combine(results), key=lambda r: order[r["name"]])
-    base_rows = not (finetune or vpred) or args.base_teacher_rows
     teachers = teacher_rows(teacher_file, args.samples, args.seeds) if base_rows else {}
     if vpred:
         teachers |= vpred_teacher_rows(v_teacher_file, args.samples, args.seeds)
