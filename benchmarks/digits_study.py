@@ -243,7 +243,40 @@ def _job(job: tuple) -> dict:
     raw = student_fd()
     with student.trainer.averaged_generator():
         averaged = student_fd()
-    return {"name": name, "seed": seed, "settings": asdict(settings), "ema": averaged, "raw": raw, "gan": gan_summary(history), "train_s": round(seconds, 1)}
+    # the exported file (the moving average, as dmd2-train writes it), for sampling in a ComfyUI graph (--graph)
+    exported = student.export(Path(teacher_file).parent / "loras" / f"{_slug(name)}_seed{seed}.safetensors")
+    return {"name": name, "seed": seed, "settings": asdict(settings), "ema": averaged, "raw": raw, "gan": gan_summary(history),
+            "train_s": round(seconds, 1), "file": str(exported)}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int) -> dict:
+    """Each kept training's exported file sampled in a real ComfyUI graph (``DigitsComfyRunner``:
+    the digits model file, which carries its v_pred/ztsnr keys -> stock LoraLoaderModelOnly ->
+    DMD2Generate at the row's timesteps), FD over ``seeds``: {row name: {seed: FD}}."""
+    from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits.comfy_runner import DigitsComfyRunner
+    from comfyui_dmd2.training.digits.demo import dmd2_schedule
+
+    fd, _, _, _ = _yardstick(teacher_file, samples, seeds)
+    out: dict[str, dict] = {}
+    with DigitsComfyRunner() as comfy:
+        for r in results:
+            if not r.get("file") or r["settings"]["read_as"]:  # the ablation samples as its trainer read it: in-process only
+                continue
+            preset, custom = dmd2_schedule(tuple(r["settings"]["timesteps"]))
+            lora = comfy.install_lora(Path(r["file"]))
+            expected = D.balanced_labels(samples)
+
+            def sample(labels, s, lora=lora, preset=preset, custom=custom):
+                assert torch.equal(labels, expected)  # the runner's conditioning cycles 0-9 like balanced_labels
+                return comfy.generate(Path(teacher_file), len(labels), preset, s, lora=lora, custom_timesteps=custom)
+
+            out.setdefault(r["name"], {})[r["seed"]] = fd(sample)
+    return out
 
 
 def teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
@@ -395,6 +428,7 @@ def main() -> int:
     parser.add_argument("--training-seeds", default="", help="train only these training seeds of each row (e.g. 0; default: the row's)")
     parser.add_argument("--base-teacher-rows", action="store_true", help="with finetune or v-pred rows: the base teacher's rows too")
     parser.add_argument("--teachers-only", action="store_true", help="the chosen rows' teacher rows only (train no student)")
+    parser.add_argument("--graph", action="store_true", help="v-pred rows: also sample each exported LoRA in a real ComfyUI graph")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2", help="where the demo's teacher is cached")
     args = parser.parse_args()
     from comfyui_dmd2.comfy_env import ensure_comfy
@@ -452,8 +486,7 @@ def main() -> int:
     runs_dir.mkdir(exist_ok=True)
 
     def run_file(job: tuple) -> Path:
-        slug = "".join(c if c.isalnum() else "_" for c in job[0]).strip("_")
-        return runs_dir / f"{slug}_seed{job[2]}_n{args.samples}x{args.seeds}.json"
+        return runs_dir / f"{_slug(job[0])}_seed{job[2]}_n{args.samples}x{args.seeds}.json"
 
     def finished(job: tuple) -> dict | None:
         """A kept result of this very training (same settings), if any."""
@@ -482,6 +515,18 @@ def main() -> int:
     if finetune:
         teachers |= finetune_teacher_rows(finetune_file, teacher_file, release_file, FULL.style, FULL.strengths, args.samples, args.seeds)
     text = table(rows_out, teachers)
+    if args.graph and vpred:
+        from comfyui_dmd2.training.digits import metric as M
+
+        graph = graph_rows([r for r in results if r["name"].startswith(VPRED)], v_teacher_file, args.samples, args.seeds)
+        lines = ["", "| row, sampled in the ComfyUI graph (exported LoRA, LoraLoaderModelOnly, DMD2Generate) | FD, moving average | per training |", "|---|---|---|"]
+        for r in rows_out:
+            if r["name"] in graph:
+                per = {seed: v["mean"] for seed, v in sorted(graph[r["name"]].items())}
+                r["graph"] = M.summarize(list(per.values())) | {"per_training": per}
+                spread = f" ± {r['graph']['std']:.2f} ({len(per)} trainings)" if len(per) > 1 else f" ± {graph[r['name']][0]['std']:.2f} (sampling)"
+                lines.append(f"| {r['name']} | {r['graph']['mean']:.2f}{spread} | " + ", ".join(f"seed {k}: {v:.2f}" for k, v in per.items()) + " |")
+        text += "\n".join(lines)
     print(text)
     print(f"study: {time.time() - start:.0f} s")
     (args.out / "study.json").write_text(json.dumps({"teachers": teachers, "rows": rows_out}, indent=2))
