@@ -271,7 +271,7 @@ def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int)
             lora = comfy.install_lora(Path(r["file"]))
             expected = D.balanced_labels(samples)
 
-            def sample(labels, s, lora=lora, preset=preset, custom=custom):
+            def sample(labels, s, lora=lora, preset=preset, custom=custom, expected=expected):
                 assert torch.equal(labels, expected)  # the runner's conditioning cycles 0-9 like balanced_labels
                 return comfy.generate(Path(teacher_file), len(labels), preset, s, lora=lora, custom_timesteps=custom)
 
