@@ -296,7 +296,8 @@ def eps_formula_x0(teacher, labels: torch.Tensor, variant: str):
     #24 to any model); ``"reference"``: the reference's x0 = (x_t - s*eps)/a on the teacher's
     true eps (a*v + s*x_t, via the family) at ComfyUI's terminal a = 2.2e-4; ``"reference
     bf16"``: the same with the UNet output and the arithmetic in bf16 (the GPU trainer's
-    autocast); ``"reference, exact zero"``: at diffusers' terminal a = 0 (rescale_betas_zero_snr)."""
+    autocast); ``"reference, exact zero"``: at diffusers' terminal a = 0 (rescale_betas_zero_snr).
+    ``"family bf16"`` is the control: the family's x0 = a*x_t - s*v, in bf16 too."""
     from comfyui_dmd2 import bases
 
     family = teacher.family
@@ -309,6 +310,8 @@ def eps_formula_x0(teacher, labels: torch.Tensor, variant: str):
     def x0(x_t, t):
         out = teacher.output(x_t, t, labels).to(dtype)
         x_t = x_t.to(dtype)
+        if variant == "family bf16":
+            return family.to_x0(x_t, out, t).float()
         a, s = family.process.alpha_sigma(t, x_t)
         eps = out if variant == "v as eps" else family.eps_from_x0(x_t, family.to_x0(x_t, out, t), t)
         return ((x_t - s * eps) / a).float()
@@ -326,7 +329,7 @@ def vpred_teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
 
     fd, _, teacher, reference = _yardstick(teacher_file, samples, seeds)
     out = {f"{VPRED}teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
-    for variant in ("v as eps", "reference", "reference bf16", "reference, exact zero"):
+    for variant in ("v as eps", "reference", "reference bf16", "reference, exact zero", "family bf16"):
         finite = []
 
         def sample(labels, seed, variant=variant, finite=finite):
@@ -339,7 +342,15 @@ def vpred_teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
 
         row = fd(sample)
         row["finite_share"] = finite
-        out[f"{VPRED}ablation: teacher DDIM 4, x0 by the eps formula ({variant})"] = row
+        # where it breaks: the first step (999), against the family's x0 on the same input
+        labels = D.balanced_labels(samples)
+        x = torch.randn((samples, 1, D.SIDE, D.SIDE), generator=torch.Generator().manual_seed(0))
+        t = torch.full((samples,), 999)
+        with torch.no_grad():
+            err = (eps_formula_x0(teacher, labels, variant)(x, t) - teacher.x0(x, t, labels)).abs()
+        row["x0_error_at_999"] = float(err.mean())  # nan: not finite
+        what = "x0 = a*x_t - s*v (the family's), bf16: the control" if variant == "family bf16" else f"x0 by the eps formula ({variant})"
+        out[f"{VPRED}ablation: teacher DDIM 4, {what}"] = row
     floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
     out[f"{VPRED}real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
     return out
@@ -409,7 +420,8 @@ def table(rows: list[dict], teachers: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, fd in teachers.items():
-        finite = f"; finite samples {100 * min(fd['finite_share']):.1f} %" if "finite_share" in fd else ""
+        finite = (f"; finite samples {100 * min(fd['finite_share']):.1f} %; mean |x0 error| at 999 {fd['x0_error_at_999']:.3g}"
+                  if "finite_share" in fd else "")
         lines.append(f"| {name} | {fd['mean']:.2f} ± {fd['std']:.2f} (sampling){finite} | | | | | | |")
     for r in rows:
         g = r["gan"]
