@@ -409,8 +409,8 @@ def combine(results: list[dict]) -> list[dict]:
     return out
 
 
-def _fd(value: dict) -> str:
-    spread = f" ± {value['std']:.2f} (3 trainings)" if value["std"] is not None else f" ± {value['sampling_std_seed0']:.2f} (sampling)"
+def _fd(value: dict, trainings: int) -> str:
+    spread = f" ± {value['std']:.2f} ({trainings} trainings)" if value["std"] is not None else f" ± {value['sampling_std_seed0']:.2f} (sampling)"
     return f"{value['mean']:.2f}{spread}"
 
 
@@ -426,7 +426,7 @@ def table(rows: list[dict], teachers: dict) -> str:
     for r in rows:
         g = r["gan"]
         gan = f"{g['loss_gan_discriminator']:.3f} | {g['logits_real']:+.3f} / {g['logits_fake']:+.3f} | {g['discriminator_accuracy']:.3f}" if g else "GAN off | | "
-        lines.append(f"| {r['name']} | {_fd(r['ema'])} | {r['ema']['seed0']:.2f} | {_fd(r['raw'])} | {gan} | {r['train_s']:.0f} |")
+        lines.append(f"| {r['name']} | {_fd(r['ema'], r['trainings'])} | {r['ema']['seed0']:.2f} | {_fd(r['raw'], r['trainings'])} | {gan} | {r['train_s']:.0f} |")
     return "\n".join(lines)
 
 
