@@ -24,6 +24,11 @@ Trainings are independent; ``--jobs`` runs that many at once, one thread each, a
 finished training is kept under ``OUT/runs/`` so that a re-run only trains what is missing.
 The whole study takes about 80 minutes on 2 cores. The table it prints is the one in
 docs/digits.md.
+
+The "v-pred ZTSNR: " rows (#24) distil a v-prediction, zero-terminal-SNR teacher of the same
+size and budget (``teacher.DIGITS_V``, trained or cached in ``--cache``) with the demo's
+recipes, and measure the eps formula on it (the ablation); ``--graph`` also samples each of
+their exported LoRA files in a real ComfyUI graph.
 """
 
 from __future__ import annotations
