@@ -25,6 +25,7 @@ from .core import (  # noqa: F401
     Process,
     get_family,
     register,
+    trailing_timesteps,
 )
 from .sd import (  # noqa: F401
     SD2,

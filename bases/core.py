@@ -18,6 +18,14 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """``steps`` timesteps evenly spaced from the last, diffusers' ``timestep_spacing="trailing"``
+    (round(arange(T, 0, -T/N)) - 1): 4 -> 999,749,499,249. The one copy (nodes' presets too)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return tuple(round(num_train_timesteps - k * num_train_timesteps / steps) - 1 for k in range(steps))
+
+
 class Process:
     """A forward process x_t = alpha(t) * x0 + sigma(t) * noise on the family's timesteps."""
 
@@ -37,11 +45,7 @@ class Process:
         return a * x0 + s * noise
 
     def trailing_timesteps(self, steps: int) -> tuple[int, ...]:
-        """``steps`` timesteps evenly spaced from the last (diffusers' "trailing"): 4 -> 999,749,499,249."""
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        n = self.num_train_timesteps
-        return tuple(round(n - k * n / steps) - 1 for k in range(steps))
+        return trailing_timesteps(steps, self.num_train_timesteps)
 
 
 class DiscreteVP(Process):

@@ -22,12 +22,15 @@ them on ComfyUI's sigma table):
   DDIM (eta 0), which ends on the table's first timestep as the SD schedulers'
   ``set_alpha_to_one=False`` makes it.
 
-Pure data and integer arithmetic: importable without ComfyUI.
+Pure data and integer arithmetic: importable without ComfyUI (the trailing rule is
+``bases.trailing_timesteps``, the one the trainer's schedules use too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..bases import trailing_timesteps  # the one copy (releases.py and the presets use it from here)
 
 TRAIN_TIMESTEPS = 1000
 UPDATE_RULES = ("dmd2", "lcm", "euler", "euler_ancestral", "tcd")
@@ -43,14 +46,6 @@ FAMILY_NAMES = {
     "tcd": "TCD",
     "turbo": "SDXL-Turbo",
 }
-
-
-def trailing_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS) -> tuple[int, ...]:
-    """diffusers' ``timestep_spacing="trailing"``: round(arange(T, 0, -T/N)) - 1."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    ratio = train_timesteps / steps
-    return tuple(int(round(train_timesteps - k * ratio)) - 1 for k in range(steps))
 
 
 def lcm_timesteps(steps: int, original_steps: int = 50, train_timesteps: int = TRAIN_TIMESTEPS) -> tuple[int, ...]:

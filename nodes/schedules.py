@@ -16,6 +16,7 @@ from comfy_api.latest import io
 
 import comfy.model_sampling
 
+from ..bases import DiscreteVP, FamilyError, discrete_sampling
 from .families import DMD2_FOUR_STEP as FOUR_STEP
 from .families import DMD2_ONE_STEP as ONE_STEP  # noqa: F401  (re-exported: the preset name)
 from .families import RECIPES, RECIPES_BY_NAME, UPDATE_RULES, Recipe
@@ -85,29 +86,19 @@ def validate_timesteps(timesteps, table_size: int | None = None) -> list[int]:
 
 
 def check_model_sampling(model_sampling) -> None:
-    """Refuse models whose sampling a DMD2 schedule would get wrong.
+    """Refuse models whose sampling a DMD2 schedule would get wrong: what ``bases`` cannot read
+    as a discrete DDPM table with eps, v or x0 prediction (flow, EDM, Stable Cascade, the
+    'lcm' 50-step grid). eps, v and zero terminal SNR all sample on the model's x0 prediction."""
+    sampling_of(model_sampling)
 
-    Supported: a discrete sigma table indexed by timestep (ModelSamplingDiscrete, as SD1.5/SDXL
-    and their v-prediction / zero-terminal-SNR variants; not the 50-step "lcm" grid) with
-    ComfyUI's EPS-family forward process x = x0 + sigma * noise and input scaling. The DMD2 update works on the model's x0 prediction, which ComfyUI
-    derives for eps and v-prediction alike, so both are handled. Flow-matching, continuous
-    EDM/V and Stable Cascade samplings have no such table or another forward process.
-    """
-    name = type(model_sampling).__name__
-    bases = ", ".join(c.__name__ for c in type(model_sampling).__mro__[1:3])
-    discrete = isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)
-    if not discrete or type(model_sampling).sigma is not comfy.model_sampling.ModelSamplingDiscrete.sigma:
-        raise UnsupportedModelError(
-            f"DMD2 schedules need a model with a discrete timestep table (SD1.5/SDXL-style); "
-            f"this model samples with {name} ({bases})")
-    eps_family = isinstance(model_sampling, comfy.model_sampling.EPS)
-    if (not eps_family or type(model_sampling).noise_scaling is not comfy.model_sampling.EPS.noise_scaling
-            or type(model_sampling).calculate_input is not comfy.model_sampling.EPS.calculate_input):
-        raise UnsupportedModelError(
-            f"DMD2 sampling needs the DDPM forward process x = x0 + sigma*noise; this model samples with {name} ({bases})")
-    table = getattr(model_sampling, "sigmas", None)
-    if table is None or table.ndim != 1 or len(table) < 2:
-        raise UnsupportedModelError("the model's sigma table is missing or too short")
+
+def sampling_of(model_sampling) -> tuple[str, bool, DiscreteVP]:
+    """(prediction, zsnr, process) of a ``model_sampling`` (``bases.discrete_sampling``), or
+    the one-line UnsupportedModelError naming its class."""
+    try:
+        return discrete_sampling(model_sampling)
+    except FamilyError as e:
+        raise UnsupportedModelError(f"DMD2 sampling: {e}") from None
 
 
 def sigmas_for_timesteps(model_sampling, timesteps) -> torch.Tensor:

@@ -262,7 +262,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     try:
         with torch.inference_mode(False), torch.enable_grad():
             make_normal_tensors(model.model.diffusion_model)
-            loaded = C.LoadedCheckpoint(path=None, arch=arch, model=model, clip=clip, vae=vae)
+            loaded = C.LoadedCheckpoint(path=None, family=C.detect_family(model), model=model, clip=clip, vae=vae)
             texts = C.RunTexts(prompt_list, prompt_list[:4], [c or None for c in caption_list] if images is not None else [])
             real_latents = None if images is None else C.encode_image_batch(loaded, images, resolution)
             data, sample_conds = texts.split(C.encode_prompts(loaded, texts.all(), resolution), real_latents, config.uncond)

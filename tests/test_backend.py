@@ -52,10 +52,14 @@ def test_missing_corrupt_and_unsupported_checkpoints(tmp_path, tiny_checkpoints)
     save_file({"encoder.layer.0.weight": torch.zeros(4, 4)}, str(other))
     with pytest.raises(C.UnsupportedModel, match="does not recognise"):
         C.load_checkpoint(other)
-    vpred = tmp_path / "vpred.safetensors"
+    vpred = tmp_path / "vpred.safetensors"  # v-prediction loads (#24); an EDM one (Playground's keys) is refused naming it
     save_file({**load_file(str(tiny_checkpoints["sdxl"])), "v_pred": torch.tensor([])}, str(vpred))
-    with pytest.raises(C.UnsupportedModel, match="v-prediction"):
-        C.load_checkpoint(vpred)
+    assert C.load_checkpoint(vpred).family.sampling_label == "v"
+    edm = tmp_path / "edm.safetensors"
+    save_file({**load_file(str(tiny_checkpoints["sdxl"])), "edm_mean": torch.zeros(1, 4, 1, 1), "edm_std": torch.ones(1, 4, 1, 1)}, str(edm))
+    with pytest.raises(C.UnsupportedModel, match="ModelSamplingContinuousEDM") as info:
+        C.load_checkpoint(edm)
+    assert "\n" not in str(info.value)
 
 
 def test_prompt_encodings_have_sdxl_size_conditioning(loaded):

@@ -336,7 +336,7 @@ def test_files_that_are_not_checkpoints_are_named(tiny_checkpoints, inputs, tmp_
     save_file(tiny_models.unet_state_dict(tiny_models.build_model("sd15")), str(files["a UNet-only file"]))
     for what, path in files.items():
         err = _bad(["--checkpoint", str(path), "--prompts", str(inputs["prompts"]), "--output", str(out)], capsys, f"is {what.strip()}")
-        assert "--checkpoint takes a full single-file SD1.5/SDXL checkpoint" in err and "Traceback" not in err
+        assert "--checkpoint takes a full single-file SD1.5/SD2.x/SDXL checkpoint" in err and "Traceback" not in err
     assert not out.exists()
 
 

@@ -316,7 +316,7 @@ def test_sampler_refuses_flow_models(models):
     model = models["sd15"].clone()
     model.add_object_patch("model_sampling", Flow())
     sigmas = torch.tensor([1.0, 0.5, 0.0])
-    with pytest.raises(UnsupportedModelError, match="discrete timestep table"):
+    with pytest.raises(UnsupportedModelError, match="discrete SD-style timestep table"):
         SamplerCustom.execute(model, True, 0, 1.0, text_conditioning("sd15"), text_conditioning("sd15"),
                               dmd2.dmd2_ksampler(), sigmas, empty_latent())
     with pytest.raises(UnsupportedModelError):

@@ -143,8 +143,8 @@ def test_v_prediction_is_supported(sd15):
 
 
 @pytest.mark.parametrize("sampling_cls,prediction_cls,what", [
-    (comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST, "discrete timestep table"),
-    (comfy.model_sampling.ModelSamplingContinuousEDM, comfy.model_sampling.EDM, "discrete timestep table"),
+    (comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST, "discrete SD-style timestep table"),
+    (comfy.model_sampling.ModelSamplingContinuousEDM, comfy.model_sampling.EDM, "discrete SD-style timestep table"),
     (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.CONST, "x = x0 \\+ sigma\\*noise"),
 ])
 def test_other_samplings_are_refused(sd15, sampling_cls, prediction_cls, what):

@@ -1,4 +1,4 @@
-"""Tiny SD1.5- and SDXL-architecture models built from ComfyUI's own classes.
+"""Tiny SD1.5-, SD2.x- and SDXL-architecture models built from ComfyUI's own classes.
 
 Same block structure as the real releases (levels, res blocks, attention placement,
 linear/conv transformer projections, SDXL's text_time embedding), tiny widths: they run a
@@ -24,6 +24,7 @@ import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.taesd.taesd
+import comfy.text_encoders.sd2_clip
 import comfy.utils
 
 TINY_CLIP = {
@@ -38,6 +39,17 @@ TINY_CLIP = {
 class TinySD1ClipModel(comfy.sd1_clip.SD1ClipModel):
     def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
         model_options = {**model_options, "clip_l_model_config": dict(TINY_CLIP)}
+        super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
+
+
+# SD2's OpenCLIP-H at tiny width; its width (= the UNet's context dim) is its own, so that
+# ComfyUI's detection tells the three tiny architectures apart by context_dim alone.
+TINY_CLIP_H = {**TINY_CLIP, "hidden_size": 48}
+
+
+class TinySD2ClipModel(comfy.text_encoders.sd2_clip.SD2ClipModel):
+    def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+        model_options = {**model_options, "clip_h_model_config": dict(TINY_CLIP_H)}
         super().__init__(device=device, dtype=dtype, model_options=model_options, **kwargs)
 
 
@@ -65,6 +77,24 @@ class TinySD15(comfy.supported_models.SD15):
 
     def clip_target(self, state_dict={}):
         return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
+
+
+class TinySD2(comfy.supported_models.SD20):
+    """SD2.x layout: SD1.5's levels and attention placement, linear projections, 16-channel
+    heads (SD2 uses 64), the OpenCLIP-H text encoder (penultimate layer). Eps or v by
+    ComfyUI's own test on the last output block's norm1 bias (see ``save_checkpoint``)."""
+
+    unet_config = {
+        "context_dim": TINY_CLIP_H["hidden_size"],
+        "model_channels": 32,
+        "use_linear_in_transformer": True,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+    }
+    unet_extra_config = {"num_heads": -1, "num_head_channels": 16, "attn_precision": torch.float32}
+
+    def clip_target(self, state_dict={}):
+        return comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd2_clip.SD2Tokenizer, TinySD2ClipModel)
 
 
 class TinySDXL(comfy.supported_models.SDXL):
@@ -106,6 +136,25 @@ UNET_CONFIGS = {
         "use_temporal_attention": False,
         "use_temporal_resblock": False,
     },
+    "sd2": {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "transformer_depth_middle": 1,
+        "context_dim": TINY_CLIP_H["hidden_size"],
+        "use_linear_in_transformer": True,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
     "sdxl": {
         "use_checkpoint": False,
         "image_size": 32,
@@ -127,15 +176,17 @@ UNET_CONFIGS = {
         "use_temporal_resblock": False,
     },
 }
-MODEL_CONFIG_CLASSES = {"sd15": TinySD15, "sdxl": TinySDXL}
+MODEL_CONFIG_CLASSES = {"sd15": TinySD15, "sd2": TinySD2, "sdxl": TinySDXL}
 # Latent side must be a multiple of 2**(levels-1).
-LATENT_MULTIPLE = {"sd15": 8, "sdxl": 4}
+LATENT_MULTIPLE = {"sd15": 8, "sd2": 8, "sdxl": 4}
+# ComfyUI calls an SD2 checkpoint v-prediction when this bias has std > 0.09 (supported_models.SD20).
+SD2_V_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
 def register() -> None:
     """Let ComfyUI's loaders recognise single-file checkpoints of the tiny models."""
     models = comfy.supported_models.models
-    for cls in (TinySDXL, TinySD15):
+    for cls in (TinySDXL, TinySD2, TinySD15):
         if cls not in models:
             models.insert(0, cls)
 
@@ -158,13 +209,19 @@ def init_weights_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def build_model(arch: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """A ComfyUI MODEL (ModelPatcher) of the tiny architecture with random weights."""
+def build_model(arch: str, seed: int = 0, v_pred: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """A ComfyUI MODEL (ModelPatcher) of the tiny architecture with random weights.
+    ``v_pred`` (SD2 only): a v-prediction model whose weights ComfyUI also detects as v."""
     register()
     model_config = MODEL_CONFIG_CLASSES[arch](dict(UNET_CONFIGS[arch]))
     model_config.set_inference_dtype(torch.float32, None)
-    base = model_config.get_model({})
+    if v_pred and arch != "sd2":
+        raise ValueError("build_model(v_pred=True) is for SD2, whose v-prediction is in its weights")
+    base = model_config.get_model({SD2_V_PROBE: torch.tensor([-1.0, 1.0])} if v_pred else {})
     init_weights_(base.diffusion_model, seed)
+    if v_pred:
+        with torch.no_grad():  # std ~0.2 > 0.09: ComfyUI's v test (supported_models.SD20.model_type)
+            base.diffusion_model.get_parameter(SD2_V_PROBE).mul_(10.0)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
 
@@ -184,10 +241,18 @@ def build_vae(seed: int = 0) -> comfy.sd.VAE:
 def save_checkpoint(arch: str, path: str | Path, seed: int = 0, v_pred: bool = False, ztsnr: bool = False) -> Path:
     """Write a single-file tiny checkpoint (UNet + text encoders + TAESD-shaped VAE), the way
     ComfyUI's CheckpointSave does. ``v_pred``/``ztsnr`` add the empty marker tensors that
-    v-prediction (zero-terminal-SNR) community checkpoints carry and ComfyUI reads (SDXL)."""
+    v-prediction (zero-terminal-SNR) community checkpoints carry and ComfyUI reads (SDXL).
+    SD2 has no markers: ``v_pred`` is in its weights (``build_model``); ComfyUI has no
+    zero-terminal-SNR detection for SD2 (the ModelSamplingDiscrete node sets it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    comfy.sd.save_checkpoint(str(path), build_model(arch, seed), build_clip(arch, seed), build_vae(seed))
+    if arch == "sd2":
+        if ztsnr:
+            raise ValueError("ComfyUI reads no zero-terminal-SNR marker from SD2 checkpoints; use ModelSamplingDiscrete")
+        model, v_pred = build_model(arch, seed, v_pred=v_pred), False
+    else:
+        model = build_model(arch, seed)
+    comfy.sd.save_checkpoint(str(path), model, build_clip(arch, seed), build_vae(seed))
     if v_pred or ztsnr:
         import safetensors.torch
 
@@ -226,6 +291,20 @@ def diffusers_unet_config(arch: str) -> dict:
             attention_head_dim=2,  # diffusers' SD1.5 quirk: this is the number of heads
             norm_num_groups=32,
             use_linear_projection=False,
+        )
+    if arch == "sd2":  # SD2.x's diffusers config: attention_head_dim holds the heads per level
+        return dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=TINY_CLIP_H["hidden_size"],
+            attention_head_dim=(2, 4, 4, 4),  # heads: channels / 16
+            norm_num_groups=32,
+            use_linear_projection=True,
         )
     return dict(
         sample_size=16,

@@ -1,6 +1,7 @@
 """Where a community checkpoint's model and conditions come from, through ComfyUI.
 
-A single-file SD1.5/SDXL checkpoint is loaded with ComfyUI's own ``comfy`` package (so
+A single-file SD1.5/SD2.x/SDXL checkpoint (eps or v prediction, with or without zero
+terminal SNR: its ``bases.Family``) is loaded with ComfyUI's own ``comfy`` package (so
 whatever ComfyUI loads, the trainer loads). Its text encoders turn the prompts and the real
 images' captions into ``Conditioning`` once (SDXL: plus the pooled vector and size
 conditioning, built by ComfyUI's ``encode_adm``); its VAE turns real images into latents once
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import bases
 from ..comfy_env import ensure_comfy
 from .backend import Conditioning
 from .data import load_image, square_crop
@@ -35,10 +37,15 @@ class LoadedCheckpoint:
     """What ComfyUI made of a checkpoint file: ``model`` (ModelPatcher), ``clip``, ``vae``."""
 
     path: Path
-    arch: str  # "sd15" | "sdxl"
+    family: bases.Family  # architecture and sampling, on the model's own sigma table
     model: Any
     clip: Any
     vae: Any
+
+    @property
+    def arch(self) -> str:
+        """'sd15', 'sd2' or 'sdxl'."""
+        return self.family.name
 
 
 def _read_state_dict(path: Path, mmap: bool = False, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -80,13 +87,14 @@ _LORA_MARKS = ("lora_down", "lora_up", "lora.down.", "lora.up.", ".lora_A.", ".l
 _TEXT_MARKS = ("text_model.", "transformer.resblocks.", "text_projection", "token_embedding", "cond_stage_model.", "conditioner.")
 _VAE_MARKS = ("encoder.down", "decoder.up", "quant_conv", "first_stage_model.", "encoder.conv_in", "decoder.conv_in")
 _UNET_MARKS = ("model.diffusion_model.", "input_blocks.", "middle_block.", "time_embed.", "time_embedding.", "down_blocks.")
-WHAT_IS_NEEDED = "--checkpoint takes a full single-file SD1.5/SDXL checkpoint (UNet, text encoder and VAE in one file, as in models/checkpoints)"
+WHAT_IS_NEEDED = "--checkpoint takes a full single-file SD1.5/SD2.x/SDXL checkpoint (UNet, text encoder and VAE in one file, as in models/checkpoints)"
 
 
 def classify_keys(keys) -> tuple[str, str | None]:
     """(kind, arch) of a state dict from its key names: kind is 'checkpoint', 'lora', 'vae',
-    'text_encoder', 'unet' or 'unknown'; arch ('sdxl' / 'sd15') is a guess for checkpoints
-    (SDXL's UNet takes a size/pooled-text vector: ``label_emb``), confirmed by ComfyUI's loader."""
+    'text_encoder', 'unet' or 'unknown'; arch ('sdxl' / 'sd2' / 'sd15') is a guess for
+    checkpoints (SDXL's UNet takes a size/pooled-text vector: ``label_emb``; SD2.x's text
+    encoder is OpenCLIP's, ``cond_stage_model.model.``), confirmed by ComfyUI's loader."""
     keys = list(keys)
     has = lambda marks: any(m in k for k in keys for m in marks)  # noqa: E731
     if has(_LORA_MARKS):
@@ -95,8 +103,10 @@ def classify_keys(keys) -> tuple[str, str | None]:
     text = has(_TEXT_MARKS)
     vae = has(_VAE_MARKS)
     if unet and any(k.startswith("model.diffusion_model.") for k in keys) and (text or vae):
-        arch = "sdxl" if any(k.startswith(("model.diffusion_model.label_emb.", "conditioner.")) for k in keys) else "sd15"
-        return "checkpoint", arch
+        if any(k.startswith(("model.diffusion_model.label_emb.", "conditioner.embedders.1.")) for k in keys):
+            return "checkpoint", "sdxl"
+        open_clip = any(k.startswith(("cond_stage_model.model.", "conditioner.embedders.0.model.")) for k in keys)
+        return "checkpoint", "sd2" if open_clip else "sd15"
     if unet:
         return "unet", None
     if vae and not text:
@@ -129,6 +139,46 @@ def peek_checkpoint(path: str | Path) -> tuple[str, str | None]:
     return classify_keys(header_tensors(path))
 
 
+# The one weight ComfyUI's SD2.x config reads to tell 768-v from 512-base (its norm's spread).
+SD2_V_TEST_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+def peek_family(path: str | Path) -> bases.Family:
+    """The family ComfyUI will load a checkpoint as, before loading it: ComfyUI's own model
+    detection and ``model_type`` on the header (SDXL's ``v_pred``/``ztsnr`` keys), plus for
+    SD2.x the one weight its v test reads (nothing else is read). ``load_checkpoint``'s
+    family must agree."""
+    path = Path(path)
+    kind, arch = peek_checkpoint(path)
+    refuse_non_checkpoint(path, kind)
+    ensure_comfy()
+    import comfy.model_base
+    import comfy.model_detection
+
+    state = header_tensors(path)
+    if arch == "sd2" and SD2_V_TEST_KEY in state:  # its 320 values: the only weight read before loading
+        state[SD2_V_TEST_KEY] = _read_one(path, SD2_V_TEST_KEY)
+    config = comfy.model_detection.model_config_from_unet(state, "model.diffusion_model.")
+    if config is None:
+        raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path} (unsupported architecture): {WHAT_IS_NEEDED}")
+    kind = config.model_type(state, "model.diffusion_model.")
+    prediction = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}.get(kind)
+    if prediction is None:
+        raise UnsupportedModel(f"{path.name} samples with {kind.name} ({type(config).__name__}): only eps- and v-prediction "
+                               "SD1.5/SD2.x/SDXL bases on the DDPM timestep table are supported")
+    return bases.get_family(arch, prediction, bool(config.sampling_settings.get("zsnr", False)))
+
+
+def _read_one(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a checkpoint (a .safetensors reads just it)."""
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_tensor(key)
+    return _read_state_dict(path, mmap=True)[0][key].clone()
+
+
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -153,26 +203,29 @@ def header_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: torch.empty_like(v, device="meta") for k, v in _read_state_dict(path, mmap=True)[0].items()}
 
 
-def detect_arch(model) -> str:
-    """'sd15' or 'sdxl' for an eps-prediction SD1.5/SDXL text-to-image UNet; else UnsupportedModel."""
-    import comfy.model_base
-    import comfy.supported_models
-
-    base, config = model.model, model.model.model_config
+def detect_family(model) -> bases.Family:
+    """The family of a ComfyUI MODEL (its patched ``model_sampling``: a ModelSamplingDiscrete
+    node in front counts) or BaseModel, when the trainer can distil it: SD1.5, SD2.x or SDXL,
+    eps or v prediction, with or without zero terminal SNR. Else UnsupportedModel in one line
+    naming the family or the sampling (x0-prediction UNets are students, not teachers)."""
+    base = getattr(model, "model", model)
+    config = base.model_config
     name = type(config).__name__
-    if isinstance(base, comfy.model_base.SDXL) and isinstance(config, comfy.supported_models.SDXL):
-        arch = "sdxl"
-    elif type(base) is comfy.model_base.BaseModel and isinstance(config, comfy.supported_models.SD15):
-        arch = "sd15"
-    else:
-        raise UnsupportedModel(f"model family {name} is not supported yet: the trainer handles SD1.5 and SDXL checkpoints")
-    if base.model_type != comfy.model_base.ModelType.EPS:
-        raise UnsupportedModel(f"{name} checkpoint uses {base.model_type.name} prediction; only eps-prediction models are supported yet (v-prediction is not)")
+    try:
+        family = bases.family_of(model)
+    except bases.FamilyError as exc:
+        raise UnsupportedModel(str(exc)) from None
+    if family.prediction not in ("eps", "v"):
+        raise UnsupportedModel(f"{name} model samples with {family.prediction} prediction: that is a few-step student's UNet, "
+                               "not a teacher; distil from the eps- or v-prediction base it was made from")
     if config.unet_config.get("in_channels", 4) != 4:
         raise UnsupportedModel(f"{name} checkpoint has {config.unet_config['in_channels']} input channels (inpainting/instruct models are not supported)")
-    if getattr(base.model_sampling, "zsnr", False):
-        raise UnsupportedModel("zero-terminal-SNR checkpoints are not supported yet")
-    return arch
+    return family
+
+
+def detect_arch(model) -> str:
+    """``detect_family(model).name``: 'sd15', 'sd2' or 'sdxl'."""
+    return detect_family(model).name
 
 
 def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None) -> LoadedCheckpoint:
@@ -194,10 +247,10 @@ def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None) -
     if out is None or out[0] is None:
         raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path} (unsupported architecture)")
     model, clip, vae = out[0], out[1], out[2]
-    arch = detect_arch(model)
+    family = detect_family(model)
     if clip is None or vae is None:
         raise CheckpointError(f"{path} holds no {'text encoder' if clip is None else 'VAE'}: a full single-file checkpoint is needed")
-    return LoadedCheckpoint(path=path, arch=arch, model=model, clip=clip, vae=vae)
+    return LoadedCheckpoint(path=path, family=family, model=model, clip=clip, vae=vae)
 
 
 @dataclass
@@ -255,7 +308,7 @@ def encode_prompts(loaded: LoadedCheckpoint, prompts: Sequence[str], resolution:
         tokens = loaded.clip.tokenize(prompt)
         context, pooled = loaded.clip.encode_from_tokens(tokens, return_pooled=True)
         y = None
-        if loaded.arch == "sdxl":
+        if loaded.family.pooled:
             y = loaded.model.model.encode_adm(
                 pooled_output=pooled, width=resolution, height=resolution, crop_w=0, crop_h=0,
                 target_width=resolution, target_height=resolution,

@@ -35,6 +35,7 @@ from typing import Any
 import tomllib
 import torch
 
+from .. import bases
 from .run import (  # noqa: F401 (GradientAverager, image_grid, draw_loss_curves: used through this module too)
     Dist,
     GradientAverager,
@@ -259,12 +260,28 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
     return run, dmd2_values, set(run_values)
 
 
-def workflow_api(checkpoint_name: str, lora_name: str, prompt: str, resolution: int, timesteps: Sequence[int], seed: int = 0) -> dict:
-    """A ComfyUI API-format graph: checkpoint -> the LoRA -> DMD2Generate -> decode -> save."""
+def sampling_node(family, file_family) -> tuple[str, bool] | None:
+    """The stock ModelSamplingDiscrete setting (sampling, zsnr) a workflow needs between the
+    checkpoint and the LoRA so that ComfyUI samples the base as ``family`` (the sampling it was
+    distilled on), when ComfyUI's reading of the checkpoint file alone (``file_family``: its
+    ``v_pred``/``ztsnr`` keys, SD2's weight test) differs; None when the file says it."""
+    if (family.prediction, family.zsnr) == (file_family.prediction, file_family.zsnr):
+        return None
+    return {"v": "v_prediction"}.get(family.prediction, family.prediction), family.zsnr
+
+
+def workflow_api(checkpoint_name: str, lora_name: str, prompt: str, resolution: int, timesteps: Sequence[int], seed: int = 0,
+                 sampling: tuple[str, bool] | None = None) -> dict:
+    """A ComfyUI API-format graph: checkpoint [-> ModelSamplingDiscrete ``sampling``] -> the
+    LoRA -> DMD2Generate -> decode -> save."""
     preset = PRESETS.get(tuple(timesteps), "custom")
+    extra = {}
+    if sampling is not None:
+        extra = {"8": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": sampling[0], "zsnr": bool(sampling[1])}}}
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name}},
-        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}},
+        **extra,
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["8" if extra else "1", 0], "lora_name": lora_name, "strength_model": 1.0}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": prompt}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": resolution, "height": resolution, "batch_size": 1}},
         "5": {
@@ -279,7 +296,8 @@ def workflow_api(checkpoint_name: str, lora_name: str, prompt: str, resolution: 
     }
 
 
-def workflow_ui(checkpoint_name: str, lora_name: str, prompt: str, resolution: int, timesteps: Sequence[int], seed: int = 0) -> dict:
+def workflow_ui(checkpoint_name: str, lora_name: str, prompt: str, resolution: int, timesteps: Sequence[int], seed: int = 0,
+                sampling: tuple[str, bool] | None = None) -> dict:
     """The same graph in the UI (litegraph) format, to open in ComfyUI's editor."""
     preset = PRESETS.get(tuple(timesteps), "custom")
     # (id, type, widget values, [(input name, type)], [(output name, type)], x, y, w, h): laid
@@ -297,6 +315,11 @@ def workflow_ui(checkpoint_name: str, lora_name: str, prompt: str, resolution: i
     # [link id, from node, from slot, to node, to slot, type]
     links = [[1, 1, 0, 2, 0, "MODEL"], [2, 1, 1, 3, 0, "CLIP"], [3, 2, 0, 5, 0, "MODEL"], [4, 3, 0, 5, 1, "CONDITIONING"],
              [5, 4, 0, 5, 2, "LATENT"], [6, 5, 0, 6, 0, "LATENT"], [7, 1, 2, 6, 1, "VAE"], [8, 6, 0, 7, 0, "IMAGE"]]
+    if sampling is not None:  # checkpoint -> ModelSamplingDiscrete (below the loader) -> LoRA
+        specs.insert(1, (8, "ModelSamplingDiscrete", [sampling[0], bool(sampling[1])], [("model", "MODEL")], [("MODEL", "MODEL")],
+                         40, 240, 340, 90))
+        links[0] = [1, 1, 0, 8, 0, "MODEL"]
+        links.append([9, 8, 0, 2, 0, "MODEL"])
     nodes = []
     for order, (node_id, kind, widgets, inputs, outputs, x, y, width, height) in enumerate(specs):
         nodes.append({
@@ -308,7 +331,7 @@ def workflow_ui(checkpoint_name: str, lora_name: str, prompt: str, resolution: i
             "properties": {"Node name for S&R": kind},
             "widgets_values": widgets,
         })
-    return {"last_node_id": 7, "last_link_id": 8, "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+    return {"last_node_id": max(s[0] for s in specs), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
 # --- checks before loading ------------------------------------------------------------------
@@ -469,7 +492,7 @@ def train(argv: Sequence[str] | None = None):
         raise ConfigError(f"config says arch={dmd2_values['arch']!r} but {run.checkpoint} is an {arch} checkpoint")
     init = read_init_lora(run.init_lora) if run.init_lora else None
     if init is not None:
-        check_init_arch(init, checkpoint_context_dim(run.checkpoint), f"{Path(run.checkpoint).name} ({arch.upper() if arch == 'sdxl' else 'SD1.5'})")
+        check_init_arch(init, checkpoint_context_dim(run.checkpoint), f"{Path(run.checkpoint).name} ({bases.get_family(arch).label})")
         run = adopt_init_lora(run, init, log.info)
     config = DMD2Config.for_arch(arch, **{k: v for k, v in dmd2_values.items() if k != "arch"})
     run, layout = one_step_layout(run, arch, config.generator_timesteps, given)
@@ -479,7 +502,10 @@ def train(argv: Sequence[str] | None = None):
         config = dataclasses.replace(config, lr_fake_score=FULL_FAKE_SCORE_LR[arch])
     if config.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {config.steps} (with 0 the LoRA would be exported untrained)")
-    resolution = run.resolution or (1024 if arch == "sdxl" else 512)
+    # The base's family as ComfyUI will load it (its sampling is part of what a resume must
+    # match; the default side is the family's: 768 for SD2.x v).
+    peeked = C.peek_family(run.checkpoint)
+    resolution = run.resolution or bases.default_resolution(peeked)
     check_resolution(resolution)
     if args.estimate:
         return estimate(run, config, arch, resolution, args.memory_budget, with_images=bool(image_paths))
@@ -501,7 +527,7 @@ def train(argv: Sequence[str] | None = None):
     # image folder in the same --output is refused by name, not trained as if it were the old.
     fingerprints = data_fingerprints(prompts, (p.read_bytes() for p in image_paths) if image_paths else None, captions)
     if latest is not None:
-        check_resume_settings(latest, resume_settings(run, config, resolution) | init_settings(run, init) | fingerprints)
+        check_resume_settings(latest, resume_settings(run, config, resolution, peeked) | init_settings(run, init) | fingerprints)
     created = prepare_output(output) if dist.main else None
     try:
         check_shared_folder(dist, output)
@@ -513,6 +539,9 @@ def train(argv: Sequence[str] | None = None):
         loaded = C.load_checkpoint(run.checkpoint, weight_dtype=base_dtype)
         if loaded.arch != arch:
             raise C.UnsupportedModel(f"{run.checkpoint} looked like an {arch} checkpoint but ComfyUI loads it as {loaded.arch}")
+        family = loaded.family  # on the model's own sigma table
+        if family.sampling_label != peeked.sampling_label:
+            raise C.UnsupportedModel(f"{run.checkpoint} looked like a {peeked.sampling_label} model but ComfyUI loads it as {family.sampling_label}")
         if dist.main:
             cache.mkdir(parents=True, exist_ok=True)
             for stale in checkpoints.glob(".step_*.tmp"):  # a save cut short by a kill
@@ -526,7 +555,7 @@ def train(argv: Sequence[str] | None = None):
         ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
         texts = C.RunTexts(prompts, sample_prompts, captions)
         check_same_inputs(dist, checkpoint=ckpt_hash, prompts=texts.all(), images=[(p.name, p.stat().st_size) for p in image_paths],
-                          settings=resume_settings(run, config, resolution) | init_settings(run, init))
+                          settings=resume_settings(run, config, resolution, family) | init_settings(run, init))
         text_file = cache / f"text-{cache_key(ckpt_hash, texts.all(), resolution)}.safetensors"
         cached = load_cached(text_file)
         if cached is None:
@@ -550,7 +579,7 @@ def train(argv: Sequence[str] | None = None):
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
         training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist, extra_settings=fingerprints,
-                               init_lora=init)
+                               init_lora=init, family=family)
         start = training.resume(latest)
     except BaseException:
         if created is not None:  # nothing half-written: a failed start leaves no new folder
@@ -559,12 +588,13 @@ def train(argv: Sequence[str] | None = None):
     total = config.total_steps
     updates = config.generator_updates(total)
     if dist.main:
-        record = {"run": dataclasses.asdict(run), "dmd2": config.to_dict(), "arch": arch, "resolution": resolution, "base_model_sha256": ckpt_hash}
+        record = {"run": dataclasses.asdict(run), "dmd2": config.to_dict(), "arch": arch, "sampling": family.sampling_label,
+                  "resolution": resolution, "base_model_sha256": ckpt_hash}
         write_text_atomic(output / "run_config.json", json.dumps(record, indent=2))
         effective = config.samples_per_iteration * dist.world_size
         log.info(
-            "%s %s, %d prompts, %d real images (%d captioned), %s, effective batch %d",
-            arch, run.checkpoint, len(prompts), len(image_paths), sum(c is not None for c in captions), device, effective,
+            "%s (%s) %s, %d prompts, %d real images (%d captioned), %s, effective batch %d",
+            arch, family.sampling_label, run.checkpoint, len(prompts), len(image_paths), sum(c is not None for c in captions), device, effective,
         )
         log.info(
             "%d iterations = %d generator update%s (%s)", total, updates, "" if updates == 1 else "s",
@@ -623,6 +653,8 @@ def train(argv: Sequence[str] | None = None):
         if ckpt_name is None:
             ckpt_name = Path(run.checkpoint).name
             log.info("the workflow names the checkpoint %s: it is outside ComfyUI's checkpoints folder, put it there to use the workflow", ckpt_name)
+        # No ModelSamplingDiscrete node (``sampling_node``): the workflow's CheckpointLoaderSimple
+        # reads the file as this run did (ComfyUI's same loader: v_pred/ztsnr keys, SD2's test).
         graph = workflow_api(ckpt_name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
         write_text_atomic(output / "workflow_api.json", json.dumps(graph, indent=2))
         ui = workflow_ui(ckpt_name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
@@ -651,7 +683,7 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
     precision, checkpointing = run.mixed_precision, run.gradient_checkpointing == "on"
     where = "the GPU" if gpu else "the CPU"
     fake = "a full copy" if run.fake_score == "full" else f"LoRA rank {run.fake_score_rank or run.lora_rank}"
-    print(f"estimating one iteration on {where}: {arch.upper() if arch == 'sdxl' else 'SD1.5'} at {resolution} px, "
+    print(f"estimating one iteration on {where}: {bases.get_family(arch).label} at {resolution} px, "
           f"batch {config.batch_size} x {config.grad_accum} accumulated, LoRA rank {run.lora_rank}, fake score {fake}, {precision}, "
           f"gradient checkpointing {'on' if checkpointing else 'off'}, GAN {'on' if with_images else 'off (no --images)'}, "
           f"moving average {'off' if config.ema_decay == 0 else ('in CPU memory' if config.ema_on_cpu else 'on ' + where)}; "

@@ -21,8 +21,20 @@ from typing import Any
 
 import tomllib
 
+from .. import bases
+
 # Per-architecture defaults; where each value comes from: docs/training.md (the DMD2
-# experiment scripts for SDXL 4-step LoRA and SD1.5; the fake score's rate is ours).
+# experiment scripts for SDXL 4-step LoRA and SD1.5; the fake score's rate is ours). SD2.x
+# (no reference run) takes SD1.5's: the same UNet size and text-conditioning path.
+_SD15_DEFAULTS = {
+    "real_guidance_scale": 1.75,
+    "fake_updates_per_generator_update": 10,
+    "lr_generator": 5e-5,
+    "lr_fake_score": 5e-4,
+    "lr_gan_head": 5e-5,
+    "gan_generator_weight": 1e-3,
+    "gan_discriminator_weight": 1e-2,
+}
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "sdxl": {
         "real_guidance_scale": 8.0,
@@ -32,36 +44,32 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr_gan_head": 5e-5,
         "gan_generator_weight": 5e-3,
         "gan_discriminator_weight": 1e-2,
-        "generator_timesteps": (999, 749, 499, 249),
-        "uncond": "zeros",
     },
-    "sd15": {
-        "real_guidance_scale": 1.75,
-        "fake_updates_per_generator_update": 10,
-        "lr_generator": 5e-5,
-        "lr_fake_score": 5e-4,
-        "lr_gan_head": 5e-5,
-        "gan_generator_weight": 1e-3,
-        "gan_discriminator_weight": 1e-2,
-        "generator_timesteps": (999, 749, 499, 249),
-        "uncond": "empty",
-    },
+    "sd15": {**_SD15_DEFAULTS},
+    "sd2": {**_SD15_DEFAULTS},
 }
+# The student's schedule and the guidance's unconditional side come from the family.
+for _name, _values in ARCH_DEFAULTS.items():
+    _values.update(generator_timesteps=bases.get_family(_name).trailing_timesteps(4), uncond=bases.get_family(_name).uncond)
 
 
 # The fake score's rate when it is a full network (``dmd2-train --fake-score full``): the
 # reference trains its full fake score at ``--guidance_lr`` 5e-5 for SDXL (X4L) and 1e-5 for
-# SD1.5 (S1); ``lr_fake_score`` above is for a LoRA F (docs/training.md).
-FULL_FAKE_SCORE_LR = {"sdxl": 5e-5, "sd15": 1e-5}
+# SD1.5 (S1; SD2.x takes it); ``lr_fake_score`` above is for a LoRA F (docs/training.md).
+FULL_FAKE_SCORE_LR = {"sdxl": 5e-5, "sd15": 1e-5, "sd2": 1e-5}
 
 
-# Student schedules by name. The reference's 1-step students condition at 399 for SDXL
-# (experiments/sdxl/sdxl_cond399_*.sh) and at its default 999 for SD1.5 (the released
-# dmd2_sd15_1step_unet_fid8.35.bin); its 4-step schedule is 999, 749, 499, 249.
+# Student schedules by name, from each family: its 4-step trailing list (999, 749, 499, 249:
+# the reference's) and its 1-step conditioning timestep (the reference's 1-step students
+# condition at 399 for SDXL, experiments/sdxl/sdxl_cond399_*.sh, and at its default 999 for
+# SD1.5, the released dmd2_sd15_1step_unet_fid8.35.bin; SD2.x at 999).
 TIMESTEP_PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
-    "sdxl": {"4-step": (999, 749, 499, 249), "1-step": (399,)},
-    "sd15": {"4-step": (999, 749, 499, 249), "1-step": (999,)},
+    name: {"4-step": bases.get_family(name).trailing_timesteps(4), "1-step": (bases.get_family(name).one_step_timestep,)}
+    for name in ARCH_DEFAULTS
 }
+# How the fake score's denoising loss is weighted (``losses.fake_score_loss``): "native" is
+# the base's own parameterization (eps for eps models, v for v models), "eps"/"v"/"x0" name one.
+FAKE_LOSS_WEIGHTINGS = ("native", "eps", "v", "x0")
 
 
 class ConfigError(ValueError):
@@ -91,9 +99,10 @@ class DMD2Config:
     dm_min_timestep: int = 20
     dm_max_timestep: int = 980
 
-    # Fake score: trained every iteration with a denoising loss on generated samples.
-    # Its loss is weighted like the eps-prediction MSE ("eps") or plain x0 MSE ("x0").
-    fake_loss_weighting: str = "eps"
+    # Fake score: trained every iteration with a denoising loss on generated samples, weighted
+    # as the MSE of the base's own output ("native": "eps" or "v", what the run records), of
+    # the eps- or v-prediction ("eps", "v") or plain x0 MSE ("x0"): docs/training.md.
+    fake_loss_weighting: str = "native"
     fake_min_timestep: int = 0
     fake_max_timestep: int = 999
 
@@ -138,7 +147,7 @@ class DMD2Config:
 
     @classmethod
     def for_arch(cls, arch: str, **overrides: Any) -> DMD2Config:
-        """The reference defaults for ``arch`` ('sdxl' or 'sd15'), then ``overrides``.
+        """The reference defaults for ``arch`` ('sdxl', 'sd15' or 'sd2'), then ``overrides``.
         ``generator_timesteps`` may name a preset of the arch (``TIMESTEP_PRESETS``)."""
         if arch not in ARCH_DEFAULTS:
             raise ConfigError(f"unknown arch {arch!r}; expected one of {sorted(ARCH_DEFAULTS)}")
@@ -208,8 +217,8 @@ class DMD2Config:
                 raise ConfigError(f"{what}_min_timestep/{what}_max_timestep must satisfy 0 <= min <= max < {n}")
         if self.uncond not in ("zeros", "empty"):
             raise ConfigError(f"uncond must be 'zeros' or 'empty', got {self.uncond!r}")
-        if self.fake_loss_weighting not in ("eps", "x0"):
-            raise ConfigError(f"fake_loss_weighting must be 'eps' or 'x0', got {self.fake_loss_weighting!r}")
+        if self.fake_loss_weighting not in FAKE_LOSS_WEIGHTINGS:
+            raise ConfigError(f"fake_loss_weighting must be one of {', '.join(FAKE_LOSS_WEIGHTINGS)}, got {self.fake_loss_weighting!r}")
         if self.fake_updates_per_generator_update < 1:
             raise ConfigError("fake_updates_per_generator_update must be >= 1")
         if self.lr_generator < 0 or self.lr_fake_score < 0 or self.lr_gan_head < 0:

@@ -27,18 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bases.sd import UNET_TARGET_SETS
 from .state import copy_checked
 
-# The DMD2 SDXL LoRA targets (diffusers module names), design.md.
-DEFAULT_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)
-# The rest of an SD-style UNet's Linear/Conv2d layers: the input and output convolutions and
-# the timestep and class/ADM (SDXL's pooled text and sizes) embeddings. ComfyUI's stock loader
-# reads them as it does the rest; the digits' 1-step student needs them (docs/digits.md).
-EMBEDDING_TARGETS = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1", "add_embedding.linear_2")
-TARGET_SETS = {"dmd2": DEFAULT_TARGETS, "all": DEFAULT_TARGETS + EMBEDDING_TARGETS}
+# The SD-style UNet's target sets (diffusers module names), from its family (bases.sd):
+# "dmd2" the DMD2 SDXL LoRA's layers (design.md); "all" adds the input and output
+# convolutions and the timestep and class/ADM embeddings (EMBEDDING_TARGETS), which ComfyUI's
+# stock loader reads as it does the rest; the digits' 1-step student needs them (docs/digits.md).
+TARGET_SETS = {**UNET_TARGET_SETS}
+DEFAULT_TARGETS = TARGET_SETS["dmd2"]
 ADAPTERS = ("generator", "fake_score")
 
 

@@ -504,17 +504,24 @@ def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Di
     return final
 
 
-def resume_settings(run: RunConfig, config, resolution: int) -> dict[str, Any]:
+def resume_settings(run: RunConfig, config, resolution: int, family=None) -> dict[str, Any]:
     """The settings a checkpoint can only be resumed with: everything that shapes the trained
-    tensors (LoRA size and targets, resolution, every algorithm key but ``steps``)."""
+    tensors (the base's sampling, LoRA size and targets, resolution, every algorithm key but
+    ``steps``). ``family``: the base's ``bases.Family`` (its ``sampling_label``: 'eps', 'v',
+    'v + zsnr'; a "native" fake-loss weighting is recorded as its prediction, so an eps run's
+    settings are those of the versions before it); None: an eps base, the sampling unrecorded."""
     from .lora import resolve_targets
 
     targets = resolve_targets(run.lora_targets)
     dmd2 = {k: v for k, v in config.to_dict().items() if k not in ("steps", "ema_on_cpu")}
+    if dmd2.get("fake_loss_weighting") == "native":
+        dmd2["fake_loss_weighting"] = "eps" if family is None else family.prediction
     fake_score = "full" if run.fake_score == "full" else {"rank": run.fake_score_rank or run.lora_rank}
-    # The student's timesteps first: a 1-step run's layout follows from them (``one_step_layout``),
-    # so a changed schedule is named as what changed, not the fake score it brought along.
-    return {"generator_timesteps": dmd2.pop("generator_timesteps"), "lora_rank": run.lora_rank, "fake_score": fake_score,
+    # The sampling first (another base's sampling is named as what changed), then the
+    # student's timesteps: a 1-step run's layout follows from them (``one_step_layout``), so a
+    # changed schedule is named as what changed, not the fake score it brought along.
+    sampling = {} if family is None else {"sampling": family.sampling_label}
+    return {**sampling, "generator_timesteps": dmd2.pop("generator_timesteps"), "lora_rank": run.lora_rank, "fake_score": fake_score,
             "lora_alpha": run.lora_alpha, "lora_targets": list(targets), "resolution": resolution, **dmd2}
 
 
@@ -598,8 +605,8 @@ def saved_settings(path: Path) -> dict[str, Any]:
 
 # Keys that checkpoints of earlier versions did not save, with the value those runs used: an
 # SDXL run started before ``uncond`` existed trained against the empty prompt, and resuming it
-# with today's default (zeros) would switch silently.
-LEGACY_SETTINGS = {"uncond": "empty"}
+# with today's default (zeros) would switch silently; runs before ``sampling`` were all eps.
+LEGACY_SETTINGS = {"uncond": "empty", "sampling": "eps"}
 
 
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
@@ -663,21 +670,30 @@ class Stopped(Exception):
 # --- the run -------------------------------------------------------------------------------
 
 
+# kohya's ``ss_base_model_version`` of each base (sd-scripts' names; v-prediction SD1.5 has none of its own).
+SS_BASE_MODEL_VERSION = {("sdxl", "eps"): "sdxl_base_v1-0", ("sdxl", "v"): "sdxl_base_v1-0", ("sd15", "eps"): "sd_v1",
+                         ("sd15", "v"): "sd_v1", ("sd2", "eps"): "sd_v2", ("sd2", "v"): "sd_v2_768_v"}
+
+
 class TrainingRun:
     """Backend + trainer on ``base_model`` (a ComfyUI ``BaseModel``: its UNet becomes the
-    frozen base, adapters injected in place until ``close``), checkpointed into ``folder``."""
+    frozen base, adapters injected in place until ``close``), checkpointed into ``folder``.
+    ``family``: the base's ``bases.Family`` (None: ``bases.family_of(base_model)``; a graph's
+    MODEL passes ``checkpoint.detect_family(model)``, which sees its sampling patches)."""
 
     def __init__(self, base_model, data, run: RunConfig, config, resolution: int, folder: Path, device: str, dist: Dist | None = None,
-                 extra_settings: dict | None = None, init_lora=None):
+                 extra_settings: dict | None = None, init_lora=None, family=None):
+        from .. import bases
         from .backend import SharedBaseBackend
         from .trainer import DMD2Trainer
 
+        self.family = family = family if family is not None else bases.family_of(base_model)
         self.run, self.config, self.resolution, self.folder = run, config, resolution, Path(folder)
         self.dist = dist or Dist()
         # what a resume must match; ``extra_settings``: the caller's own (the node: its base model)
         # ``init_lora``: the ``lora.InitLoRA`` of ``run.init_lora`` (read and checked by the caller, ``adopt_init_lora``)
         self.init = init_lora
-        self.settings = resume_settings(run, config, resolution) | init_settings(run, init_lora) | dict(extra_settings or {})
+        self.settings = resume_settings(run, config, resolution, family) | init_settings(run, init_lora) | dict(extra_settings or {})
         self.checkpoints = self.folder / "checkpoints"
         self.backend = SharedBaseBackend(
             base_model, data, (4, resolution // 8, resolution // 8),
@@ -685,7 +701,7 @@ class TrainingRun:
             full_copies=("fake_score",) if run.fake_score == "full" else (),
             device=device, mixed_precision=run.mixed_precision or None,
             gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
-            seed=config.seed, rank=self.dist.rank, init_lora=init_lora, init_fake_score=run.init_fake_score,
+            seed=config.seed, rank=self.dist.rank, init_lora=init_lora, init_fake_score=run.init_fake_score, family=family,
         )
         self.trainer = DMD2Trainer(config, self.backend, rank=self.dist.rank,
                                    shared_draw=self.dist.from_main if self.dist.world_size > 1 else None)
@@ -763,17 +779,20 @@ class TrainingRun:
         return export_generator_lora(self.trainer, self.backend, path, metadata, averaged=averaged)
 
     def lora_metadata(self, base_name: str, base_sha256: str, arch: str) -> dict:
+        """The exported LoRA's metadata; ``dmd2_sampling``: the base's sampling ('eps', 'v',
+        'v + zsnr': ``Family.sampling_label``; a file without it is from an eps base)."""
         config = self.config
         return {
             "dmd2_base_model": base_name,
             "dmd2_base_model_sha256": base_sha256,
             "dmd2_arch": arch,
+            "dmd2_sampling": self.family.sampling_label,
             "dmd2_steps": self.trainer.step_count,
             "dmd2_timesteps": ",".join(str(t) for t in config.generator_timesteps),
             "dmd2_guidance": config.real_guidance_scale,
             "dmd2_resolution": self.resolution,
             "dmd2_config": json.dumps({"run": dataclasses.asdict(self.run), "dmd2": config.to_dict()}),
-            "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
+            "ss_base_model_version": SS_BASE_MODEL_VERSION.get((arch, self.family.prediction), "sd_v1"),
             "dmd2_init_lora": "" if self.init is None else f"{self.init.name} (sha256 {self.init.sha256})",
         }
 
