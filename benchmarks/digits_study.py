@@ -24,6 +24,11 @@ Trainings are independent; ``--jobs`` runs that many at once, one thread each, a
 finished training is kept under ``OUT/runs/`` so that a re-run only trains what is missing.
 The whole study takes about 80 minutes on 2 cores. The table it prints is the one in
 docs/digits.md.
+
+The "v-pred ZTSNR: " rows (#24) distil a v-prediction, zero-terminal-SNR teacher of the same
+size and budget (``teacher.DIGITS_V``, trained or cached in ``--cache``) with the demo's
+recipes, and measure the eps formula on it (the ablation); ``--graph`` also samples each of
+their exported LoRA files in a real ComfyUI graph.
 """
 
 from __future__ import annotations
@@ -172,6 +177,29 @@ def finetune_rows() -> dict[str, tuple]:
     }
 
 
+VPRED = "v-pred ZTSNR: "  # the v-prediction, zero-terminal-SNR teacher's rows (#24): the same metric as the base teacher's
+
+
+def vpred_rows() -> dict[str, tuple]:
+    """The v-prediction ZTSNR teacher's student rows: the demo's two recipes, unchanged but
+    for the 1-step student's timestep: 999, where under zero terminal SNR the UNet sees pure
+    noise, exactly what the 1-step sampler feeds it (``teacher.DIGITS_V``)."""
+    from comfyui_dmd2.training.digits.demo import FOUR_STEP_STUDENT, ONE_STEP_STUDENT
+    from comfyui_dmd2.training.digits.teacher import DIGITS_V
+
+    main, single = (0, 1, 2), (0,)
+    one = replace(ONE_STEP_STUDENT, timesteps=(DIGITS_V.one_step_timestep,))
+    return {
+        VPRED + "1-step LoRA G r8 at 999 (the demo's 1-step recipe)": (one, main),
+        VPRED + "4-step LoRA r8 (the demo's 4-step recipe)": (FOUR_STEP_STUDENT, main),
+        # the eps teacher's 1-step timestep, for comparison: unit noise fed as if it were x_399
+        VPRED + "1-step LoRA G r8 at 399 (the demo's 1-step recipe, the eps teacher's timestep)": (ONE_STEP_STUDENT, single),
+        # the ablation: the trainer reads the v teacher's output as eps (the pack before #24),
+        # x0 = (x_t - s*out)/a on ComfyUI's ZTSNR table; sampled as the trainer read it
+        VPRED + "ablation: 4-step LoRA r8, the teacher read as eps": (replace(FOUR_STEP_STUDENT, read_as="eps"), single),
+    }
+
+
 def _yardstick(teacher_file: str, samples: int, seeds: int, style: str = ""):
     """The demo's metric for one study: ``fd(sample)`` is the mean ± std over ``seeds`` of the
     Fréchet distance of ``sample(labels, seed)`` to the reference pool. Returns it, the data
@@ -220,7 +248,40 @@ def _job(job: tuple) -> dict:
     raw = student_fd()
     with student.trainer.averaged_generator():
         averaged = student_fd()
-    return {"name": name, "seed": seed, "settings": asdict(settings), "ema": averaged, "raw": raw, "gan": gan_summary(history), "train_s": round(seconds, 1)}
+    # the exported file (the moving average, as dmd2-train writes it), for sampling in a ComfyUI graph (--graph)
+    exported = student.export(Path(teacher_file).parent / "loras" / f"{_slug(name)}_seed{seed}.safetensors")
+    return {"name": name, "seed": seed, "settings": asdict(settings), "ema": averaged, "raw": raw, "gan": gan_summary(history),
+            "train_s": round(seconds, 1), "file": str(exported)}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int) -> dict:
+    """Each kept training's exported file sampled in a real ComfyUI graph (``DigitsComfyRunner``:
+    the digits model file, which carries its v_pred/ztsnr keys -> stock LoraLoaderModelOnly ->
+    DMD2Generate at the row's timesteps), FD over ``seeds``: {row name: {seed: FD}}."""
+    from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits.comfy_runner import DigitsComfyRunner
+    from comfyui_dmd2.training.digits.demo import dmd2_schedule
+
+    fd, _, _, _ = _yardstick(teacher_file, samples, seeds)
+    out: dict[str, dict] = {}
+    with DigitsComfyRunner() as comfy:
+        for r in results:
+            if not r.get("file") or r["settings"]["read_as"]:  # the ablation samples as its trainer read it: in-process only
+                continue
+            preset, custom = dmd2_schedule(tuple(r["settings"]["timesteps"]))
+            lora = comfy.install_lora(Path(r["file"]))
+            expected = D.balanced_labels(samples)
+
+            def sample(labels, s, lora=lora, preset=preset, custom=custom, expected=expected):
+                assert torch.equal(labels, expected)  # the runner's conditioning cycles 0-9 like balanced_labels
+                return comfy.generate(Path(teacher_file), len(labels), preset, s, lora=lora, custom_timesteps=custom)
+
+            out.setdefault(r["name"], {})[r["seed"]] = fd(sample)
+    return out
 
 
 def teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
@@ -231,6 +292,72 @@ def teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
     out = {f"teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
     floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
     out["real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
+    return out
+
+
+def eps_formula_x0(teacher, labels: torch.Tensor, variant: str):
+    """The v teacher's x0 predictor as an eps-only code path computes it (the ablation):
+    ``"v as eps"``: the UNet's v read as eps, x0 = (x_t - s*out)/a (what the pack did before
+    #24 to any model); ``"reference"``: the reference's x0 = (x_t - s*eps)/a on the teacher's
+    true eps (a*v + s*x_t, via the family) at ComfyUI's terminal a = 2.2e-4; ``"reference
+    bf16"``: the same with the UNet output and the arithmetic in bf16 (the GPU trainer's
+    autocast); ``"reference, exact zero"``: at diffusers' terminal a = 0 (rescale_betas_zero_snr).
+    ``"family bf16"`` is the control: the family's x0 = a*x_t - s*v, in bf16 too."""
+    from comfyui_dmd2 import bases
+
+    family = teacher.family
+    if variant == "reference, exact zero":
+        abar = family.process.alphas_cumprod.clone()
+        abar[-1] = 0.0
+        family = family.with_process(bases.DiscreteVP(abar))
+    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+
+    def x0(x_t, t):
+        out = teacher.output(x_t, t, labels).to(dtype)
+        x_t = x_t.to(dtype)
+        if variant == "family bf16":
+            return family.to_x0(x_t, out, t).float()
+        a, s = family.process.alpha_sigma(t, x_t)
+        eps = out if variant == "v as eps" else family.eps_from_x0(x_t, family.to_x0(x_t, out, t), t)
+        return ((x_t - s * eps) / a).float()
+
+    return x0
+
+
+def vpred_teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
+    """The v teacher's DDIM rows (x0 through its family), and the ablation: its DDIM 4 with
+    x0 by the eps-only formula (``eps_formula_x0``), with the share of non-finite samples."""
+    from comfyui_dmd2.training import sampling
+    from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits import metric as M
+    from comfyui_dmd2.training.digits import teacher as T
+
+    fd, _, teacher, reference = _yardstick(teacher_file, samples, seeds)
+    out = {f"{VPRED}teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
+    for variant in ("v as eps", "reference", "reference bf16", "reference, exact zero", "family bf16"):
+        finite = []
+
+        def sample(labels, seed, variant=variant, finite=finite):
+            noise = torch.randn((len(labels), 1, D.SIDE, D.SIDE), generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                x = sampling.ddim_sample(eps_formula_x0(teacher, labels, variant), noise, teacher.family.trailing_timesteps(4), teacher.family)
+            finite.append(float(torch.isfinite(x).flatten(1).all(1).float().mean()))
+            # the distance of the finite samples (none finite: inf); the share of them is reported
+            return x if finite[-1] == 1.0 else torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+
+        row = fd(sample)
+        row["finite_share"] = finite
+        # where it breaks: the first step (999), against the family's x0 on the same input
+        labels = D.balanced_labels(samples)
+        x = torch.randn((samples, 1, D.SIDE, D.SIDE), generator=torch.Generator().manual_seed(0))
+        t = torch.full((samples,), 999)
+        with torch.no_grad():
+            err = (eps_formula_x0(teacher, labels, variant)(x, t) - teacher.x0(x, t, labels)).abs()
+        row["x0_error_at_999"] = float(err.mean())  # nan: not finite
+        what = "x0 = a*x_t - s*v (the family's), bf16: the control" if variant == "family bf16" else f"x0 by the eps formula ({variant})"
+        out[f"{VPRED}ablation: teacher DDIM 4, {what}"] = row
+    floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
+    out[f"{VPRED}real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
     return out
 
 
@@ -287,8 +414,8 @@ def combine(results: list[dict]) -> list[dict]:
     return out
 
 
-def _fd(value: dict) -> str:
-    spread = f" ± {value['std']:.2f} (3 trainings)" if value["std"] is not None else f" ± {value['sampling_std_seed0']:.2f} (sampling)"
+def _fd(value: dict, trainings: int) -> str:
+    spread = f" ± {value['std']:.2f} ({trainings} trainings)" if value["std"] is not None else f" ± {value['sampling_std_seed0']:.2f} (sampling)"
     return f"{value['mean']:.2f}{spread}"
 
 
@@ -298,11 +425,13 @@ def table(rows: list[dict], teachers: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, fd in teachers.items():
-        lines.append(f"| {name} | {fd['mean']:.2f} ± {fd['std']:.2f} (sampling) | | | | | | |")
+        finite = (f"; finite samples {100 * min(fd['finite_share']):.1f} %; mean |x0 error| at 999 {fd['x0_error_at_999']:.3g}"
+                  if "finite_share" in fd else "")
+        lines.append(f"| {name} | {fd['mean']:.2f} ± {fd['std']:.2f} (sampling){finite} | | | | | | |")
     for r in rows:
         g = r["gan"]
         gan = f"{g['loss_gan_discriminator']:.3f} | {g['logits_real']:+.3f} / {g['logits_fake']:+.3f} | {g['discriminator_accuracy']:.3f}" if g else "GAN off | | "
-        lines.append(f"| {r['name']} | {_fd(r['ema'])} | {r['ema']['seed0']:.2f} | {_fd(r['raw'])} | {gan} | {r['train_s']:.0f} |")
+        lines.append(f"| {r['name']} | {_fd(r['ema'], r['trainings'])} | {r['ema']['seed0']:.2f} | {_fd(r['raw'], r['trainings'])} | {gan} | {r['train_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -314,7 +443,9 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=Path("dmd2-digits-study"))
     parser.add_argument("--training-seeds", default="", help="train only these training seeds of each row (e.g. 0; default: the row's)")
-    parser.add_argument("--base-teacher-rows", action="store_true", help="with finetune rows: the base teacher's rows too")
+    parser.add_argument("--base-teacher-rows", action="store_true", help="with finetune or v-pred rows: the base teacher's rows too")
+    parser.add_argument("--teachers-only", action="store_true", help="the chosen rows' teacher rows only (train no student)")
+    parser.add_argument("--graph", action="store_true", help="v-pred rows: also sample each exported LoRA in a real ComfyUI graph")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2", help="where the demo's teacher is cached")
     args = parser.parse_args()
     from comfyui_dmd2.comfy_env import ensure_comfy
@@ -329,17 +460,23 @@ def main() -> int:
     from comfyui_dmd2.training.digits import teacher as T
     from comfyui_dmd2.training.digits.demo import FULL, finetune_for, release_for, teacher_for
 
-    all_rows = rows() | finetune_rows()
+    all_rows = rows() | finetune_rows() | vpred_rows()
     chosen = [r.strip() for r in args.rows.split(";") if r.strip()] or list(all_rows)
     unknown = [r for r in chosen if r not in all_rows]
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {list(all_rows)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    teacher = teacher_for(D.load_digits_data(), FULL, args.cache)
-    teacher_file = str(args.out / "teacher.safetensors")
-    save_file(T.denoiser_state_dict(teacher), teacher_file)
-    start = time.time()
     finetune = any(name.startswith(FINETUNE) for name in chosen)
+    vpred = any(name.startswith(VPRED) for name in chosen)
+    base_rows = not (finetune or vpred) or args.base_teacher_rows
+    if base_rows or not all(name.startswith(VPRED) for name in chosen):  # the eps teacher (v-pred rows alone need none)
+        teacher = teacher_for(D.load_digits_data(), FULL, args.cache)
+        teacher_file = str(args.out / "teacher.safetensors")
+        save_file(T.denoiser_state_dict(teacher), teacher_file)
+    start = time.time()
+    if vpred:  # the v-prediction ZTSNR teacher: the same budget as the eps one, cached in --cache too
+        v_teacher_file = str(args.out / "teacher_v_zsnr.safetensors")
+        save_file(T.denoiser_state_dict(teacher_for(D.load_digits_data(), FULL, args.cache, family=T.DIGITS_V)), v_teacher_file)
     if finetune:
         # the finetune and the release LoRA: the demo's (cached in --cache like its teacher)
         base = T.denoiser_state_dict(teacher)
@@ -349,6 +486,8 @@ def main() -> int:
 
     def job(name: str, seed: int) -> tuple:
         settings = all_rows[name][0]
+        if name.startswith(VPRED):
+            return (name, settings, seed, v_teacher_file, args.samples, args.seeds, 1, "")
         if not name.startswith(FINETUNE):
             return (name, settings, seed, teacher_file, args.samples, args.seeds, 1, "")
         if settings.init_lora == "release":
@@ -357,15 +496,14 @@ def main() -> int:
 
     # longest first (4-step, then the rest) so that the two workers finish together
     only = {int(seed) for seed in args.training_seeds.split(",")} if args.training_seeds else None
-    jobs = [job(name, seed) for name in chosen for seed in all_rows[name][1] if only is None or seed in only]
+    jobs = [job(name, seed) for name in chosen for seed in all_rows[name][1] if (only is None or seed in only) and not args.teachers_only]
     jobs.sort(key=lambda job: -len(job[1].timesteps))
     # each training's result is kept as it arrives, so an interrupted study picks up where it stopped
     runs_dir = args.out / "runs"
     runs_dir.mkdir(exist_ok=True)
 
     def run_file(job: tuple) -> Path:
-        slug = "".join(c if c.isalnum() else "_" for c in job[0]).strip("_")
-        return runs_dir / f"{slug}_seed{job[2]}_n{args.samples}x{args.seeds}.json"
+        return runs_dir / f"{_slug(job[0])}_seed{job[2]}_n{args.samples}x{args.seeds}.json"
 
     def finished(job: tuple) -> dict | None:
         """A kept result of this very training (same settings), if any."""
@@ -388,10 +526,24 @@ def main() -> int:
             results.append(result)
     order = {name: i for i, name in enumerate(chosen)}
     rows_out = sorted(combine(results), key=lambda r: order[r["name"]])
-    teachers = teacher_rows(teacher_file, args.samples, args.seeds) if not finetune or args.base_teacher_rows else {}
+    teachers = teacher_rows(teacher_file, args.samples, args.seeds) if base_rows else {}
+    if vpred:
+        teachers |= vpred_teacher_rows(v_teacher_file, args.samples, args.seeds)
     if finetune:
         teachers |= finetune_teacher_rows(finetune_file, teacher_file, release_file, FULL.style, FULL.strengths, args.samples, args.seeds)
     text = table(rows_out, teachers)
+    if args.graph and vpred:
+        from comfyui_dmd2.training.digits import metric as M
+
+        graph = graph_rows([r for r in results if r["name"].startswith(VPRED)], v_teacher_file, args.samples, args.seeds)
+        lines = ["", "| row, sampled in the ComfyUI graph (exported LoRA, LoraLoaderModelOnly, DMD2Generate) | FD, moving average | per training |", "|---|---|---|"]
+        for r in rows_out:
+            if r["name"] in graph:
+                per = {seed: v["mean"] for seed, v in sorted(graph[r["name"]].items())}
+                r["graph"] = M.summarize(list(per.values())) | {"per_training": per}
+                spread = f" ± {r['graph']['std']:.2f} ({len(per)} trainings)" if len(per) > 1 else f" ± {graph[r['name']][0]['std']:.2f} (sampling)"
+                lines.append(f"| {r['name']} | {r['graph']['mean']:.2f}{spread} | " + ", ".join(f"seed {k}: {v:.2f}" for k, v in per.items()) + " |")
+        text += "\n".join(lines)
     print(text)
     print(f"study: {time.time() - start:.0f} s")
     (args.out / "study.json").write_text(json.dumps({"teachers": teachers, "rows": rows_out}, indent=2))

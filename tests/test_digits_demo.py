@@ -10,6 +10,7 @@ finetune scenario, end to end through exported LoRA files in a ComfyUI graph.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -254,3 +255,99 @@ def test_quick_demo_distils_the_finetune_and_samples_the_release_lora_on_it(tmp_
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["rows"]["DMD2 4-step on the finetune"]["fd"]["mean"] == pytest.approx(ours)
     assert "| DMD2 4-step on the finetune |" in (tmp_path / "metrics.md").read_text()
+
+
+# -- the v-prediction, zero-terminal-SNR teacher (#24) -------------------------------------------
+
+def test_v_zsnr_teacher_is_a_v_prediction_zsnr_comfyui_model_and_its_file_says_so():
+    """ComfyUI sees the v teacher as V_PREDICTION with zero terminal SNR (its own sigma table,
+    the one the sampler nodes and the backend read), and its file carries ComfyUI's marker
+    keys, so a loader rebuilds the same family; the eps teacher's file carries none."""
+    import comfy.model_sampling as ms
+    from comfyui_dmd2 import bases
+
+    teacher = T.new_teacher(seed=4, family=T.DIGITS_V)
+    model = T.comfy_model(teacher)
+    sampling = model.get_model_object("model_sampling")
+    assert isinstance(sampling, ms.V_PREDICTION) and sampling.zsnr
+    prediction, zsnr, process = bases.discrete_sampling(sampling)
+    assert (prediction, zsnr) == ("v", True)
+    assert process.alphas_cumprod[-1].item() == pytest.approx(4.8973451890853435e-08, rel=1e-4)
+    torch.testing.assert_close(process.alphas_cumprod, T.DIGITS_V.process.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    # the eps teacher keeps SD's table: the two differ (ZTSNR rescales every step, not only the last)
+    assert T.DIGITS.process.alphas_cumprod[-1].item() == pytest.approx(0.00466, abs=1e-4)
+    state = T.denoiser_state_dict(teacher)
+    assert {"v_pred", "ztsnr"} <= set(state)
+    again = T.load_denoiser(state)
+    assert again.family == T.DIGITS_V and again.family.one_step_timestep == 999
+    assert not {"v_pred", "ztsnr"} & set(T.denoiser_state_dict(T.new_teacher()))
+    assert T.load_denoiser(T.denoiser_state_dict(T.new_teacher())).family == T.DIGITS
+
+
+def test_v_zsnr_teacher_loss_and_x0_are_finite_at_999(data):
+    """The v teacher's DDPM target is v = a*eps - s*x0 (checked against the float64 formula),
+    finite at every timestep, and its x0 = a*x_t - s*v recovers the clean digit at 999 where
+    the eps form (x_t - s*eps)/a divides by a = 2.2e-4 (0 in diffusers' exact ZTSNR)."""
+    family = T.DIGITS_V
+    x0 = data.train_x[:32]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    abar = family.process.alphas_cumprod
+    for step in (0, 500, 980, 999):
+        t = torch.full((32,), step)
+        x_t = family.add_noise(x0, noise, t)
+        target = T.training_target(family, x_t, x0, noise, t)
+        a, s = abar[step].sqrt().item(), (1 - abar[step]).sqrt().item()
+        torch.testing.assert_close(target, (a * noise.double() - s * x0.double()).float(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(family.to_x0(x_t, target, t), x0, rtol=0, atol=1e-5)
+    # at 999 the input is pure noise and v is the negated digit (up to a = 2.2e-4)
+    assert (target + x0).abs().max() < 1e-3
+    teacher = T.train_teacher(data, steps=3, batch_size=16, family=family)
+    out = teacher.x0(torch.randn(10, 1, 8, 8), torch.full((10,), 999), D.balanced_labels(10))
+    assert torch.isfinite(out).all()
+    samples = T.sample_ddim(teacher, D.balanced_labels(10), 4, seed=0)
+    assert torch.isfinite(samples).all()
+
+
+def test_node_one_step_at_999_on_the_v_zsnr_teacher_equals_the_trainer_convention():
+    """DMD2Generate at 999 on the v/ZTSNR teacher (sigma 4519 in ComfyUI's table) feeds the
+    UNet unit noise and reads its v through ComfyUI's V_PREDICTION: the same samples as the
+    plain-torch DMD2 sampler's x0 through the family."""
+    model = T.new_teacher(seed=3, family=T.DIGITS_V)
+    labels = D.balanced_labels(20)
+    assert demo.dmd2_schedule((999,)) == ("custom", "999")
+    via_node = demo.sample_with_nodes(model, labels, (999,), seed=11)
+    plain = T.sample_student(model, labels, (999,), seed=11)
+    assert torch.isfinite(plain).all()
+    torch.testing.assert_close(via_node, plain, rtol=1e-3, atol=1e-4)
+
+
+def test_product_path_on_the_v_zsnr_teacher_trains_finite_and_its_lora_samples_in_comfyui(data, tmp_path):
+    """A few iterations of the product's path (SharedBaseBackend, DMD2Trainer, the warm
+    start's teacher DDIM) on the v/ZTSNR teacher, the 1-step student at 999: the backend reads
+    the teacher's family, every loss is finite, and the exported LoRA on the teacher, sampled
+    by DMD2Generate at 999 in ComfyUI, is the averaged student."""
+    import comfy.sd
+    import comfy.utils
+
+    from comfyui_dmd2.nodes.sampler import DMD2Generate
+
+    teacher = T.new_teacher(seed=2, family=T.DIGITS_V)
+    settings = students.StudentSettings(timesteps=(999,), iterations=6, batch_size=8, fake_updates_per_generator_update=2,
+                                        ema_decay=0.5, warmup_steps=0, regression_steps=2, regression_teacher_steps=2)
+    history: list[dict] = []
+    student = students.distill(teacher, data, settings, callbacks=[history.append])
+    assert student.backend.family == T.DIGITS_V and student.family == T.DIGITS_V
+    losses_seen = {k for h in history for k in h if k.startswith("loss_")}
+    assert {"loss_regression", "loss_dm", "loss_fake"} <= losses_seen
+    assert all(math.isfinite(v) for h in history for k, v in h.items() if k.startswith("loss_"))
+    path = student.export(tmp_path / "student.safetensors")
+    labels = D.balanced_labels(20)
+    with student.trainer.averaged_generator():
+        expected = T.sample_student(student.denoiser(), labels, (999,), seed=5)
+    assert torch.isfinite(expected).all()
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    model, _ = comfy.sd.load_lora_for_models(T.comfy_model(teacher), None, lora, 1.0, 0.0)
+    assert len(model.patches) == len(student.backend.adapters.layers)
+    out = DMD2Generate.execute(model=model, positive=T.comfy_conditioning(labels), latent_image={"samples": torch.zeros(20, 1, 8, 8)},
+                               seed=5, preset="custom", custom_timesteps="999")
+    torch.testing.assert_close(out.result[0]["samples"].float(), expected, rtol=1e-2, atol=2e-3)  # fp16 LoRA file

@@ -71,7 +71,7 @@ class DigitsComfyRunner:
         return Path(path).name
 
     def generate(self, model_file: Path, batch: int, preset: str, seed: int, lora: str | None = None, side: int = 8,
-                 strength: float = 1.0) -> torch.Tensor:
+                 strength: float = 1.0, custom_timesteps: str = "") -> torch.Tensor:
         """Digits model file [-> LoraLoaderModelOnly(lora, strength)] -> class conditioning ->
         EmptyLatentImage -> DMD2Generate -> SaveLatent; returns the saved latents
         (batch, 1, side, side), labels cycling 0-9."""
@@ -87,7 +87,7 @@ class DigitsComfyRunner:
             "2": {"class_type": "DMD2DigitsClassConditioning", "inputs": {"batch": batch}},
             "3": {"class_type": "EmptyLatentImage", "inputs": {"width": side * 8, "height": side * 8, "batch_size": batch}},
             "4": {"class_type": "DMD2Generate", "inputs": {"model": model, "positive": ["2", 0], "latent_image": ["3", 0],
-                                                           "seed": seed, "preset": preset, "custom_timesteps": ""}},
+                                                           "seed": seed, "preset": preset, "custom_timesteps": custom_timesteps}},
             "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": prefix}},
         }
         entry = self.run(prompt)

@@ -110,13 +110,16 @@ def _bar(total: int, desc: str, position: int = 0):
     return tqdm(total=total, desc=desc, unit="it", leave=False, position=position)
 
 
-def teacher_for(data, settings: DemoSettings, cache_dir: Path | None):
-    """The teacher: from ``cache_dir`` when it was trained with these settings, else trained."""
+def teacher_for(data, settings: DemoSettings, cache_dir: Path | None, family=None):
+    """The teacher: from ``cache_dir`` when it was trained with these settings, else trained.
+    ``family``: the teacher's (default the eps ``teacher.DIGITS``; ``DIGITS_V``: v, ZTSNR)."""
     from safetensors.torch import load_file, save_file
 
     from . import teacher as T
 
-    key = f"digits_teacher_s{settings.teacher_steps}_b{settings.teacher_batch}.safetensors"
+    family = family or T.DIGITS
+    sampling = "" if family == T.DIGITS else "_" + family.sampling_label.replace(" + ", "_")
+    key = f"digits_teacher{sampling}_s{settings.teacher_steps}_b{settings.teacher_batch}.safetensors"
     path = cache_dir / key if cache_dir is not None else None
     if path is not None and path.is_file():
         print(f"reusing the cached teacher {path}")
@@ -128,7 +131,8 @@ def teacher_for(data, settings: DemoSettings, cache_dir: Path | None):
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss:.3f}")
 
-    teacher = T.train_teacher(data, steps=settings.teacher_steps, batch_size=settings.teacher_batch, progress=progress)
+    teacher = T.train_teacher(data, steps=settings.teacher_steps, batch_size=settings.teacher_batch, progress=progress,
+                              family=family)
     bar.close()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,18 +331,28 @@ def train_students(teacher, settings: dict[str, StudentSettings], out: Path) -> 
         return {name: future.result() for name, future in futures.items()}
 
 
+def dmd2_schedule(timesteps: tuple[int, ...]) -> tuple[str, str]:
+    """(preset, custom_timesteps) of ``DMD2Generate`` for a DMD2 student's timesteps: the DMD2
+    preset when one has them, else "custom" (the v teacher's 1-step student at 999: the
+    other 999 presets are other families' update rules)."""
+    from ...nodes.schedules import CUSTOM, FOUR_STEP, ONE_STEP, PRESETS
+
+    preset = next((name for name in (ONE_STEP, FOUR_STEP) if PRESETS[name] == tuple(timesteps)), None)
+    return (preset, "") if preset else (CUSTOM, ",".join(map(str, timesteps)))
+
+
 def sample_with_nodes(model, labels: torch.Tensor, timesteps: tuple[int, ...], seed: int) -> torch.Tensor:
     """Sample a digits model in-process through the pack's DMD2Generate node (a ComfyUI
     MODEL, CONDITIONING and LATENT, exactly what a graph passes it)."""
     from ...nodes.sampler import DMD2Generate
-    from ...nodes.schedules import PRESETS
     from . import data as D
     from . import teacher as T
 
-    preset = next(name for name, ts in PRESETS.items() if ts == timesteps)
+    preset, custom = dmd2_schedule(timesteps)
     positive = T.comfy_conditioning(labels)
     latent = {"samples": torch.zeros(len(labels), 1, D.SIDE, D.SIDE)}
-    out = DMD2Generate.execute(model=T.comfy_model(model), positive=positive, latent_image=latent, seed=seed, preset=preset, custom_timesteps="")
+    out = DMD2Generate.execute(model=T.comfy_model(model), positive=positive, latent_image=latent, seed=seed, preset=preset,
+                               custom_timesteps=custom)
     return out.result[0]["samples"].float()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ...bases import Family
 from ..backend import Conditioning, SharedBaseBackend, TrainingData, export_generator_lora
 from ..config import DMD2Config
 from ..lora import DEFAULT_TARGETS
@@ -52,6 +53,7 @@ class StudentSettings:
     full_copies: tuple[str, ...] = ()  # ("generator", "fake_score"): the reference's layout
     init_lora: str = ""  # start LoRA G (and with init_fake_score LoRA F) from this LoRA file (rank and alpha: the file's)
     init_fake_score: bool = False
+    read_as: str = ""  # the ablation (#24): the trainer reads the teacher's output as this prediction ("eps" on the v teacher)
     overrides: dict = field(default_factory=dict)  # any other DMD2Config key
 
     def config(self, seed: int = 0) -> DMD2Config:
@@ -88,9 +90,15 @@ def training_data(data: DigitsData, gan: bool = True) -> TrainingData:
 
 def teacher_base_model(teacher: DigitsDenoiser):
     """A ComfyUI ``BaseModel`` holding a copy of the teacher's weights."""
-    base = build_base_model()
+    base = build_base_model(family=teacher.family)
     base.diffusion_model.load_state_dict(teacher.unet.state_dict())
     return base
+
+
+def student_family(teacher: DigitsDenoiser, settings: StudentSettings) -> Family:
+    """The family the trainer reads the teacher in: its own, or the ablation's ``read_as``
+    on the same table (an eps-only trainer on a v/ZTSNR model)."""
+    return teacher.family.with_sampling(settings.read_as, teacher.family.zsnr) if settings.read_as else teacher.family
 
 
 def student_backend(teacher: DigitsDenoiser, data: DigitsData, settings: StudentSettings, seed: int = 0) -> SharedBaseBackend:
@@ -100,7 +108,8 @@ def student_backend(teacher: DigitsDenoiser, data: DigitsData, settings: Student
         gradient_checkpointing=False, seed=seed, full_copies=settings.full_copies,
         fake_score_rank=settings.fake_score_rank or None,
         lora_merged=True,  # small layers: one merged kernel per layer is 1.4x faster per iteration
-        init_lora=settings.init_lora or None, init_fake_score=settings.init_fake_score, family=teacher.family,
+        init_lora=settings.init_lora or None, init_fake_score=settings.init_fake_score,
+        family=student_family(teacher, settings),
     )
 
 
@@ -109,6 +118,7 @@ class Student:
     settings: StudentSettings
     trainer: DMD2Trainer
     backend: SharedBaseBackend
+    family: Family  # the teacher's as the trainer read it (``student_family``)
 
     def export(self, path: Path, averaged: bool = True) -> Path:
         """The generator as the file a ComfyUI graph loads: the kohya LoRA (product path), or
@@ -129,8 +139,8 @@ class Student:
 
         unet = self.backend.copies.get("generator")
         if unet is not None:
-            return load_denoiser({k: v.detach().clone() for k, v in unet.state_dict().items()})
-        return load_denoiser(self.backend.adapters.merged_state_dict("generator"))
+            return load_denoiser({k: v.detach().clone() for k, v in unet.state_dict().items()}, self.family)
+        return load_denoiser(self.backend.adapters.merged_state_dict("generator"), self.family)
 
 
 def distill(
@@ -145,4 +155,4 @@ def distill(
     backend = student_backend(teacher, data, settings, seed)
     trainer = DMD2Trainer(settings.config(seed), backend, callbacks=callbacks)
     trainer.run(progress=False)
-    return Student(settings, trainer, backend)
+    return Student(settings, trainer, backend, backend.family)
