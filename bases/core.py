@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,6 +63,12 @@ class DiscreteVP(Process):
         sigmas = sigmas.detach().double().cpu()
         return cls(1.0 / (1.0 + sigmas**2))
 
+    def with_terminal(self, alpha_cumprod: float) -> DiscreteVP:
+        """The same table with the last abar replaced (zero terminal SNR at exactly 0)."""
+        table = self.alphas_cumprod.clone()
+        table[-1] = alpha_cumprod
+        return DiscreteVP(table)
+
     @property
     def sigmas(self) -> torch.Tensor:
         """ComfyUI's sigma table (float64): sqrt((1 - abar) / abar)."""
@@ -111,7 +118,11 @@ class Family:
     """One base-model family with one sampling (prediction type, terminal SNR).
 
     ``process`` is built by ``make_process`` from ``zsnr`` unless a model's own table is
-    given (``with_process``): ComfyUI's sigmas are the truth for a loaded model."""
+    given (``with_process``): ComfyUI's sigmas are the truth for a loaded model, except at a
+    zero-terminal-SNR model's last timestep, where a v (or x0) model's process has abar
+    exactly 0 (x0 = -v), as diffusers' ``rescale_betas_zero_snr`` and the sampler's DMD2 step
+    have it; ComfyUI's 4.9e-8 there only keeps its sigma finite. An eps model keeps the finite
+    value (its x0 has no limit at alpha = 0; the trainer refuses eps + zsnr)."""
 
     name: str  # "sd15", "sd2", "sdxl": the arch key used in files, metadata and tables
     label: str  # "SD1.5", shown to users
@@ -127,9 +138,12 @@ class Family:
     make_process: Callable[[bool], Process] = field(default=None, repr=False, compare=False)
     process_override: Process | None = field(default=None, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def process(self) -> Process:
-        return self.process_override if self.process_override is not None else self.make_process(self.zsnr)
+        process = self.process_override if self.process_override is not None else self.make_process(self.zsnr)
+        if self.zsnr and self.prediction != "eps" and isinstance(process, DiscreteVP):
+            process = process.with_terminal(0.0)
+        return process
 
     @property
     def parameterization(self) -> Prediction:

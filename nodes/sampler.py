@@ -159,11 +159,14 @@ def sample_few_step(model, x, sigmas, extra_args=None, callback=None, disable=No
         elif rule == "euler":
             x = denoised + eps * sigma_next
         elif rule == "euler_ancestral":
-            sigma_up = (sigma_next**2 * (sigma_rule**2 - sigma_next**2) / sigma_rule**2) ** 0.5
-            sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-            x = denoised + eps * sigma_down
+            # The split in float64: from a large sigma (4096 at a ZTSNR model's first step)
+            # sigma_down^2 = sigma_next^2 - sigma_up^2 is ~1e-7 of either, below float32's digits.
+            s_from, s_to = sigma_rule.double(), sigma_next.double()
+            sigma_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
+            sigma_down = (s_to**2 - sigma_up**2) ** 0.5
+            x = denoised + eps * sigma_down.to(x.dtype)
             if not last:
-                x = x + noise_sampler(sigma, sigma_next) * sigma_up
+                x = x + noise_sampler(sigma, sigma_next) * sigma_up.to(x.dtype)
         elif rule == "tcd":
             t_next = 0 if last else int(model_sampling.timestep(sigma_next).round().item())
             sigma_s = model_sampling.sigmas[int((1.0 - gamma) * t_next)].to(x)

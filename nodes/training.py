@@ -158,6 +158,8 @@ def model_family(model) -> bases.Family:
             f"'{family.prediction}'): DMD2TrainLoRA distils eps- and v-prediction models; set the node to eps or v_prediction, "
             "or connect the checkpoint loader's MODEL directly"
         )
+    if family.zsnr and family.prediction == "eps":
+        raise TrainingInputError(C.ZSNR_EPS_REFUSAL.format(name="the MODEL"))
     own = family.process.alphas_cumprod
     standard = bases.get_family(family.name, family.prediction, family.zsnr).process.alphas_cumprod
     if own.shape != standard.shape or not torch.allclose(own, standard, rtol=1e-4, atol=0):

@@ -27,15 +27,14 @@ def test_process_matches_comfy_and_diffusers_tables(zsnr):
 
     process = bases.get_family("sdxl", "v", zsnr).process
     comfy_table = bases.DiscreteVP.from_sigmas(_comfy_sampling(ms.V_PREDICTION, zsnr).sigmas)
-    torch.testing.assert_close(process.alphas_cumprod, comfy_table.alphas_cumprod, rtol=2e-6, atol=0)
+    torch.testing.assert_close(process.alphas_cumprod[:-1], comfy_table.alphas_cumprod[:-1], rtol=2e-6, atol=0)
     reference = DDPMScheduler(**SD_SCHEDULER, rescale_betas_zero_snr=zsnr).alphas_cumprod.double()
-    # diffusers makes abar exactly 0 at the end under ZTSNR; ComfyUI keeps 4.897e-8 there
-    torch.testing.assert_close(process.alphas_cumprod[:-1], reference[:-1], rtol=2e-5, atol=1e-9)
-    assert (process.alphas_cumprod[-1].item() == pytest.approx(4.8973451890853435e-08)) if zsnr else \
-        process.alphas_cumprod[-1].item() == pytest.approx(reference[-1].item(), rel=1e-5)
-    exact = bases.DiscreteVP(bases.zero_terminal_snr(bases.scaled_linear_alphas_cumprod(), terminal=0.0))
-    if zsnr:
-        assert exact.alphas_cumprod[-1].item() == 0.0 and reference[-1].item() == 0.0
+    torch.testing.assert_close(process.alphas_cumprod, reference, rtol=2e-5, atol=1e-9)
+    # Under ZTSNR a v family's last abar is diffusers' exact 0 (x0 = -v); ComfyUI keeps 4.897e-8
+    # there (finite sigma), and so does an eps family, whose x0 has no limit at alpha = 0.
+    assert process.alphas_cumprod[-1].item() == (0.0 if zsnr else pytest.approx(reference[-1].item(), rel=1e-5))
+    eps_last = bases.get_family("sdxl", "eps", zsnr).process.alphas_cumprod[-1].item()
+    assert eps_last == pytest.approx(comfy_table.alphas_cumprod[-1].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -80,7 +79,7 @@ def test_family_of_reads_patched_sampling_and_refuses_other_processes():
     (patched,) = ModelSamplingDiscrete().patch(model, "v_prediction", True)
     family = bases.family_of(patched)
     assert (family.name, family.prediction, family.zsnr) == ("sdxl", "v", True)
-    assert family.process.alphas_cumprod[-1].item() == pytest.approx(4.8973451890853435e-08)
+    assert family.process.alphas_cumprod[-1].item() == 0.0  # x0 = -v; ComfyUI's table ends at 4.9e-8
     (lcm,) = ModelSamplingDiscrete().patch(model, "lcm", False)
     with pytest.raises(bases.FamilyError, match="ModelSamplingAdvanced"):
         bases.family_of(lcm)

@@ -147,7 +147,8 @@ def test_backend_on_a_v_zsnr_sdxl_trains_with_finite_losses_and_v_guidance(vz_sd
     assert (family.name, family.sampling_label) == ("sdxl", "v + zsnr")
     assert C.peek_family(vz_sdxl).sampling_label == "v + zsnr"
     abar = family.process.alphas_cumprod
-    assert abar[999].item() == pytest.approx(bases.sd.COMFY_ZSNR_TERMINAL_ALPHA_CUMPROD, rel=1e-6)
+    assert abar[999].item() == 0.0  # x0 = -v there (ComfyUI's table keeps 4.9e-8 for a finite sigma)
+    assert abar[998].item() == pytest.approx(bases.zero_terminal_snr(bases.scaled_linear_alphas_cumprod())[998].item(), rel=1e-5)
     conds = C.encode_prompts(loaded, ["", "a red cube", "blue sky"], 64)
     data = TrainingData(conds[1:], C.zero_conditioning(conds[0]))
     backend = SharedBaseBackend(loaded.model.model, data, (4, 8, 8), lora_rank=4, device="cpu", seed=0)
@@ -216,12 +217,16 @@ def _patched(model, sampling_class):
 def test_eps_and_v_with_or_without_zsnr_are_accepted_through_the_patched_sampling():
     model = tiny_models.build_model("sd15")
     assert C.detect_family(model).sampling_label == "eps"
-    for kind, zsnr in (("v_prediction", False), ("v_prediction", True), ("eps", True)):
+    for kind, zsnr in (("v_prediction", False), ("v_prediction", True)):
         (patched,) = advanced.ModelSamplingDiscrete().patch(model, kind, zsnr)
         family = C.detect_family(patched)
         assert family.prediction == ("v" if kind == "v_prediction" else "eps") and family.zsnr is zsnr
-        assert (family.process.alphas_cumprod[-1].item() < 1e-6) is zsnr
+        assert (family.process.alphas_cumprod[-1].item() == 0.0) is zsnr  # x0 = -v at the last step
         assert C.detect_arch(patched) == "sd15"
+    (patched,) = advanced.ModelSamplingDiscrete().patch(model, "eps", True)
+    with pytest.raises(C.UnsupportedModel, match="eps prediction and zero terminal SNR") as info:
+        C.detect_family(patched)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(("classes", "named"), [

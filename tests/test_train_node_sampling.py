@@ -25,14 +25,22 @@ def discrete(model, sampling: str, zsnr: bool):
 
 
 @pytest.mark.parametrize(("sampling", "zsnr", "label"),
-                         [("eps", False, "eps"), ("v_prediction", False, "v"), ("v_prediction", True, "v + zsnr"), ("eps", True, "eps + zsnr")])
+                         [("eps", False, "eps"), ("v_prediction", False, "v"), ("v_prediction", True, "v + zsnr")])
 def test_a_model_sampling_discrete_node_sets_the_family(sdxl, sampling, zsnr, label):
     family = model_family(discrete(sdxl, sampling, zsnr))
     assert (family.name, family.sampling_label) == ("sdxl", label)
-    # The family carries the patched model's own table: ComfyUI's finite terminal step under zsnr.
+    # The family carries the patched model's own table, but under zsnr a v model's last abar
+    # is exactly 0 (x0 = -v), where ComfyUI keeps 4.9e-8 to keep its sigma finite.
+    torch.testing.assert_close(family.process.alphas_cumprod[:-1],
+                               bases.DiscreteVP.from_sigmas(discrete(sdxl, sampling, zsnr).get_model_object("model_sampling").sigmas).alphas_cumprod[:-1])
     last = float(family.process.alphas_cumprod[-1])
-    assert last == pytest.approx(bases.core.FAMILIES["sdxl"].with_sampling("eps", zsnr).process.alphas_cumprod[-1].item(), rel=1e-5)
-    assert (last < 1e-7) == zsnr
+    assert last == 0.0 if zsnr else last == pytest.approx(0.0047, rel=1e-2)
+
+
+def test_eps_with_zero_terminal_snr_is_refused_in_one_line(sdxl):
+    with pytest.raises(TrainingInputError, match="eps prediction and zero terminal SNR") as info:
+        model_family(discrete(sdxl, "eps", True))
+    assert "\n" not in str(info.value)
 
 
 def test_the_checkpoint_keys_set_the_family(tmp_path):

@@ -218,9 +218,16 @@ def detect_family(model) -> bases.Family:
     if family.prediction not in ("eps", "v"):
         raise UnsupportedModel(f"{name} model samples with {family.prediction} prediction: that is a few-step student's UNet, "
                                "not a teacher; distil from the eps- or v-prediction base it was made from")
+    if family.zsnr and family.prediction == "eps":
+        raise UnsupportedModel(ZSNR_EPS_REFUSAL.format(name=name))
     if config.unet_config.get("in_channels", 4) != 4:
         raise UnsupportedModel(f"{name} checkpoint has {config.unet_config['in_channels']} input channels (inpainting/instruct models are not supported)")
     return family
+
+
+ZSNR_EPS_REFUSAL = ("{name} model samples with eps prediction and zero terminal SNR: an eps network has no clean-sample "
+                    "prediction at the last timestep (alpha = 0 there), so it cannot be distilled; zero-terminal-SNR models "
+                    "are v-prediction (ModelSamplingDiscrete set to v_prediction with zsnr)")
 
 
 def detect_arch(model) -> str:
