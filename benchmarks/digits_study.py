@@ -305,11 +305,12 @@ def eps_formula_x0(teacher, labels: torch.Tensor, variant: str):
     ``"family bf16"`` is the control: the family's x0 = a*x_t - s*v, in bf16 too."""
     from comfyui_dmd2 import bases
 
-    family = teacher.family
-    if variant == "reference, exact zero":
-        abar = family.process.alphas_cumprod.clone()
-        abar[-1] = 0.0
-        family = family.with_process(bases.DiscreteVP(abar))
+    family = teacher.family  # a v + zsnr family takes abar(999) = 0 exactly (bases.Family.process)
+    if variant not in ("reference, exact zero", "family bf16"):
+        # ComfyUI's own ZTSNR table (abar(999) = 4.9e-8), as the pack read it before #24 (the
+        # zsnr flag off keeps Family.process from setting the last entry to 0)
+        comfy_table = bases.DiscreteVP(bases.zero_terminal_snr(bases.scaled_linear_alphas_cumprod()))
+        family = family.with_sampling(family.prediction, zsnr=False).with_process(comfy_table)
     dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
 
     def x0(x_t, t):
