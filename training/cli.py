@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fake score: a LoRA on the shared base, or a full trained fp32 copy of the UNet (the reference's "
                    "layout: 16 bytes per UNet parameter more with AdamW, about 14 GB for SD1.5, 41 GB for SDXL; on the digits "
                    "it made the 1-step student as good as full copies) (default: lora)")
+    p.add_argument("--no-shard-fake-score", dest="shard_fake_score", action="store_false", default=None,
+                   help="with --fake-score full under torchrun: hold the whole fake score on every process instead of sharding "
+                   "its weights, gradients and AdamW state across them (FSDP2; fewer transfers where it fits) (default: sharded)")
     p.add_argument("--fake-score-rank", type=int, dest="fake_score_rank",
                    help="the fake score's own LoRA rank, e.g. 4x --lora-rank: it must follow the generator's samples, and is "
                    "never exported (default: --lora-rank)")
@@ -555,7 +558,8 @@ def train(argv: Sequence[str] | None = None):
         ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
         texts = C.RunTexts(prompts, sample_prompts, captions)
         check_same_inputs(dist, checkpoint=ckpt_hash, prompts=texts.all(), images=[(p.name, p.stat().st_size) for p in image_paths],
-                          settings=resume_settings(run, config, resolution, family) | init_settings(run, init))
+                          settings=resume_settings(run, config, resolution, family) | init_settings(run, init)
+                          | {"shard_fake_score": run.shard_fake_score})
         text_file = cache / f"text-{cache_key(ckpt_hash, texts.all(), resolution)}.safetensors"
         cached = load_cached(text_file)
         if cached is None:
