@@ -387,7 +387,10 @@ def test_sharded_full_fake_score_equals_the_whole_one_and_resumes(tiny_checkpoin
     assert set(tensors["whole"]) == set(tensors["sharded"])
     before = load_file(str(tmp_path / "whole" / "checkpoints/step_0000002/tensors.safetensors"))
     fake = [k for k in before if k.startswith("fake_score/fake_score.")]
-    flat = lambda values: torch.cat([values[k].flatten() for k in fake])  # noqa: E731
+
+    def flat(values):
+        return torch.cat([values[k].flatten() for k in fake])
+
     moved = (flat(tensors["whole"]) - flat(before)).norm()
     assert moved > 0 and (flat(tensors["sharded"]) - flat(tensors["whole"])).norm() < 0.01 * moved
     for key in set(before) - set(fake):  # generator, its moving average, the GAN head
