@@ -84,6 +84,27 @@ def test_estimate_matches_a_full_fake_score(tiny_checkpoints, tmp_path):
     assert estimate.peak > plain.peak + 3 * extra
 
 
+def test_estimate_shards_a_full_fake_score_over_the_world_size(tiny_checkpoints):
+    """``--estimate --world-size 2`` with a full fake score (#26): each GPU holds half of its
+    fp32 weights (the size of the bf16 base) and of its AdamW state; its gradients and
+    optimiser step shrink too, so the peak falls by at least that much less the gathered
+    blocks, which are now part of it."""
+    run = RunConfig(checkpoint="-", prompts="-", output="-", images="-", lora_rank=8, mixed_precision="bf16", gradient_checkpointing="on",
+                    device="cpu", fake_score="full")
+    config = DMD2Config.for_arch("sd15", batch_size=1, grad_accum=1)
+    one, two = (memory.estimate_run(tiny_checkpoints["sd15"], run, config, RES, gpu=True, world_size=n) for n in (1, 2))
+    assert (one.shards, one.unshard_transient) == (1, 0) and two.shards == 2
+    half = one.trainable - two.trainable
+    assert half == pytest.approx(one.base_weights, rel=0.02)  # half the fp32 copy of the bf16 base
+    assert one.optimizer_state - two.optimizer_state == pytest.approx(2 * half, rel=1e-3)
+    assert two.base_weights == one.base_weights and two.ema == one.ema
+    static_drop = one.static - two.static
+    assert 0 < two.unshard_transient < half
+    assert two.peak <= one.peak - static_drop + two.unshard_transient
+    assert two.peak < one.peak and sum(size for _, size in two.parts()) == two.peak
+    assert any("gathered (sharded over 2)" in name for name, _ in two.parts())
+
+
 def test_estimate_command_reads_no_weight_and_matches_a_real_run(tiny_checkpoints, tmp_path, monkeypatch, capsys):
     """``dmd2-train --estimate`` on an SD1.5 checkpoint: prompts and output not needed,
     nothing written, no weight read (loading raises), the printed peak within 15 % of a
