@@ -356,7 +356,20 @@ def test_sharded_full_fake_score_equals_the_whole_one_and_resumes(tiny_checkpoin
     norms and exported LoRA within float tolerance, also across a stop and resume; each
     process holds half the fake score's AdamW state; resuming it unsharded is refused in one
     line."""
-    full = ("--fake-score", "full")
+    _sharded_equals_whole(tiny_checkpoints, tmp_path, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (benchmarks/gpu_check.sh runs it)")
+def test_two_gpus_shard_a_full_fake_score(tiny_checkpoints, tmp_path):
+    """The same on 2 GPUs over NCCL, bf16: sharded against whole within bf16's tolerance."""
+    _sharded_equals_whole(tiny_checkpoints, tmp_path, 100.0, "--device", "cuda")
+
+
+def _sharded_equals_whole(tiny_checkpoints, tmp_path, slack: float, *extra_args):
+    """The sharded run (stopped after 3 iterations, resumed to 4) against the whole one;
+    ``slack`` widens the float tolerances (bf16 on GPUs)."""
+    full = ("--fake-score", "full", *extra_args)
     whole = _two_rank_run(tiny_checkpoints, tmp_path, tmp_path / "whole", 4, {}, *full, "--no-shard-fake-score")
     assert whole.returncode == 0, whole.stderr[-4000:]
     sharded_out = tmp_path / "sharded"
@@ -372,12 +385,12 @@ def test_sharded_full_fake_score_equals_the_whole_one_and_resumes(tiny_checkpoin
         got = [r[key] for r in rows["sharded"] if key in r]
         expected = [r[key] for r in rows["whole"] if key in r]
         assert len(got) == len(expected) >= 2, key
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7, msg=key)
+        torch.testing.assert_close(got, expected, rtol=1e-4 * slack, atol=1e-7 * slack, msg=key)
     lora = {name: load_file(str(tmp_path / name / "dmd2_tiny_sd15_lora.safetensors")) for name in ("whole", "sharded")}
     assert set(lora["whole"]) == set(lora["sharded"])
     assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora["sharded"].items())
     for key, value in lora["whole"].items():
-        torch.testing.assert_close(lora["sharded"][key], value, rtol=1e-3, atol=1e-5, msg=key)
+        torch.testing.assert_close(lora["sharded"][key], value, rtol=1e-3 * slack, atol=1e-5 * slack, msg=key)
     # The checkpoint holds the fake score whole (the same keys as the unsharded run's) and each
     # process's half of its AdamW state. The fake score's weights agree to 1% of what its last
     # two updates moved them (measured 0.05%): AdamW turns the float noise of gradients that are
@@ -392,9 +405,9 @@ def test_sharded_full_fake_score_equals_the_whole_one_and_resumes(tiny_checkpoin
         return torch.cat([values[k].flatten() for k in fake])
 
     moved = (flat(tensors["whole"]) - flat(before)).norm()
-    assert moved > 0 and (flat(tensors["sharded"]) - flat(tensors["whole"])).norm() < 0.01 * moved
+    assert moved > 0 and (flat(tensors["sharded"]) - flat(tensors["whole"])).norm() < 0.01 * min(slack, 10) * moved
     for key in set(before) - set(fake):  # generator, its moving average, the GAN head
-        torch.testing.assert_close(tensors["sharded"][key], tensors["whole"][key], rtol=1e-3, atol=1e-6, msg=key)
+        torch.testing.assert_close(tensors["sharded"][key], tensors["whole"][key], rtol=1e-3 * slack, atol=1e-6 * slack, msg=key)
     states = [torch.load(sharded_out / step / f"state_rank{r}.pt", weights_only=True) for r in range(2)]
     plain = torch.load(tmp_path / "whole" / step / "state_rank0.pt", weights_only=True)
     assert [s["fake_score_shards"] for s in states] == [2, 2] and plain["fake_score_shards"] == 1

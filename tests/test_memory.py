@@ -139,6 +139,22 @@ def test_estimate_command_reads_no_weight_and_matches_a_real_run(tiny_checkpoint
 def test_estimate_flags_are_checked(tiny_checkpoints, capsys):
     assert cli.main(["--checkpoint", str(tiny_checkpoints["sd15"]), "--memory-budget", "12", "--prompts", "p", "--output", "o"]) == 2
     assert "--memory-budget goes with --estimate" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tiny_checkpoints["sd15"]), "--world-size", "2", "--prompts", "p", "--output", "o"]) == 2
+    assert "--world-size goes with --estimate" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tiny_checkpoints["sd15"]), "--estimate", "--world-size", "0"]) == 2
+    assert "--world-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_estimate_command_prints_the_peak_per_gpu_of_a_sharded_fake_score(tiny_checkpoints, capsys):
+    """``--estimate --world-size 2 --fake-score full``: said to be per process, the fake score
+    sharded, the gathered blocks a part of the peak, and the advice naming more GPUs."""
+    argv = ["--checkpoint", str(tiny_checkpoints["sd15"]), "--resolution", str(RES), "--lora-rank", "8", "--estimate",
+            "--fake-score", "full", "--world-size", "2", "--memory-budget", "0.01"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "on the GPU (each of 2 processes)" in out and "fake score a full copy sharded over them" in out
+    assert re.search(r"fake-score blocks gathered \(sharded over 2\) +0\.\d\d GiB", out)
+    assert "does not fit 0.01 GiB" in out and "--estimate --world-size N" in out
 
 
 def _profile(**changes) -> memory.IterationProfile:
