@@ -187,4 +187,5 @@ def test_profile_parts_scaling_and_budget_advice():
     hopeless = memory.budget_advice(profile, 4, rank=64, resolution=1024, ema_on_device=False, checkpointing=False)
     assert "--gradient-checkpointing on" in hopeless[1] and hopeless[-1].startswith("even with all")
     full = memory.budget_advice(profile, 14.5, rank=64, resolution=1024, ema_on_device=True, checkpointing=True, full_fake_score=True)
-    assert full[0].startswith("does not fit 14.5") and full[1].startswith("  --fake-score lora") and len(full) == 2
+    assert full[0].startswith("does not fit 14.5") and full[1].startswith("  --fake-score lora") and len(full) == 3
+    assert "--estimate --world-size N" in full[2]  # or shard it over several GPUs

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d{7,})$")
 PLOTTED = (
@@ -707,6 +706,7 @@ class TrainingRun:
                  extra_settings: dict | None = None, init_lora=None, family=None):
         from .. import bases
         from .backend import SharedBaseBackend
+        from .shard import is_sharded
         from .trainer import DMD2Trainer
 
         self.family = family = family if family is not None else bases.family_of(base_model)
@@ -738,7 +738,7 @@ class TrainingRun:
         self.trainable = self.trainer.generator_params + self.trainer.fake_params
         # What each process holds whole: a sharded fake score is built the same on every process
         # and its gradients are reduce-scattered by FSDP2, so it is neither broadcast nor averaged.
-        self.replicated = [p for p in self.trainable if not isinstance(p, DTensor)]
+        self.replicated = [p for p in self.trainable if not is_sharded(p)]
         if self.dist.world_size > 1:
             broadcast_parameters(self.replicated, self.dist)
             GradientAverager(self.replicated, self.dist.world_size, self.dist)

@@ -17,10 +17,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 
 def is_sharded(tensor: Any) -> bool:
+    """A DTensor: this process holds some of its rows (never where torch has no distributed)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
     return isinstance(tensor, DTensor)
 
 
@@ -124,7 +128,11 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> di
     """``state`` (an optimiser state dict saved through ``local``) with the shards of sharded
     parameters made DTensors again, laid out as those parameters (same processes, same
     rows), ready for ``optimizer.load_state_dict``."""
+    from torch.distributed.tensor import DTensor
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(is_sharded(p) for p in params):
+        return state
     entries = dict(state["state"])
     for index, entry in entries.items():
         p = params[int(index)] if int(index) < len(params) else None
