@@ -12,6 +12,7 @@ both, their ratio, the parts, the forward-equivalents and the process's peak RSS
     python benchmarks/bench_memory_estimate.py --model sdxl --resolution 1024 --threads 2   # about an hour on 2 cores
     python benchmarks/bench_memory_estimate.py --model sd15 --resolution 512 --fake-score full --skip-measure
     python benchmarks/bench_memory_estimate.py --model sdxl --resolution 1024 --skip-measure --compare-reference
+    python benchmarks/bench_memory_estimate.py --model sdxl --resolution 1024 --fake-score full --skip-measure --world-size 1,2,4,8
 
 ``--compare-reference`` also estimates the reference DMD2 layout at the same settings, side by
 side: three resident UNets (the frozen real score; the generator, a frozen copy of the base
@@ -58,6 +59,8 @@ def main() -> None:
     p.add_argument("--skip-measure", action="store_true", help="only the estimate")
     p.add_argument("--compare-reference", action="store_true",
                    help="also estimate the reference layout (three resident UNets, full fake score) and print the ratio")
+    p.add_argument("--world-size", default="", metavar="N,...",
+                   help="also the per-GPU estimate under torchrun with N processes each (a full fake score sharded over them)")
     p.add_argument("--json", metavar="FILE", help="append the figures as one JSON line")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,6 +129,13 @@ def main() -> None:
         print(f"  + the generator's own frozen base copy                                  {full.base_weights / M.GiB:7.2f} GiB")
         print(f"  = reference layout                                                      {reference / M.GiB:7.2f} GiB")
         print(f"this layout / reference layout: {estimate.peak / reference:.3f}  ({estimate.peak / M.GiB:.2f} vs {reference / M.GiB:.2f} GiB)")
+    for n in (int(v) for v in args.world_size.split(",") if v):
+        start = time.perf_counter()
+        _, fake_config = model_config(args.model, dtype)
+        each = M.estimate_model(fake_config, run, config, args.resolution, gpu=True, with_images=True, world_size=n)
+        figures.setdefault("per_gpu_estimate_gib", {})[n] = each.peak / M.GiB
+        print(f"{n} processes: {each.peak / M.GiB:7.2f} GiB per GPU (of which {each.unshard_transient / M.GiB:.2f} GiB gathered "
+              f"fake-score blocks; {time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "a") as fh:
             fh.write(json.dumps(figures) + "\n")

@@ -17,10 +17,11 @@ status=$?
     --precisions bf16 --fake-score full --iterations 10 || status=$?
 # several GPUs (#26): dmd2-train under torchrun on NCCL, 2 ranks on the tiny test models, 10
 # iterations, SIGTERM to one rank after 5, resume, export; with the command's own group
-# (cpu:gloo,cuda:nccl) and with an NCCL-only group made before it. Not yet run on a multi-GPU
-# machine: about 1 minute per case on the CPU's version of the test, expected less on GPUs.
-# Skipped (and said so) with fewer than 2 GPUs. The sharded full fake score (#26 item 4) is
-# not built yet.
+# (cpu:gloo,cuda:nccl) and with an NCCL-only group made before it; then the full fake score
+# sharded over the 2 GPUs (FSDP2) against it held whole on each, 4 iterations, stopped after
+# 3 and resumed (test_two_gpus_shard_a_full_fake_score). Not yet run on a multi-GPU machine:
+# about 1 minute per case on the CPU's version of the tests (the sharded one about 1.5),
+# expected less on GPUs. Skipped (and said so) with fewer than 2 GPUs.
 if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_ddp.py -rs || status=$?
 else

@@ -348,3 +348,78 @@ def test_processes_that_disagree_stop_with_one_line_on_every_rank(tmp_path):
     assert sync.startswith("the processes hold different adapters (checksums 0, 4)") and "\n" not in sync
     assert folder.startswith("rank 1 (on ") and "does not see the output folder <folder> that rank 0 (on " in folder
     assert probes == []
+
+
+def test_sharded_full_fake_score_equals_the_whole_one_and_resumes(tiny_checkpoints, tmp_path):
+    """#26 item 4: a full fake score sharded over 2 processes (FSDP2 on gloo) trains as the
+    same run holding it whole on each (--no-shard-fake-score): the same losses, gradient
+    norms and exported LoRA within float tolerance, also across a stop and resume; each
+    process holds half the fake score's AdamW state; resuming it unsharded is refused in one
+    line."""
+    _sharded_equals_whole(tiny_checkpoints, tmp_path, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (benchmarks/gpu_check.sh runs it)")
+def test_two_gpus_shard_a_full_fake_score(tiny_checkpoints, tmp_path):
+    """The same on 2 GPUs over NCCL, bf16: sharded against whole within bf16's tolerance."""
+    _sharded_equals_whole(tiny_checkpoints, tmp_path, 100.0, "--device", "cuda")
+
+
+def _sharded_equals_whole(tiny_checkpoints, tmp_path, slack: float, *extra_args):
+    """The sharded run (stopped after 3 iterations, resumed to 4) against the whole one;
+    ``slack`` widens the float tolerances (bf16 on GPUs)."""
+    full = ("--fake-score", "full", *extra_args)
+    whole = _two_rank_run(tiny_checkpoints, tmp_path, tmp_path / "whole", 4, {}, *full, "--no-shard-fake-score")
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    sharded_out = tmp_path / "sharded"
+    stopped = _two_rank_run(tiny_checkpoints, tmp_path, sharded_out, 4, {"DMD2_TEST_SIGNAL_AT": "3:1"}, *full)
+    assert stopped.returncode != 0 and "stopped at step 3" in stopped.stderr, stopped.stderr[-4000:]
+    resumed = _two_rank_run(tiny_checkpoints, tmp_path, sharded_out, 4, {}, *full)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming at step 3 of 4" in resumed.stderr
+
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("whole", "sharded")}
+    assert [r["step"] for r in rows["sharded"]] == [0, 1, 2, 3]
+    for key in ("loss_dm", "loss_fake", "loss_gan_discriminator", "loss_gan_generator", "grad_norm_fake", "grad_norm_generator"):
+        got = [r[key] for r in rows["sharded"] if key in r]
+        expected = [r[key] for r in rows["whole"] if key in r]
+        assert len(got) == len(expected) >= 2, key
+        torch.testing.assert_close(got, expected, rtol=1e-4 * slack, atol=1e-7 * slack, msg=key)
+    lora = {name: load_file(str(tmp_path / name / "dmd2_tiny_sd15_lora.safetensors")) for name in ("whole", "sharded")}
+    assert set(lora["whole"]) == set(lora["sharded"])
+    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora["sharded"].items())
+    for key, value in lora["whole"].items():
+        torch.testing.assert_close(lora["sharded"][key], value, rtol=1e-3 * slack, atol=1e-5 * slack, msg=key)
+    # The checkpoint holds the fake score whole (the same keys as the unsharded run's) and each
+    # process's half of its AdamW state. The fake score's weights agree to 1% of what its last
+    # two updates moved them (measured 0.05%): AdamW turns the float noise of gradients that are
+    # zero but for rounding (a conv bias before a GroupNorm) into steps of the learning rate.
+    step = "checkpoints/step_0000004"
+    tensors = {name: load_file(str(tmp_path / name / step / "tensors.safetensors")) for name in ("whole", "sharded")}
+    assert set(tensors["whole"]) == set(tensors["sharded"])
+    before = load_file(str(tmp_path / "whole" / "checkpoints/step_0000002/tensors.safetensors"))
+    fake = [k for k in before if k.startswith("fake_score/fake_score.")]
+
+    def flat(values):
+        return torch.cat([values[k].flatten() for k in fake])
+
+    moved = (flat(tensors["whole"]) - flat(before)).norm()
+    assert moved > 0 and (flat(tensors["sharded"]) - flat(tensors["whole"])).norm() < 0.01 * min(slack, 10) * moved
+    for key in set(before) - set(fake):  # generator, its moving average, the GAN head
+        torch.testing.assert_close(tensors["sharded"][key], tensors["whole"][key], rtol=1e-3 * slack, atol=1e-6 * slack, msg=key)
+    states = [torch.load(sharded_out / step / f"state_rank{r}.pt", weights_only=True) for r in range(2)]
+    plain = torch.load(tmp_path / "whole" / step / "state_rank0.pt", weights_only=True)
+    assert [s["fake_score_shards"] for s in states] == [2, 2] and plain["fake_score_shards"] == 1
+    halves = [s["trainer"]["fake_optimizer"]["state"] for s in states]
+    plain_state = plain["trainer"]["fake_optimizer"]["state"]
+    sizes = {i: ([h[i]["exp_avg"].numel() for h in halves], plain_state[i]["exp_avg"].numel()) for i in plain_state}
+    sharded = [n for n, whole in sizes.values() if sum(n) == whole and min(n) < whole]
+    replicated = [n for n, whole in sizes.values() if n == [whole, whole]]  # the GAN head
+    assert len(sharded) == len(fake) and len(replicated) == len([k for k in before if k.startswith("fake_score/gan_head.")])
+    assert sum(max(n) for n in sharded) < 0.55 * sum(sum(n) for n in sharded)  # each rank about half
+    refused = _two_rank_run(tiny_checkpoints, tmp_path, sharded_out, 6, {}, *full, "--no-shard-fake-score")
+    assert refused.returncode != 0  # torchrun: 1 when a process exits with 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("dmd2-train: error:")]
+    assert errors and all("its full fake score was sharded over 2 processes and would now be held whole" in e and
+                          e.endswith("resume on 2 processes, or start over with --no-resume") for e in errors), refused.stderr[-3000:]

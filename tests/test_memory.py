@@ -84,6 +84,27 @@ def test_estimate_matches_a_full_fake_score(tiny_checkpoints, tmp_path):
     assert estimate.peak > plain.peak + 3 * extra
 
 
+def test_estimate_shards_a_full_fake_score_over_the_world_size(tiny_checkpoints):
+    """``--estimate --world-size 2`` with a full fake score (#26): each GPU holds half of its
+    fp32 weights (the size of the bf16 base) and of its AdamW state; its gradients and
+    optimiser step shrink too, so the peak falls by at least that much less the gathered
+    blocks, which are now part of it."""
+    run = RunConfig(checkpoint="-", prompts="-", output="-", images="-", lora_rank=8, mixed_precision="bf16", gradient_checkpointing="on",
+                    device="cpu", fake_score="full")
+    config = DMD2Config.for_arch("sd15", batch_size=1, grad_accum=1)
+    one, two = (memory.estimate_run(tiny_checkpoints["sd15"], run, config, RES, gpu=True, world_size=n) for n in (1, 2))
+    assert (one.shards, one.unshard_transient) == (1, 0) and two.shards == 2
+    half = one.trainable - two.trainable
+    assert half == pytest.approx(one.base_weights, rel=0.02)  # half the fp32 copy of the bf16 base
+    assert one.optimizer_state - two.optimizer_state == pytest.approx(2 * half, rel=1e-3)
+    assert two.base_weights == one.base_weights and two.ema == one.ema
+    static_drop = one.static - two.static
+    assert 0 < two.unshard_transient < half
+    assert two.peak <= one.peak - static_drop + two.unshard_transient
+    assert two.peak < one.peak and sum(size for _, size in two.parts()) == two.peak
+    assert any("gathered (sharded over 2)" in name for name, _ in two.parts())
+
+
 def test_estimate_command_reads_no_weight_and_matches_a_real_run(tiny_checkpoints, tmp_path, monkeypatch, capsys):
     """``dmd2-train --estimate`` on an SD1.5 checkpoint: prompts and output not needed,
     nothing written, no weight read (loading raises), the printed peak within 15 % of a
@@ -118,6 +139,22 @@ def test_estimate_command_reads_no_weight_and_matches_a_real_run(tiny_checkpoint
 def test_estimate_flags_are_checked(tiny_checkpoints, capsys):
     assert cli.main(["--checkpoint", str(tiny_checkpoints["sd15"]), "--memory-budget", "12", "--prompts", "p", "--output", "o"]) == 2
     assert "--memory-budget goes with --estimate" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tiny_checkpoints["sd15"]), "--world-size", "2", "--prompts", "p", "--output", "o"]) == 2
+    assert "--world-size goes with --estimate" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tiny_checkpoints["sd15"]), "--estimate", "--world-size", "0"]) == 2
+    assert "--world-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_estimate_command_prints_the_peak_per_gpu_of_a_sharded_fake_score(tiny_checkpoints, capsys):
+    """``--estimate --world-size 2 --fake-score full``: said to be per process, the fake score
+    sharded, the gathered blocks a part of the peak, and the advice naming more GPUs."""
+    argv = ["--checkpoint", str(tiny_checkpoints["sd15"]), "--resolution", str(RES), "--lora-rank", "8", "--estimate",
+            "--fake-score", "full", "--world-size", "2", "--memory-budget", "0.01"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "on the GPU (each of 2 processes)" in out and "fake score a full copy sharded over them" in out
+    assert re.search(r"fake-score blocks gathered \(sharded over 2\) +0\.\d\d GiB", out)
+    assert "does not fit 0.01 GiB" in out and "--estimate --world-size N" in out
 
 
 def _profile(**changes) -> memory.IterationProfile:
@@ -150,4 +187,5 @@ def test_profile_parts_scaling_and_budget_advice():
     hopeless = memory.budget_advice(profile, 4, rank=64, resolution=1024, ema_on_device=False, checkpointing=False)
     assert "--gradient-checkpointing on" in hopeless[1] and hopeless[-1].startswith("even with all")
     full = memory.budget_advice(profile, 14.5, rank=64, resolution=1024, ema_on_device=True, checkpointing=True, full_fake_score=True)
-    assert full[0].startswith("does not fit 14.5") and full[1].startswith("  --fake-score lora") and len(full) == 2
+    assert full[0].startswith("does not fit 14.5") and full[1].startswith("  --fake-score lora") and len(full) == 3
+    assert "--estimate --world-size N" in full[2]  # or shard it over several GPUs

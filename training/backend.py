@@ -17,7 +17,7 @@ import contextlib
 import copy
 import math
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,21 @@ class _StopAfterMidBlock(Exception):
     """Raised by the mid-block hook when only the features are wanted (saves the decoder half)."""
 
 
+def _catch_stop(module: nn.Module, features: Callable[[], torch.Tensor]) -> None:
+    """``module``'s forward returns ``features()`` when the mid-block hook stops it, instead
+    of raising through the call: a sharded module's own forward hooks (FSDP2's gather and
+    release, which a raise would skip) then run on every forward."""
+    plain = module.forward
+
+    def forward(*args, **kwargs):
+        try:
+            return plain(*args, **kwargs)
+        except _StopAfterMidBlock:
+            return features()
+
+    module.forward = forward
+
+
 def _checkpointed_forward(self, *args, **kwargs):
     """A res block / transformer forward that is recomputed in backward (see below)."""
     from torch.utils.checkpoint import checkpoint
@@ -244,7 +259,8 @@ class SharedBaseBackend:
     ``attention``: "sdpa" runs every attention through ``sdpa_attention`` whatever ComfyUI
     picked for inference; "comfy" keeps ComfyUI's choice. ``family``: the base's
     ``bases.Family`` (prediction type, forward process); None reads it from ``base_model``
-    (``bases.family_of``: its own sigma table)."""
+    (``bases.family_of``: its own sigma table). ``shard_fake_score``: applied to a full fake
+    score copy to shard it across processes (``shard.shard_module`` with the run's mesh)."""
 
     def __init__(
         self,
@@ -266,6 +282,7 @@ class SharedBaseBackend:
         init_lora: InitLoRA | str | Path | None = None,
         init_fake_score: bool = False,
         family: bases.Family | None = None,
+        shard_fake_score: Callable[[nn.Module], Any] | None = None,
     ):
         if attention not in ("sdpa", "comfy"):
             raise ValueError(f"attention must be 'sdpa' or 'comfy', got {attention!r}")
@@ -309,6 +326,12 @@ class SharedBaseBackend:
         if gradient_checkpointing:
             blocks = sum(enable_gradient_checkpointing(unet, self.switch) for unet in (self.unet, *self.copies.values()))
             self.gradient_checkpointing = blocks > 0
+        # A full fake score sharded across processes (``shard.shard_module``): before the GAN
+        # hook, so that FSDP2's hooks on the mid block complete before it stops the forward.
+        self.sharded = shard_fake_score is not None and "fake_score" in self.copies
+        if self.sharded:
+            shard_fake_score(self.copies["fake_score"])
+            _catch_stop(self.copies["fake_score"], lambda: self._features)
 
         self.real_latents = None if data.real_latents is None else data.real_latents.float().cpu()
         self.head = None

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fake score: a LoRA on the shared base, or a full trained fp32 copy of the UNet (the reference's "
                    "layout: 16 bytes per UNet parameter more with AdamW, about 14 GB for SD1.5, 41 GB for SDXL; on the digits "
                    "it made the 1-step student as good as full copies) (default: lora)")
+    p.add_argument("--no-shard-fake-score", dest="shard_fake_score", action="store_false", default=None,
+                   help="with --fake-score full under torchrun: hold the whole fake score on every process instead of sharding "
+                   "its weights, gradients and AdamW state across them (FSDP2; fewer transfers where it fits) (default: sharded)")
     p.add_argument("--fake-score-rank", type=int, dest="fake_score_rank",
                    help="the fake score's own LoRA rank, e.g. 4x --lora-rank: it must follow the generator's samples, and is "
                    "never exported (default: --lora-rank)")
@@ -197,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", dest="memory_budget", type=float, metavar="GIB",
                    help="with --estimate: say whether the run fits this much GPU memory and which settings make it fit "
                    "(default: the GPU's own memory if there is one)")
+    p.add_argument("--world-size", dest="world_size", type=int, default=1, metavar="N",
+                   help="with --estimate: the peak on each of N GPUs of a torchrun run; a full fake score is then sharded "
+                   "over them (its weights, gradients and AdamW state 1/N each, plus the blocks gathered at a time) (default: 1)")
     return p
 
 
@@ -479,6 +485,10 @@ def train(argv: Sequence[str] | None = None):
     run, dmd2_values, given = resolve_settings(args)
     if args.memory_budget is not None and not args.estimate:
         raise ConfigError("--memory-budget goes with --estimate")
+    if args.world_size != 1 and not args.estimate:
+        raise ConfigError("--world-size goes with --estimate (torchrun sets the number of processes of a run)")
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
 
     # 1. Check every input before loading weights or writing anything.
     if run.resolution:
@@ -508,7 +518,7 @@ def train(argv: Sequence[str] | None = None):
     resolution = run.resolution or bases.default_resolution(peeked)
     check_resolution(resolution)
     if args.estimate:
-        return estimate(run, config, arch, resolution, args.memory_budget, with_images=bool(image_paths))
+        return estimate(run, config, arch, resolution, args.memory_budget, with_images=bool(image_paths), world_size=args.world_size)
     device = resolve_device(run.device)
     if run.mixed_precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("--mixed-precision bf16: this GPU has no bf16; use --mixed-precision fp16 (trained with loss "
@@ -555,7 +565,8 @@ def train(argv: Sequence[str] | None = None):
         ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
         texts = C.RunTexts(prompts, sample_prompts, captions)
         check_same_inputs(dist, checkpoint=ckpt_hash, prompts=texts.all(), images=[(p.name, p.stat().st_size) for p in image_paths],
-                          settings=resume_settings(run, config, resolution, family) | init_settings(run, init))
+                          settings=resume_settings(run, config, resolution, family) | init_settings(run, init)
+                          | {"shard_fake_score": run.shard_fake_score})
         text_file = cache / f"text-{cache_key(ckpt_hash, texts.all(), resolution)}.safetensors"
         cached = load_cached(text_file)
         if cached is None:
@@ -674,7 +685,7 @@ def checkpoint_context_dim(path: str | Path) -> int | None:
     return None
 
 
-def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: float | None, with_images: bool) -> None:
+def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: float | None, with_images: bool, world_size: int = 1) -> None:
     """``--estimate``: the memory and work of one iteration, printed; nothing written or loaded."""
     from . import memory
 
@@ -683,12 +694,16 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
     precision, checkpointing = run.mixed_precision, run.gradient_checkpointing == "on"
     where = "the GPU" if gpu else "the CPU"
     fake = "a full copy" if run.fake_score == "full" else f"LoRA rank {run.fake_score_rank or run.lora_rank}"
+    if world_size > 1:
+        where += f" (each of {world_size} processes)"
+        if run.fake_score == "full":
+            fake += f" {'sharded over them' if run.shard_fake_score else 'whole on each'}"
     print(f"estimating one iteration on {where}: {bases.get_family(arch).label} at {resolution} px, "
           f"batch {config.batch_size} x {config.grad_accum} accumulated, LoRA rank {run.lora_rank}, fake score {fake}, {precision}, "
           f"gradient checkpointing {'on' if checkpointing else 'off'}, GAN {'on' if with_images else 'off (no --images)'}, "
           f"moving average {'off' if config.ema_decay == 0 else ('in CPU memory' if config.ema_on_cpu else 'on ' + where)}; "
           f"no weight is read (the run's own code on fake tensors)...", flush=True)
-    profile = memory.estimate_run(run.checkpoint, run, config, resolution, gpu=gpu, with_images=with_images)
+    profile = memory.estimate_run(run.checkpoint, run, config, resolution, gpu=gpu, with_images=with_images, world_size=world_size)
     for line in memory.report(profile):
         print(line)
     if budget_gib is None and gpu and torch.cuda.is_available():

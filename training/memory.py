@@ -37,20 +37,31 @@ class TensorMemory(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.flops = 0.0  # of the matrix products and convolutions run (torch's FLOP formulas)
+        self.new_scale = 1.0  # the share of each new storage counted (``profile_iterations``' shards)
 
-    def track(self, *tensors: torch.Tensor) -> None:
+    def track(self, *tensors: torch.Tensor, scale: float = 1.0) -> None:
+        """Count ``tensors`` from now on, each storage at ``scale`` of its bytes (1/N: the
+        share one of N processes holds of a sharded tensor)."""
         for t in tensors:
-            self._add(t)
+            self._add(t, scale)
+
+    def rescale(self, t: torch.Tensor, scale: float) -> None:
+        """Count ``t``'s (tracked) storage at ``scale`` of its bytes from now on."""
+        key = id(t.untyped_storage())
+        if key in self._live:
+            size = int(t.untyped_storage().nbytes() * scale)
+            self.current += size - self._live[key]
+            self._live[key] = size
 
     def reset_peak(self) -> None:
         self.peak = self.current
 
-    def _add(self, t: torch.Tensor) -> None:
+    def _add(self, t: torch.Tensor, scale: float | None = None) -> None:
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._live:
             return
-        size = storage.nbytes()
+        size = int(storage.nbytes() * (self.new_scale if scale is None else scale))
         self._live[key] = size
         self.current += size
         self.peak = max(self.peak, self.current)
@@ -121,6 +132,8 @@ class IterationProfile:
     unet_forward_flops: float
     samples: int  # samples per micro-batch
     fake_updates_per_generator_update: int
+    shards: int = 1  # processes a full fake score is sharded over (its weights, gradients, AdamW state: 1/shards each)
+    unshard_transient: int = 0  # the gathered fake-score blocks at a time (FSDP2), part of ``peak``
 
     @property
     def static(self) -> int:
@@ -144,8 +157,10 @@ class IterationProfile:
             ("trained weights: G, F, GAN head (fp32)", self.trainable),
             ("generator moving average", self.ema),
             ("optimizer state (AdamW)", self.optimizer_state),
-            ("activations, gradients, temporaries at the peak", self.activations - self.accumulated_gradients),
+            ("activations, gradients, temporaries at the peak", self.activations - self.accumulated_gradients - self.unshard_transient),
         ]
+        if self.shards > 1:
+            parts.append((f"fake-score blocks gathered (sharded over {self.shards})", self.unshard_transient))
         if self.accumulated_gradients:
             parts.append(("gradients held between micro-batches", self.accumulated_gradients))
         return parts
@@ -184,6 +199,8 @@ def budget_advice(profile: IterationProfile, budget_gib: float, rank: int, resol
     if full_fake_score:
         lines.append("  --fake-score lora: a LoRA fake score instead of the full copy (its fp32 weights, gradients and AdamW "
                      "state: 16 bytes per UNet parameter); run --estimate again with it for further advice")
+        lines.append("  or several GPUs under torchrun, which shard the full fake score across them (--estimate --world-size N "
+                     "gives each one's peak)")
         return lines
     if not checkpointing:
         lines.append("  --gradient-checkpointing on: recomputes activations in the backward pass (much less memory; "
@@ -232,10 +249,17 @@ def profiling_config(config):
     return dataclasses.replace(config, grad_accum=1, fake_updates_per_generator_update=2, regression_steps=0, warmup_steps=0)
 
 
-def _tracked(trainer, backend, scalars_as_one: bool) -> tuple[TensorMemory, dict[str, list[torch.Tensor]]]:
-    """Prime both optimisers and start tracking everything that lives through iterations."""
+def _tracked(trainer, backend, scalars_as_one: bool, shards: int = 1) -> tuple[TensorMemory, dict[str, list], list]:
+    """Prime both optimisers and start tracking everything that lives through iterations.
+    ``shards`` > 1: a full fake score counted as one of that many processes holds it sharded
+    (``shard.shard_module``): its weights, its AdamW state, each of its gradients once
+    accumulated and everything its optimiser step allocates at 1/shards. Returns the tracker,
+    the parts and the hooks to remove after."""
     for optimizer in (trainer.generator_optimizer, trainer.fake_optimizer):
         _prime(optimizer)
+    copy = getattr(backend, "copies", {}).get("fake_score") if shards > 1 else None
+    sharded = list(copy.parameters()) if copy is not None else []
+    sharded_state = [v for p in sharded for v in trainer.fake_optimizer.state[p].values() if isinstance(v, torch.Tensor)]
     trainable = trainer.generator_params + trainer.fake_params
     trainable_ids = {id(p) for p in trainable}
     base = [t for t in (*backend.unet.parameters(), *backend.unet.buffers()) if id(t) not in trainable_ids]
@@ -244,34 +268,49 @@ def _tracked(trainer, backend, scalars_as_one: bool) -> tuple[TensorMemory, dict
         "trainable": trainable,
         "ema": list(trainer.generator_ema.values()) if trainer.generator_ema is not None else [],
         "optimizer": _optimizer_tensors(trainer.generator_optimizer) + _optimizer_tensors(trainer.fake_optimizer),
+        "sharded": sharded,
+        "sharded_state": sharded_state,
     }
     tracker = TensorMemory(scalars_as_one)
+    tracker.track(*sharded, *sharded_state, scale=1 / shards)  # first: a storage is counted once
     tracker.track(*(t for tensors in parts.values() for t in tensors))
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.rescale(p.grad, 1 / shards)) for p in sharded]
+    if sharded:
+        hooks += [trainer.fake_optimizer.register_step_pre_hook(lambda *_: setattr(tracker, "new_scale", 1 / shards)),
+                  trainer.fake_optimizer.register_step_post_hook(lambda *_: setattr(tracker, "new_scale", 1.0))]
     tracker.reset_peak()
-    return tracker, parts
+    return tracker, parts, hooks
 
 
 def measure_peak(run, steps: int) -> int:
     """Peak bytes of live tensors over ``steps`` iterations of a real ``TrainingRun`` (its
     own configuration, optimiser state primed first): the measurement the estimate is held to."""
-    tracker, _ = _tracked(run.trainer, run.backend, scalars_as_one=False)
+    tracker, _, _ = _tracked(run.trainer, run.backend, scalars_as_one=False)
     with tracker:
         for _ in range(steps):
             run.trainer.step()
     return tracker.peak
 
 
-def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device: bool = True) -> IterationProfile:
+def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device: bool = True, shards: int = 1) -> IterationProfile:
     """Profile a fresh ``run.TrainingRun`` built with ``profiling_config(config)``: optimiser
     state primed, then one generator-update iteration and one fake-score-only iteration,
     tracked and FLOP-counted. ``config`` is the run's own configuration: with ``grad_accum``
     > 1 the gradients held between micro-batches are added (an upper bound: the larger group
     in full). On fake tensors pass ``scalars_as_one``; ``ema_on_device=False`` leaves the
-    moving average out (held on the CPU while the rest is on the GPU)."""
+    moving average out (held on the CPU while the rest is on the GPU).
+
+    ``shards`` > 1: the peak of one of that many processes that shard a full fake score
+    (FSDP2, ``shard.shard_module``), from the same single-process run: what the fake score
+    holds counted at 1/shards (``_tracked``), plus the blocks FSDP2 gathers at a time, modelled
+    as 4x the largest unit (its gathered weights, the next one prefetched, its unsharded
+    gradients and their reduce-scatter buffer) and 2x the root unit (the embeddings and the
+    first and last convolutions, which stay gathered, with their gradients, through the
+    forward and backward)."""
     trainer, backend = run.trainer, run.backend
     if trainer.config != profiling_config(trainer.config) or trainer.step_count:
         raise ValueError("profile a fresh run built with memory.profiling_config")
-    tracker, parts = _tracked(trainer, backend, scalars_as_one)
+    tracker, parts, hooks = _tracked(trainer, backend, scalars_as_one, shards)
 
     flops = []
     with tracker:
@@ -287,33 +326,48 @@ def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device:
             tracker.flops = 0.0
             trainer.step()
             flops.append(tracker.flops)
+    for hook in hooks:
+        hook.remove()
     ema_bytes = _storages_bytes(parts["ema"])
-    grads = max(_storages_bytes(trainer.generator_params), _storages_bytes(trainer.fake_params)) if config.grad_accum > 1 else 0
+    unsharded = (1 - 1 / shards) * _storages_bytes(parts["sharded"])  # what one process does not hold
+    unsharded_state = (1 - 1 / shards) * _storages_bytes(parts["sharded_state"])
+    transient = 0
+    if parts["sharded"]:
+        from .shard import unit_bytes
+
+        largest, root = unit_bytes(backend.copies["fake_score"])
+        transient = 4 * largest + 2 * root
+    fake_grads = _storages_bytes(trainer.fake_params) - unsharded
+    grads = int(max(_storages_bytes(trainer.generator_params), fake_grads)) if config.grad_accum > 1 else 0
     off_device = 0 if ema_on_device else ema_bytes
     return IterationProfile(
-        peak=tracker.peak - off_device + grads,
+        peak=tracker.peak - off_device + grads + transient,
         base_weights=_storages_bytes(parts["base"]),
-        trainable=_storages_bytes(parts["trainable"]),
+        trainable=int(_storages_bytes(parts["trainable"]) - unsharded),
         gan_head=_storages_bytes(getattr(backend, "gan_head_parameters", list)()),
         ema=ema_bytes - off_device,
-        optimizer_state=_storages_bytes(parts["optimizer"]),
+        optimizer_state=int(_storages_bytes(parts["optimizer"]) - unsharded_state),
         accumulated_gradients=grads,
         flops_generator_iteration=flops[0],
         flops_fake_iteration=flops[1],
         unet_forward_flops=unet_flops,
         samples=config.batch_size,
         fake_updates_per_generator_update=config.fake_updates_per_generator_update,
+        shards=shards if parts["sharded"] else 1,
+        unshard_transient=transient,
     )
 
 
 # --- the estimate: the run's own code on fake tensors ---------------------------------------
 
 
-def estimate_run(path, run, config, resolution: int, gpu: bool = True, with_images: bool | None = None) -> IterationProfile:
+def estimate_run(path, run, config, resolution: int, gpu: bool = True, with_images: bool | None = None, world_size: int = 1) -> IterationProfile:
     """What one training iteration of ``dmd2-train`` on checkpoint ``path`` holds at its
     peak, on the GPU (``gpu``) or the CPU, without reading a weight: the model is built from
     the checkpoint's header (``estimate_model``). ``run``/``config``: the run's ``RunConfig``
-    and ``DMD2Config``; ``with_images`` (default: ``run.images`` set) turns the GAN term on."""
+    and ``DMD2Config``; ``with_images`` (default: ``run.images`` set) turns the GAN term on;
+    ``world_size``: the processes of the run (the per-GPU peak, a full fake score sharded
+    over them unless ``run.shard_fake_score`` is off)."""
     from ..comfy_env import ensure_comfy
     from .checkpoint import UnsupportedModel, header_tensors
 
@@ -324,7 +378,7 @@ def estimate_run(path, run, config, resolution: int, gpu: bool = True, with_imag
     if model_config is None:
         raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path}")
     images = bool(run.images) if with_images is None else with_images
-    return estimate_model(model_config, run, config, resolution, gpu, images)
+    return estimate_model(model_config, run, config, resolution, gpu, images, world_size)
 
 
 def target_settings(run, gpu: bool):
@@ -344,7 +398,7 @@ def target_settings(run, gpu: bool):
     return dataclasses.replace(run, mixed_precision=precision, gradient_checkpointing=checkpointing)
 
 
-def estimate_model(model_config, run, config, resolution: int, gpu: bool, with_images: bool) -> IterationProfile:
+def estimate_model(model_config, run, config, resolution: int, gpu: bool, with_images: bool, world_size: int = 1) -> IterationProfile:
     """``profile_iterations`` of the run's own backend and trainer on a model of ComfyUI
     ``model_config`` made of fake tensors (no weights, no compute), with the settings the run
     would use on the GPU (``gpu``: bf16 unless told otherwise, gradient checkpointing on
@@ -367,4 +421,5 @@ def estimate_model(model_config, run, config, resolution: int, gpu: bool, with_i
         # two of each: every value read from a fake tensor is 1 (a valid index)
         data = TrainingData([cond, cond], cond, real_latents=torch.zeros(2, 4, latent, latent) if with_images else None)
         training = TrainingRun(base, data, simulated, profiling_config(config), resolution, Path("."), device="cpu")
-        return profile_iterations(training, config, scalars_as_one=True, ema_on_device=not (gpu and config.ema_on_cpu))
+        shards = world_size if run.fake_score == "full" and run.shard_fake_score else 1
+        return profile_iterations(training, config, scalars_as_one=True, ema_on_device=not (gpu and config.ema_on_cpu), shards=shards)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -50,6 +51,7 @@ class RunConfig:
     lora_alpha: float = 8.0
     fake_score_rank: int = 0  # LoRA F's own rank; 0: lora_rank (docs/training.md: why more can help)
     fake_score: str = "lora"  # "lora": LoRA F on the shared base; "full": a trained fp32 copy of the UNet (16 B/parameter more)
+    shard_fake_score: bool = True  # a full fake score on several processes is sharded across them (FSDP2); false: whole on each
     lora_targets: tuple[str, ...] = ()  # empty or "dmd2": the reference's list; "all": also the in/out convs and embeddings (training.lora)
     lora_name: str = ""  # file name of the exported LoRA; empty: dmd2_<checkpoint stem>_lora
     init_lora: str = ""  # a few-step LoRA file the generator starts from (its rank and alpha are taken); empty: zero
@@ -475,12 +477,15 @@ def find_latest_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Dist, keep: int, settings: dict) -> Path:
+def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Dist, keep: int, settings: dict, shards: int = 1) -> Path:
     """checkpoints/step_N/: tensors.safetensors (adapters, head, moving average),
     settings.json (what a resume must match) and state_rank{r}.pt per process, written into a
-    temp folder that is renamed into place once every process is done."""
+    temp folder that is renamed into place once every process is done. A fake score sharded
+    over ``shards`` processes is gathered whole into tensors.safetensors; its optimiser state
+    stays sharded, each process's rows in its own state file."""
     from .data import write_text_atomic
     from .lora import save_safetensors_atomic
+    from .shard import gathered, local
 
     final = folder / f"step_{step:07d}"
     tmp = folder / f".step_{step:07d}.tmp"
@@ -488,10 +493,13 @@ def save_training_checkpoint(folder: Path, step: int, trainer, backend, dist: Di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    tensors = gathered(trainer.tensors(), keep=dist.main)  # on every process: sharded tensors are gathered
     if dist.main:
-        save_safetensors_atomic({k: v.float().cpu().contiguous() for k, v in trainer.tensors().items()}, tmp / "tensors.safetensors")
+        save_safetensors_atomic(tensors, tmp / "tensors.safetensors")
         write_text_atomic(tmp / "settings.json", json.dumps(settings, indent=2))
-    state = {"trainer": trainer.state_dict(include_parameters=False), "backend": backend.state_dict(), "world_size": dist.world_size}
+    del tensors
+    state = {"trainer": local(trainer.state_dict(include_parameters=False)), "backend": backend.state_dict(), "world_size": dist.world_size,
+             "fake_score_shards": shards}
     torch.save(state, tmp / f"state_rank{dist.rank}.pt")
     dist.barrier()
     if dist.main:
@@ -640,20 +648,33 @@ def check_resume_settings(path: Path, current: dict[str, Any]) -> None:
     )
 
 
-def load_training_checkpoint(path: Path, trainer, backend, dist: Dist) -> int:
+def load_training_checkpoint(path: Path, trainer, backend, dist: Dist, shards: int = 1) -> int:
+    """Restore the run from checkpoint ``path``; ``shards``: the processes this run shards its
+    full fake score over (1: not sharded), which must be the saved run's: each state file
+    holds its process's rows of the fake score's optimiser state."""
     from safetensors.torch import load_file
 
     from .config import ConfigError
+    from .shard import restore_optimizer_state
 
     state_file = path / f"state_rank{dist.rank}.pt"
     if not state_file.is_file():
         raise ConfigError(f"{path} was written by a run with another number of processes; resume with the same number")
     state = torch.load(str(state_file), map_location="cpu", weights_only=True)
+    saved_shards = int(state.get("fake_score_shards", 1))
+    if saved_shards != shards:
+        then = f"sharded over {saved_shards} processes" if saved_shards > 1 else "held whole by each process"
+        now = f"sharded over {shards}" if shards > 1 else "held whole"
+        fix = f"resume on {saved_shards} processes" if saved_shards > 1 else "resume with --no-shard-fake-score"
+        raise ConfigError(f"cannot resume from {path}: its full fake score was {then} and would now be {now} (the optimiser "
+                          f"state is saved per process); {fix}, or start over with --no-resume")
     try:
         trainer.load_tensors(load_file(str(path / "tensors.safetensors")))
     except (ValueError, OSError) as exc:
         raise ConfigError(f"checkpoint {path} does not match this run: {exc}") from exc
-    trainer.load_state_dict(state["trainer"])
+    saved = state["trainer"]
+    saved["fake_optimizer"] = restore_optimizer_state(trainer.fake_optimizer, saved["fake_optimizer"])
+    trainer.load_state_dict(saved)
     backend.load_state_dict(state["backend"])
     return trainer.step_count
 
@@ -685,6 +706,7 @@ class TrainingRun:
                  extra_settings: dict | None = None, init_lora=None, family=None):
         from .. import bases
         from .backend import SharedBaseBackend
+        from .shard import is_sharded
         from .trainer import DMD2Trainer
 
         self.family = family = family if family is not None else bases.family_of(base_model)
@@ -695,6 +717,13 @@ class TrainingRun:
         self.init = init_lora
         self.settings = resume_settings(run, config, resolution, family) | init_settings(run, init_lora) | dict(extra_settings or {})
         self.checkpoints = self.folder / "checkpoints"
+        # Processes the full fake score is sharded over (1: not sharded, a whole copy on each).
+        self.fake_score_shards = self.dist.world_size if run.fake_score == "full" and run.shard_fake_score else 1
+        shard = None
+        if self.fake_score_shards > 1:
+            from .shard import device_mesh, shard_module
+
+            shard = functools.partial(shard_module, mesh=device_mesh(self.dist, device))
         self.backend = SharedBaseBackend(
             base_model, data, (4, resolution // 8, resolution // 8),
             lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=run.lora_targets, fake_score_rank=run.fake_score_rank or None,
@@ -702,13 +731,17 @@ class TrainingRun:
             device=device, mixed_precision=run.mixed_precision or None,
             gradient_checkpointing={"auto": None, "on": True, "off": False}[run.gradient_checkpointing],
             seed=config.seed, rank=self.dist.rank, init_lora=init_lora, init_fake_score=run.init_fake_score, family=family,
+            shard_fake_score=shard,
         )
         self.trainer = DMD2Trainer(config, self.backend, rank=self.dist.rank,
                                    shared_draw=self.dist.from_main if self.dist.world_size > 1 else None)
         self.trainable = self.trainer.generator_params + self.trainer.fake_params
+        # What each process holds whole: a sharded fake score is built the same on every process
+        # and its gradients are reduce-scattered by FSDP2, so it is neither broadcast nor averaged.
+        self.replicated = [p for p in self.trainable if not is_sharded(p)]
         if self.dist.world_size > 1:
-            broadcast_parameters(self.trainable, self.dist)
-            GradientAverager(self.trainable, self.dist.world_size, self.dist)
+            broadcast_parameters(self.replicated, self.dist)
+            GradientAverager(self.replicated, self.dist.world_size, self.dist)
         self.start, self.saved_step = 0, -1
         self.metrics_log: MetricsLog | None = None
 
@@ -719,12 +752,13 @@ class TrainingRun:
     def resume(self, checkpoint: Path | None) -> int:
         """Continue from ``checkpoint`` (already checked with ``check_resume_settings``)."""
         if checkpoint is not None:
-            self.start = self.saved_step = load_training_checkpoint(checkpoint, self.trainer, self.backend, self.dist)
+            self.start = self.saved_step = load_training_checkpoint(checkpoint, self.trainer, self.backend, self.dist, self.fake_score_shards)
         return self.start
 
     def save_checkpoint(self, step: int) -> None:
-        check_in_sync(self.trainable, self.dist)
-        save_training_checkpoint(self.checkpoints, step, self.trainer, self.backend, self.dist, self.run.keep_checkpoints, self.settings)
+        check_in_sync(self.replicated, self.dist)
+        save_training_checkpoint(self.checkpoints, step, self.trainer, self.backend, self.dist, self.run.keep_checkpoints, self.settings,
+                                 self.fake_score_shards)
         self.saved_step = step
         if self.dist.main:
             self.metrics_log.write_csv()
@@ -799,4 +833,4 @@ class TrainingRun:
     def close(self) -> None:
         """Give the base model back unchanged and drop adapters, optimisers and averages."""
         self.backend.close()
-        self.trainer = self.backend = self.trainable = None
+        self.trainer = self.backend = self.trainable = self.replicated = None

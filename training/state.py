@@ -2,7 +2,8 @@
 
 A saved state comes from a file, so it is validated before anything is touched: the key set
 must equal the live one and every shape must match; otherwise nothing is copied and the error
-names what differs.
+names what differs. A live tensor sharded across processes (a DTensor) takes its own rows of
+the saved whole.
 """
 
 from __future__ import annotations
@@ -28,4 +29,16 @@ def copy_checked(
             raise error(f"{what}: {key} has shape {tuple(saved[key].shape)}, expected {tuple(value.shape)}")
     with torch.no_grad():
         for key, value in own.items():
-            value.copy_(saved[key])
+            value.copy_(_as_laid_out(saved[key], value))
+
+
+def _as_laid_out(source: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``source`` as ``like`` holds it: a tensor sharded across processes (a DTensor,
+    ``training.shard``) takes this process's rows of the saved whole, with no collective."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return source
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return source
+    return distribute_tensor(source.to(like.to_local().device), like.device_mesh, like.placements, src_data_rank=None)

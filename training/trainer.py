@@ -369,8 +369,10 @@ class DMD2Trainer:
         return loss, metrics
 
     def _clip(self, params: list[torch.nn.Parameter]) -> float:
+        from .shard import clip_grad_norm
+
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+        return clip_grad_norm(params, limit)
 
     def _micro_batches(self, batch: Batch) -> list[slice]:
         size = self.config.batch_size
