@@ -93,8 +93,7 @@ def test_v_and_zsnr_presets_match_the_card_scheduler(v_models, key, name):
     arch, loading = key
     base = V_ZSNR_BASE if "zsnr" in loading else V_BASE
     error = card_error(v_models[key], arch, name, base=base)
-    # SDXL-Turbo 2-step on ZTSNR: 1.2e-4 measured (the ancestral step from 999; not yet traced)
-    assert error < (2e-4 if name.startswith("SDXL-Turbo 2-step") and "zsnr" in loading else 1e-4), error
+    assert error < 1e-4, error
 
 
 def test_zsnr_terminal_step_is_what_makes_the_one_step_presets_exact(v_models, monkeypatch):
