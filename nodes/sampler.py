@@ -29,7 +29,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..bases import sampling_label
+from ..bases import PREDICTIONS, sampling_label
 from .families import (
     STARTS_FROM_SIGMA,
     UPDATE_RULES,
@@ -194,14 +194,15 @@ def zero_snr_terminal(model_sampling, rule: str):
     abar = torch.tensor(ZSNR_TERMINAL_ALPHA_CUMPROD.get(rule, 0.0), dtype=torch.float64)
     alpha, sig = abar.sqrt(), (1 - abar).sqrt()
 
+    output = PREDICTIONS[prediction]
+
     def fix(x, sigma, denoised):
-        scale = (1.0 + sigma.double() ** 2) ** 0.5  # ComfyUI's x = x_vp * scale
+        comfy_sigma = sigma.double()
+        scale = (1.0 + comfy_sigma**2) ** 0.5  # ComfyUI's x = x_vp * scale: its (alpha, sigma) are (1, sigma) / scale
         x_vp = x.double() / scale
-        x0 = denoised.double()
-        if prediction == "v":  # ComfyUI's x0 = a*x_vp - s*v at its own (a, s): read v back
-            v = (x_vp / scale - x0) * scale / sigma.double()
-            x0 = alpha * x_vp - sig * v
-        eps = (x_vp - alpha * x0) / sig
+        raw = output.from_x0(x_vp, denoised.double(), 1.0 / scale, comfy_sigma / scale)  # the network's own output
+        x0 = output.to_x0(x_vp, raw, alpha, sig)
+        eps = PREDICTIONS["eps"].from_x0(x_vp, x0, alpha, sig)
         return x0.to(x.dtype), eps.to(x.dtype), (sig / alpha).to(sigma)
 
     return len(model_sampling.sigmas) - 1, fix
