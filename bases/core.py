@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 class FamilyError(ValueError):
@@ -33,11 +34,12 @@ class Process:
     num_train_timesteps: int
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, sigma) at timesteps ``t`` (one per sample), float64 on the CPU."""
+        """(alpha, sigma) at timesteps ``t`` (one per sample) on ``t``'s device, float64
+        (float32 on MPS, which has no float64): no timestep goes back to the host."""
         raise NotImplementedError
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, s = self.coefficients(t.detach().cpu())
+        a, s = self.coefficients(t.detach())
         return _per_sample(a, like), _per_sample(s, like)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -57,6 +59,17 @@ class DiscreteVP(Process):
     def __init__(self, alphas_cumprod: torch.Tensor):
         self.alphas_cumprod = alphas_cumprod.detach().double().cpu()
         self.num_train_timesteps = len(self.alphas_cumprod)
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """abar on ``device``, cached: the trainer's timesteps live on the GPU, and indexing a
+        host table with them would sync the GPU on every noising and x0 conversion."""
+        table = self._tables.get(device)
+        if table is None:
+            table = self.alphas_cumprod.to(device, torch.float32 if device.type == "mps" else torch.float64)
+            if not isinstance(table, FakeTensor):  # --estimate's fake tensors are not kept
+                self._tables[device] = table
+        return table
 
     @classmethod
     def from_sigmas(cls, sigmas: torch.Tensor) -> DiscreteVP:
@@ -75,13 +88,13 @@ class DiscreteVP(Process):
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
 
     def coefficients(self, t):
-        abar = self.alphas_cumprod[t.long()]
+        abar = self._table(t.device)[t.long()]
         return abar.sqrt(), (1 - abar).sqrt()
 
     def alpha_sigma(self, t, like):
         # abar rounded to the sample's dtype first, then the roots: the arithmetic eps runs
         # have always used, so their samples and losses stay bit-identical across versions.
-        abar = _per_sample(self.alphas_cumprod[t.detach().cpu().long()], like)
+        abar = _per_sample(self._table(t.device)[t.detach().long()], like)
         return abar.sqrt(), (1 - abar).sqrt()
 
 
@@ -183,7 +196,7 @@ class Family:
     def output_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-sample factor turning an x0 error into the network's own output error (in
         float64 first: 1 - abar near t = 0 loses digits in float32)."""
-        a, s = self.process.coefficients(t.detach().cpu())
+        a, s = self.process.coefficients(t.detach())
         return _per_sample(self.parameterization.weight(a, s), like)
 
     def trailing_timesteps(self, steps: int) -> tuple[int, ...]:

@@ -4,8 +4,6 @@ without zero terminal SNR. One DDPM process (1000 integer timesteps, "scaled lin
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .core import PREDICTIONS, DiscreteVP, Family, FamilyError, register
@@ -47,10 +45,14 @@ def zero_terminal_snr(alphas_cumprod: torch.Tensor, terminal: float = COMFY_ZSNR
     return out
 
 
-@functools.cache
+# Built at import, not on first use: a first use under --estimate's FakeTensorMode would
+# otherwise cache a process of fake tensors for every later real run.
+_SD_ALPHAS_CUMPROD = scaled_linear_alphas_cumprod()
+_SD_PROCESSES = {False: DiscreteVP(_SD_ALPHAS_CUMPROD), True: DiscreteVP(zero_terminal_snr(_SD_ALPHAS_CUMPROD))}
+
+
 def _sd_process(zsnr: bool) -> DiscreteVP:
-    abar = scaled_linear_alphas_cumprod()
-    return DiscreteVP(zero_terminal_snr(abar) if zsnr else abar)
+    return _SD_PROCESSES[bool(zsnr)]
 
 
 SD15 = register(Family("sd15", "SD1.5", resolution=512, context_dim=768, text_encoders=("clip_l",),

@@ -65,7 +65,7 @@ def fake_score_loss(
     err = (x0_pred.float() - x0.detach().float()) ** 2
     if weighting == "x0":
         return err.mean()
-    a, s = family.process.coefficients(t.detach().cpu())  # float64: 1 - abar near t = 0 loses digits in float32
+    a, s = family.process.coefficients(t.detach())  # float64: 1 - abar near t = 0 loses digits in float32
     weight = (PREDICTIONS[weighting].weight(a, s) ** 2).to(err).reshape(-1, *([1] * (err.dim() - 1)))
     return (weight * err).mean()
 
