@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -611,3 +612,110 @@ def test_written_workflow_runs_in_a_real_comfyui(finished, comfy_server):
     with Image.open(images[0]) as im:
         assert im.size == (128, 128)
     assert "lora key not loaded" not in comfy_server.log()
+
+
+def _pool_args(tiny_checkpoints, inputs, output, *extra):
+    """A tiny run with a regression pool of 5 pairs (teacher DDIM 2, guidance 1.75: 4 UNet
+    passes each), 3 warm-start iterations drawing from it, then 2 DMD2 iterations."""
+    return _args(tiny_checkpoints["sd15"], inputs, output, 2, "--regression-steps", "3", "--regression-pairs", "5", "--set",
+                 "regression_teacher_steps=2", "--save-every", "1", "--sample-every", "0", *extra)
+
+
+def _same_tensors(got: Path, reference: Path, step: int) -> None:
+    for name in (f"checkpoints/step_{step:07d}/tensors.safetensors", "dmd2_tiny_sd15_lora.safetensors", "regression_pool.safetensors"):
+        ref, now = load_file(str(reference / name)), load_file(str(got / name))
+        assert set(ref) == set(now) and all(torch.equal(ref[k], now[k]) for k in ref), name
+
+
+@pytest.fixture(scope="module")
+def pool_reference(tiny_checkpoints, inputs, tmp_path_factory):
+    """An uninterrupted run with a regression pool, and the rows its teacher saw."""
+    from comfyui_dmd2.training.backend import SharedBaseBackend
+
+    output = tmp_path_factory.mktemp("pool") / "out"
+    rows, plain = [], SharedBaseBackend.real_x0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SharedBaseBackend, "real_x0", lambda self, x_t, *rest: rows.append(len(x_t)) or plain(self, x_t, *rest))
+        trainer, _, _ = cli.train(_pool_args(tiny_checkpoints, inputs, output))
+    return output, trainer, rows
+
+
+def test_regression_pool_is_built_once_cached_and_reused(pool_reference):
+    """The teacher runs for the pool's 5 pairs x 2 DDIM steps and then only for DMD2's one
+    generator update, not for the 3 warm-start iterations; the pool is in the run folder
+    with the settings that define it."""
+    output, trainer, rows = pool_reference
+    assert trainer.step_count == 5 and trainer.config.regression_pairs == 5
+    assert len(rows) == 5 * 2 + 1 and set(rows) == {1}  # batch 1: one row per teacher call
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [("loss_regression" in m, "loss_dm" in m) for m in metrics] == [(True, False)] * 3 + [(False, True), (False, False)]
+    with safe_open(str(output / "regression_pool.safetensors"), "pt") as fh:
+        settings = json.loads(fh.metadata()["dmd2_regression_pool"])
+        assert fh.get_tensor("target").shape == (5, 4, 16, 16) and fh.get_tensor("prompt_index").dtype == torch.int64
+    assert settings["regression_pairs"] == 5 and settings["regression_teacher_steps"] == 2 and settings["real_guidance_scale"] == 1.75
+    assert settings["sampling"] == "eps" and settings["prompts"].startswith("3 prompts, sha256") and len(settings["base_model_sha256"]) == 64
+    saved = json.loads((output / "checkpoints" / "step_0000005" / "settings.json").read_text())
+    assert saved["regression_pairs"] == 5  # part of what a resume must match
+
+
+def test_regression_pool_stopped_while_building_resumes_to_the_uninterrupted_run(pool_reference, tiny_checkpoints, inputs, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """A stop request (SIGTERM) after 2 of the 5 pairs keeps them in regression_pool.safetensors
+    and writes no checkpoint; the same command continues the build from there and ends
+    bit-identical to the uninterrupted run (pool, checkpoint tensors, exported LoRA)."""
+    reference, _, _ = pool_reference
+    output = tmp_path / "stopped"
+    asked = []
+
+    def requested(self, dist):
+        asked.append(1)
+        return signal.SIGTERM if len(asked) >= 2 else None
+
+    monkeypatch.setattr(cli.StopSignals, "requested", requested)
+    with pytest.raises(cli.Stopped) as stop:
+        cli.train(_pool_args(tiny_checkpoints, inputs, output))
+    assert stop.value.step == 0 and stop.value.reason == signal.SIGTERM
+    assert len(load_file(str(output / "regression_pool.safetensors"))["target"]) == 2
+    assert not list((output / "checkpoints").glob("step_*")) and not (output / "dmd2_tiny_sd15_lora.safetensors").exists()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(cli.log, "propagate", True)
+    caplog.set_level("INFO", logger="dmd2-train")
+    trainer, _, _ = cli.train(_pool_args(tiny_checkpoints, inputs, output))
+    assert "building the regression pool: 5 pairs x 4 teacher UNet forwards, continuing after 2" in caplog.text
+    assert trainer.step_count == 5
+    _same_tensors(output, reference, 5)
+
+
+def test_regression_pool_of_other_settings_is_rebuilt_and_a_damaged_one_refused(pool_reference, tiny_checkpoints, inputs, tmp_path,
+                                                                                monkeypatch, caplog, capsys):
+    """A pool file made with other settings (here 3 teacher steps, not 2) is rebuilt, the log
+    says which setting differs; a damaged one stops the run with one line naming the file."""
+    reference, _, _ = pool_reference
+    output = tmp_path / "other"
+    output.mkdir()
+    shutil.copy(reference / "regression_pool.safetensors", output / "regression_pool.safetensors")
+    monkeypatch.setattr(cli.log, "propagate", True)
+    caplog.set_level("INFO", logger="dmd2-train")
+    cli.train(_pool_args(tiny_checkpoints, inputs, output, "--set", "regression_teacher_steps=3"))
+    assert "rebuilding regression_pool.safetensors: its regression_teacher_steps is 2, the run's 3" in caplog.text
+    with safe_open(str(output / "regression_pool.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["dmd2_regression_pool"])["regression_teacher_steps"] == 3
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "regression_pool.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert cli.main(_pool_args(tiny_checkpoints, inputs, damaged)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert errors[0].startswith(f"dmd2-train: error: {damaged / 'regression_pool.safetensors'} is not a readable regression pool")
+    assert errors[0].endswith("delete it to build the pool again")
+    assert (damaged / "regression_pool.safetensors").read_bytes().endswith(b"{not json at all")  # left for the user to look at
+
+
+def test_resume_reads_a_checkpoint_without_regression_pairs_as_fresh_pairs():
+    from comfyui_dmd2.training.run import resume_mismatch
+
+    assert resume_mismatch({"regression_steps": 3}, {"regression_steps": 3, "regression_pairs": 0}) is None
+    assert resume_mismatch({"regression_steps": 3}, {"regression_steps": 3, "regression_pairs": 5}) == ("regression_pairs", 5, 0)

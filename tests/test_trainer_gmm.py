@@ -10,6 +10,7 @@ Also: config loading, the TTUR schedule, the GAN path and exact resume.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -74,6 +75,11 @@ class GMMBackend(torch.nn.Module):
     def sample_batch(self, n):
         real = self.sample_target(n) if self.with_gan else None
         return Batch(cond=None, shape=(n, 2), real_x0=real)
+
+    prompt_count = 1
+
+    def prompt_batch(self, indices):
+        return Batch(cond=None, shape=(len(indices), 2))
 
     def generator_x0(self, x_t, t, cond):
         return self.generator(torch.cat([x_t, t[:, None].float() / 1000], 1))
@@ -482,3 +488,41 @@ def test_regression_warm_start_moves_the_generator_onto_the_teacher():
     assert after < before / 20
     # the teacher's deterministic samples land on the target mixture: the warm start did too
     assert energy_distance(backend.samples(), backend.sample_target(2000, torch.Generator().manual_seed(7))) < 0.3
+
+
+def test_regression_pool_is_built_once_and_reused():
+    """``regression_pairs`` N: the teacher runs N x its DDIM steps once, before the first
+    regression iteration, and never again during the warm start; every iteration regresses
+    onto pairs of that pool (the same noise gives the same target), and the warm start still
+    brings the generator onto the teacher."""
+    from comfyui_dmd2.training import pool, sampling
+
+    torch.manual_seed(0)
+    backend = GMMBackend()
+    config = gmm_config(regression_steps=300, regression_teacher_steps=10, regression_pairs=512, steps=1, lr_generator=1e-2)
+    teacher_rows = []
+    plain = backend.real_x0
+    backend.real_x0 = lambda x_t, *rest: teacher_rows.append(len(x_t)) or plain(x_t, *rest)
+    trainer = DMD2Trainer(config, backend)
+    assert pool.warm_start_forwards(config) == {"fresh": 300 * 256 * 10, "pool": 512 * 10}
+    trainer.step()
+    assert sum(teacher_rows) == 512 * 10 and trainer.pool.complete and len(trainer.pool) == 512
+    built = trainer.pool
+    expected = sampling.ddim_sample(lambda x, t: plain(x, t, None, None, 1.0), built.noise[:7], bases.SD15.trailing_timesteps(10), backend.family)
+    assert torch.allclose(built.target[:7], expected, atol=1e-6)
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
+    teacher = sampling.ddim_sample(lambda x, t: plain(x, t, None, None, 1.0), noise, bases.SD15.trailing_timesteps(10), backend.family)
+    gap = lambda: (backend.generator_x0(noise, torch.full((2000,), 399), None) - teacher).square().mean().item()
+    with torch.no_grad():
+        before = gap()
+    trainer.run(299, progress=False)
+    assert trainer.pool is built and sum(teacher_rows) == 512 * 10  # the pool, not the teacher, fed 299 more iterations
+    with torch.no_grad():
+        after = gap()
+    print(f"regression gap with a pool of 512 {before:.3f} -> {after:.4f}")
+    assert after < before / 20
+    # the same seed builds the same pool; another seed other pairs
+    again = pool.build_pool(config, backend)
+    assert torch.equal(again.target, built.target) and torch.equal(again.noise, built.noise)
+    other = pool.build_pool(dataclasses.replace(config, seed=1), backend)
+    assert not torch.equal(other.noise, built.noise)

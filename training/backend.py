@@ -399,6 +399,16 @@ class SharedBaseBackend:
             gan_cond=stack([data.uncond if c is None else data.prompts[i] for i, c in zip(idx, captions)]),
         )
 
+    @property
+    def prompt_count(self) -> int:
+        return len(self.data.prompts)
+
+    def prompt_batch(self, indices: Sequence[int]) -> Batch:
+        """The prompts ``indices`` as a batch (no real latents): the regression pool's pairs."""
+        cond = stack_conditionings([self.data.prompts[i] for i in indices]).to(self.device)
+        uncond = stack_conditionings([self.data.uncond] * len(indices)).to(self.device)
+        return Batch(cond=cond, uncond=uncond, shape=(len(indices), *self.latent_shape))
+
     def state_dict(self) -> dict[str, Any]:
         """What the backend adds to a resumable checkpoint: its data RNG."""
         return {"rng": self.rng.get_state()}

@@ -56,7 +56,7 @@ from .run import (  # noqa: F401 (GradientAverager, image_grid, draw_loss_curves
 log = logging.getLogger("dmd2-train")
 
 PRESETS = {(999, 749, 499, 249): "4-step (999,749,499,249)", (399,): "1-step (399)"}
-DMD2_FLAGS = {"steps", "seed", "batch_size", "grad_accum", "ema_decay", "regression_steps", "uncond"}
+DMD2_FLAGS = {"steps", "seed", "batch_size", "grad_accum", "ema_decay", "regression_steps", "regression_pairs", "uncond"}
 
 
 def _coerce_run(name: str, value: Any) -> Any:
@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, dest="ema_decay", help=f"generator moving average per generator update, 0 = off ({_defaults('ema_decay')})")
     p.add_argument("--regression-steps", type=int, dest="regression_steps",
                    help=f"regression warm-start iterations before DMD2 (the reference's 1-step recipe; on the digits it helped 4-step students more) ({_defaults('regression_steps')})")
+    p.add_argument("--regression-pairs", type=int, dest="regression_pairs", metavar="N",
+                   help="with --regression-steps: build a pool of N teacher pairs once (cached in --output as "
+                   "regression_pool.safetensors, resumable) and draw each iteration's pairs from it, instead of running the "
+                   "teacher for every sample of every iteration; the reference used 10,000 pairs, each reused about 50 times; "
+                   f"0 = fresh pairs ({_defaults('regression_pairs')})")
     p.add_argument("--uncond", choices=["zeros", "empty"],
                    help="the real score's unconditional side for its guidance: zeros (zero text, the size conditioning kept) "
                    "or the encoded empty prompt, which a finetune trained with caption dropout may prefer (docs/training.md) "
@@ -590,7 +595,7 @@ def train(argv: Sequence[str] | None = None):
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
         training = TrainingRun(loaded.model.model, data, run, config, resolution, output, device, dist, extra_settings=fingerprints,
-                               init_lora=init, family=family)
+                               init_lora=init, family=family, pool_identity=fingerprints | {"base_model_sha256": ckpt_hash})
         start = training.resume(latest)
     except BaseException:
         if created is not None:  # nothing half-written: a failed start leaves no new folder
@@ -615,6 +620,8 @@ def train(argv: Sequence[str] | None = None):
         if updates - config.regression_steps < 10:
             log.warning("only %d DMD2 generator update%s: the LoRA will barely differ from the base model; raise --steps",
                         updates - config.regression_steps, "" if updates - config.regression_steps == 1 else "s")
+        if config.regression_steps:
+            log.info("%s", warm_start_line(config))
         if start:
             log.info("resuming at step %d of %d", start, total)
         else:
@@ -647,12 +654,26 @@ def train(argv: Sequence[str] | None = None):
             shown = ("loss_regression", "loss_dm", "loss_fake", "loss_gan_discriminator")
             bar.set_postfix({"it": f"{metrics['step'] + 1}/{total}", **{k: f"{metrics[k]:.3g}" for k in shown if k in metrics}})
 
+    pool_bar = None
+
+    def pool_progress(done: int, pairs: int) -> None:
+        nonlocal pool_bar
+        if not dist.main or args.quiet:
+            return
+        if pool_bar is None:
+            from tqdm.auto import tqdm
+
+            pool_bar = tqdm(total=pairs, initial=done, desc="regression pool pairs", unit="pair", dynamic_ncols=True)
+        pool_bar.update(done - pool_bar.n)
+
     try:
         with StopSignals() as signals:
-            training.train(on_step=show, on_samples=write_samples, stop=lambda: signals.requested(dist))
+            training.train(on_step=show, on_samples=write_samples, stop=lambda: signals.requested(dist), on_pool=pool_progress,
+                           say=log.info if dist.main else lambda text: None)
     finally:
-        if bar is not None:
-            bar.close()
+        for progress_bar in (pool_bar, bar):
+            if progress_bar is not None:
+                progress_bar.close()
 
     # 5. The LoRA (the generator's moving average) and a workflow that uses it.
     if dist.main:
@@ -673,6 +694,21 @@ def train(argv: Sequence[str] | None = None):
         log.info("wrote %s: copy it into ComfyUI's models/loras and open %s", output / lora_name, output / "workflow.json")
     dist.barrier()
     return training.trainer, training.backend, output
+
+
+def warm_start_line(config) -> str:
+    """What the regression warm start costs the teacher, per process: fresh pairs against the
+    run's pool (``pool.warm_start_forwards``)."""
+    from .pool import teacher_forwards_per_pair, warm_start_forwards
+
+    forwards, per_pair = warm_start_forwards(config), teacher_forwards_per_pair(config)
+    pairs = config.regression_steps * config.samples_per_iteration
+    fresh = f"fresh pairs ({pairs:,} pairs x {per_pair} teacher UNet forwards) cost {forwards['fresh']:,} forwards"
+    if not config.regression_pairs:
+        return f"regression warm start: {config.regression_steps} iterations on {fresh} (--regression-pairs N builds N once)"
+    reuse = pairs / config.regression_pairs
+    return (f"regression warm start: {config.regression_steps} iterations on a pool of {config.regression_pairs:,} pairs built once, "
+            f"{forwards['pool']:,} teacher UNet forwards, each pair drawn {reuse:.1f}x on average; {fresh}")
 
 
 def checkpoint_context_dim(path: str | Path) -> int | None:
@@ -705,6 +741,8 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
           f"no weight is read (the run's own code on fake tensors)...", flush=True)
     profile = memory.estimate_run(run.checkpoint, run, config, resolution, gpu=gpu, with_images=with_images, world_size=world_size)
     for line in memory.report(profile):
+        print(line)
+    for line in memory.work_report(profile, config):
         print(line)
     if budget_gib is None and gpu and torch.cuda.is_available():
         budget_gib = torch.cuda.get_device_properties(torch.device(run.device or "cuda")).total_memory / memory.GiB

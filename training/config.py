@@ -142,6 +142,10 @@ class DMD2Config:
     # (DDIM) samples from the same noise, made on the fly with real_guidance_scale.
     regression_steps: int = 0
     regression_teacher_steps: int = 50
+    # 0: a fresh pair per sample and iteration (the teacher runs every iteration). N > 0: a
+    # pool of N pairs built once before the warm start (``training.pool``) and drawn from at
+    # random by each iteration, as the reference does (10,000 pairs, each seen about 50 times).
+    regression_pairs: int = 0
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -232,6 +236,8 @@ class DMD2Config:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.regression_steps < 0:
             raise ConfigError(f"regression_steps must be >= 0, got {self.regression_steps}")
+        if self.regression_pairs < 0:
+            raise ConfigError(f"regression_pairs must be >= 0 (0: fresh pairs), got {self.regression_pairs}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
 

@@ -242,6 +242,28 @@ def report(profile: IterationProfile) -> list[str]:
     return lines
 
 
+def work_report(profile: IterationProfile, config) -> list[str]:
+    """The whole run's work per process in UNet forward-equivalents (``--estimate`` gives
+    no time: it depends on the GPU): DMD2's iterations, and the regression warm start's
+    teacher forwards with fresh pairs and with the run's pool (``pool.warm_start_forwards``;
+    the generator's own regression passes are the same in both and left out)."""
+    from .pool import teacher_forwards_per_pair, warm_start_forwards
+
+    dmd2 = profile.forward_equivalents()["mean_iteration"] * config.samples_per_iteration * config.steps
+    lines = [(f"work of the run (per process, UNet forward-equivalents): DMD2 {config.steps:,} iterations x "
+              f"{config.samples_per_iteration} samples = {dmd2:,.0f}")]
+    if config.regression_steps:
+        forwards, per_pair = warm_start_forwards(config), teacher_forwards_per_pair(config)
+        fresh = (f"fresh pairs {config.regression_steps:,} iterations x {config.samples_per_iteration} samples x {per_pair} = "
+                 f"{forwards['fresh']:,}")
+        if config.regression_pairs:
+            lines.append(f"  regression warm start, teacher UNet forwards: a pool of {config.regression_pairs:,} pairs x {per_pair} = "
+                         f"{forwards['pool']:,} (built once, {forwards['fresh'] / max(forwards['pool'], 1):.1f}x fewer than {fresh})")
+        else:
+            lines.append(f"  regression warm start, teacher UNet forwards: {fresh} (--regression-pairs N: N x {per_pair} instead)")
+    return lines
+
+
 def profiling_config(config):
     """The configuration a profiled run is built with: ``config`` with one micro-batch per
     update (``profile_iterations`` adds what more micro-batches hold), a generator update

@@ -613,8 +613,9 @@ def saved_settings(path: Path) -> dict[str, Any]:
 
 # Keys that checkpoints of earlier versions did not save, with the value those runs used: an
 # SDXL run started before ``uncond`` existed trained against the empty prompt, and resuming it
-# with today's default (zeros) would switch silently; runs before ``sampling`` were all eps.
-LEGACY_SETTINGS = {"uncond": "empty", "sampling": "eps"}
+# with today's default (zeros) would switch silently; runs before ``sampling`` were all eps,
+# runs before ``regression_pairs`` drew fresh pairs.
+LEGACY_SETTINGS = {"uncond": "empty", "sampling": "eps", "regression_pairs": 0}
 
 
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
@@ -703,7 +704,7 @@ class TrainingRun:
     MODEL passes ``checkpoint.detect_family(model)``, which sees its sampling patches)."""
 
     def __init__(self, base_model, data, run: RunConfig, config, resolution: int, folder: Path, device: str, dist: Dist | None = None,
-                 extra_settings: dict | None = None, init_lora=None, family=None):
+                 extra_settings: dict | None = None, init_lora=None, family=None, pool_identity: dict | None = None):
         from .. import bases
         from .backend import SharedBaseBackend
         from .shard import is_sharded
@@ -744,6 +745,9 @@ class TrainingRun:
             GradientAverager(self.replicated, self.dist.world_size, self.dist)
         self.start, self.saved_step = 0, -1
         self.metrics_log: MetricsLog | None = None
+        # What the regression pool's pairs depend on besides the config (``pool.pool_settings``):
+        # the data fingerprints and the base model's identity (default: ``extra_settings``).
+        self.pool_identity = dict(extra_settings or {}) if pool_identity is None else dict(pool_identity)
 
     @property
     def total(self) -> int:
@@ -764,6 +768,49 @@ class TrainingRun:
             self.metrics_log.write_csv()
             save_png_atomic(draw_loss_curves(self.metrics_log.rows), self.folder / "loss_curve.png")
 
+    def prepare_pool(self, stop: Callable[[], Any] = lambda: None, progress: Callable[[int, int], None] | None = None,
+                     say: Callable[[str], None] = lambda text: None) -> None:
+        """The regression pool for the warm start ahead (``regression_pairs`` > 0): read from
+        the folder's ``regression_pool.safetensors`` when built with this run's settings
+        (partly built: continued), else built (the reason said through ``say``). The pairs
+        done are saved every ``save_every`` batches and when ``stop()`` asks, which raises
+        ``Stopped`` at the current step: the next start continues the build. Every process
+        builds the same pool (same seed); the main one writes the file."""
+        from .pool import POOL_FILE, build_pool, load_pool, pool_settings, save_pool
+        from .pool import teacher_forwards_per_pair as per_pair
+
+        config, trainer = self.config, self.trainer
+        if not config.regression_pairs or trainer.step_count >= config.regression_steps or trainer.pool is not None:
+            return
+        path = self.folder / POOL_FILE
+        settings = pool_settings(config, self.family, self.backend.latent_shape, self.pool_identity)
+        start = None
+        if path.is_file():
+            start, why = load_pool(path, settings, self.backend.prompt_count)
+            if start is None:
+                say(f"rebuilding {POOL_FILE}: {why}")
+        if start is not None and start.complete:
+            say(f"using the {len(start)} regression pairs in {path}")
+            trainer.pool = start
+            return
+        done = 0 if start is None else len(start)
+        say(f"building the regression pool: {config.regression_pairs} pairs x {per_pair(config)} teacher UNet "
+            f"forwards" + (f", continuing after {done}" if done else ""))
+        save = (lambda pool: save_pool(pool, path)) if self.dist.main else None
+        reasons = []
+
+        def asked() -> Any:
+            reasons.append(stop())
+            return reasons[-1]
+
+        pool = build_pool(config, self.backend, settings, start=start, progress=progress, save=save, save_every=self.run.save_every,
+                          stop=asked)
+        if not pool.complete:
+            raise Stopped(trainer.step_count, reasons[-1])
+        if save is not None:
+            save(pool)
+        trainer.pool = pool
+
     @torch.no_grad()
     def sample(self, conds, seeds: Sequence[int]) -> torch.Tensor:
         """The averaged generator's few-step latents for ``conds`` (one seed each)."""
@@ -771,12 +818,15 @@ class TrainingRun:
             return self.backend.sample(conds, seeds, self.config.generator_timesteps)
 
     def train(self, on_step: Callable[[dict], None] | None = None, on_samples: Callable[[int], None] | None = None,
-              stop: Callable[[], Any] = lambda: None) -> None:
+              stop: Callable[[], Any] = lambda: None, on_pool: Callable[[int, int], None] | None = None,
+              say: Callable[[str], None] = lambda text: None) -> None:
         """The iterations left up to ``config.total_steps``: ``on_step(metrics)`` after each, a
         checkpoint every ``save_every`` and at the end, ``on_samples(step)`` every
         ``sample_every`` and at the end. When ``stop()`` returns a reason, a checkpoint is saved
-        at the current step and ``Stopped`` raised."""
+        at the current step and ``Stopped`` raised. First the regression pool, if the run has
+        one (``prepare_pool``: ``on_pool(done, total)`` as its pairs are made)."""
         run, total = self.run, self.total
+        self.prepare_pool(stop, on_pool, say)
         if self.dist.main:
             self.metrics_log = MetricsLog(self.folder, self.start)
         started = time.perf_counter()

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -113,6 +113,13 @@ class DMD2Backend(Protocol):
 
     def sample_batch(self, n: int) -> Batch:
         """The next ``n`` conditions (and real latents, if the GAN is wanted)."""
+        ...
+
+    #: How many prompts ``prompt_batch`` indexes (the regression pool draws among them).
+    prompt_count: int
+
+    def prompt_batch(self, indices: Sequence[int]) -> Batch:
+        """The conditions of prompts ``indices`` (``uncond`` too; no real latents needed)."""
         ...
 
     def generator_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -260,6 +267,10 @@ class DMD2Trainer:
         # Several processes: the draw of the simulated step, replaced by rank 0's (every rank
         # then waits on the same number of generator passes, not on its slowest).
         self.shared_draw = shared_draw
+        # The regression warm start's pool (``regression_pairs`` > 0): built at the first
+        # regression iteration unless the caller set it (``run.TrainingRun`` loads or builds
+        # it in the run folder); a ``pool.RegressionPool``.
+        self.pool = None
 
     # --- randomness (all of it from the trainer's own generator, so resume is exact) ---
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -445,23 +456,41 @@ class DMD2Trainer:
 
     def _regression_iteration(self) -> dict[str, float]:
         """Warm start: the generator's first step regressed onto the teacher's DDIM sample
-        from the same noise (the teacher = the real score, with its guidance)."""
+        from the same noise (the teacher = the real score, with its guidance): a fresh pair
+        per sample, or ``samples_per_iteration`` pairs of the pool drawn with the trainer's RNG."""
         config = self.config
+        if config.regression_pairs:
+            from .pool import build_pool
+
+            if self.pool is None or not self.pool.complete:
+                self.pool = build_pool(config, self.backend, start=self.pool)
+            pick = torch.randint(0, len(self.pool), (config.samples_per_iteration,), generator=self.rng, device=self.device).cpu()
+            batch = self.backend.prompt_batch(self.pool.prompt_index[pick].tolist())
+            noise, targets = self.pool.noise[pick].to(self.device), self.pool.target[pick].to(self.device)
+            return self._regress(batch, noise, lambda part, z, s: targets[s])
         batch = self._sample_batch()
         noise = self._noise(tuple(batch.shape))
         teacher_steps = self.family.trailing_timesteps(config.regression_teacher_steps)
+
+        def teacher(part: Batch, z: torch.Tensor, s: slice) -> torch.Tensor:
+            with torch.no_grad():
+                return sampling.ddim_sample(
+                    lambda x, t: self.backend.real_x0(x, t, part.cond, part.uncond, config.real_guidance_scale),
+                    z, teacher_steps, self.family,
+                )
+
+        return self._regress(batch, noise, teacher)
+
+    def _regress(self, batch: Batch, noise: torch.Tensor, target: Callable[[Batch, torch.Tensor, slice], torch.Tensor]) -> dict[str, float]:
+        """One generator update regressing its first step from ``noise`` onto ``target(part, z, rows)``."""
         first = self.timesteps[0]
         self.generator_optimizer.zero_grad(set_to_none=True)
         slices = self._micro_batches(batch)
         total = 0.0
         for s in slices:
             part, z = batch.part(s), noise[s]
-            with torch.no_grad():
-                target = sampling.ddim_sample(
-                    lambda x, t: self.backend.real_x0(x, t, part.cond, part.uncond, config.real_guidance_scale),
-                    z, teacher_steps, self.family,
-                )
-            loss = losses.regression_loss(self.backend.generator_x0(z, self._full(first, len(part)), part.cond), target)
+            goal = target(part, z, s)
+            loss = losses.regression_loss(self.backend.generator_x0(z, self._full(first, len(part)), part.cond), goal)
             self.scaler.scale(loss / len(slices)).backward()
             total += loss.item() / len(slices)
         return {"step": self.step_count, "generator_updated": 1.0, "loss_regression": total, "grad_norm_generator": self._step_generator()}
