@@ -152,7 +152,25 @@ def rows() -> dict[str, tuple]:
         "1-step LoRA G r8 (demo), no regression warm start": (replace(demo_one, regression_steps=0), single),
         "1-step LoRA r8, regression warm start (300 it), the 4-step rates (G 5e-4, F 2.5e-3)": (
             replace(one, regression_steps=300, lr_generator=5e-4, lr_fake_score=2.5e-3, ema_decay=0.995), single),
+        **pool_rows(demo_four, main),
     }
+
+
+def pool_rows(demo_four, seeds) -> dict[str, tuple]:
+    """The warm start's pool (#23, section 5) on the demo's 4-step student, whose 300 warm-start
+    iterations x batch 64 draw 19,200 fresh pairs onto the teacher's DDIM 10: pools of 1,000 and
+    4,000 pairs (each reused 19x / 4.8x), after DMD2 and right after the warm start (0 DMD2
+    iterations: the raw column is the warm-started generator; the moving-average column averages
+    the warm start's updates). The table's last column is the teacher UNet forwards each spent
+    on the warm start."""
+    warm_only = replace(demo_four, iterations=0)
+    rows = {"4-step LoRA r8 (demo), warm start only (fresh pairs, 0 DMD2 iterations)": (warm_only, seeds)}
+    for pairs, reuse in ((1000, "19x"), (4000, "4.8x")):
+        rows[f"4-step LoRA r8 (demo), warm start on a pool of {pairs:,} pairs (each {reuse})"] = (
+            replace(demo_four, regression_pairs=pairs), seeds)
+        rows[f"4-step LoRA r8 (demo), warm start only, pool of {pairs:,} pairs (0 DMD2 iterations)"] = (
+            replace(warm_only, regression_pairs=pairs), seeds)
+    return rows
 
 
 FINETUNE = "finetune: "  # the finetune scenario's rows (#23): on the finetuned teacher, scored on its digits
@@ -411,8 +429,22 @@ def combine(results: list[dict]) -> list[dict]:
                            "seed0": runs[0][kind]["mean"], "sampling_std_seed0": runs[0][kind]["std"]}
         gans = [r["gan"] for r in runs if r["gan"]]
         entry["gan"] = {k: float(np.mean([g[k] for g in gans])) for k in gans[0]} if gans else {}
+        entry["warm_start_forwards"] = warm_start_forwards(runs[0]["settings"])
         out.append(entry)
     return out
+
+
+def warm_start_forwards(settings: dict) -> int:
+    """Teacher UNet forwards a student's warm start spent (``pool.warm_start_forwards``),
+    from its recorded settings."""
+    from comfyui_dmd2.training.digits.students import StudentSettings
+    from comfyui_dmd2.training.pool import warm_start_forwards as forwards
+
+    from dataclasses import fields
+
+    known = {f.name for f in fields(StudentSettings)}
+    config = StudentSettings(**{k: v for k, v in settings.items() if k in known}).config()
+    return forwards(config)["pool" if config.regression_pairs else "fresh"]
 
 
 def _fd(value: dict, trainings: int) -> str:
@@ -422,17 +454,17 @@ def _fd(value: dict, trainings: int) -> str:
 
 def table(rows: list[dict], teachers: dict) -> str:
     lines = [
-        "| row | FD, moving average | seed-0 training | FD, raw generator | D loss | logits real / fake | D accuracy | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | FD, moving average | seed-0 training | FD, raw generator | D loss | logits real / fake | D accuracy | train s | warm-start teacher forwards |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, fd in teachers.items():
         finite = (f"; finite samples {100 * min(fd['finite_share']):.1f} %; mean |x0 error| at 999 {fd['x0_error_at_999']:.3g}"
                   if "finite_share" in fd else "")
-        lines.append(f"| {name} | {fd['mean']:.2f} ± {fd['std']:.2f} (sampling){finite} | | | | | | |")
+        lines.append(f"| {name} | {fd['mean']:.2f} ± {fd['std']:.2f} (sampling){finite} | | | | | | | |")
     for r in rows:
         g = r["gan"]
         gan = f"{g['loss_gan_discriminator']:.3f} | {g['logits_real']:+.3f} / {g['logits_fake']:+.3f} | {g['discriminator_accuracy']:.3f}" if g else "GAN off | | "
-        lines.append(f"| {r['name']} | {_fd(r['ema'], r['trainings'])} | {r['ema']['seed0']:.2f} | {_fd(r['raw'], r['trainings'])} | {gan} | {r['train_s']:.0f} |")
+        lines.append(f"| {r['name']} | {_fd(r['ema'], r['trainings'])} | {r['ema']['seed0']:.2f} | {_fd(r['raw'], r['trainings'])} | {gan} | {r['train_s']:.0f} | {r.get('warm_start_forwards', 0):,} |")
     return "\n".join(lines)
 
 

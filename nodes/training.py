@@ -207,7 +207,8 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
                lora_rank: int, lora_alpha: float, lr_generator: float, lr_fake_score: float, real_guidance_scale: float,
                resolution: int, batch_size: int, grad_accum: int, warmup_steps: int, regression_steps: int, preview_every: int,
                save_every: int, images: torch.Tensor | None = None, captions: str = "", fake_score: str = "lora",
-               fake_score_rank: int = 0, lora_targets: str = "dmd2", init_lora: str = NO_INIT_LORA, progress=None, status=None):
+               fake_score_rank: int = 0, lora_targets: str = "dmd2", init_lora: str = NO_INIT_LORA, regression_pairs: int = 0,
+               progress=None, status=None):
     """Train (or resume) the run ``lora_name`` on the graph's model; returns (MODEL with the
     LoRA applied, LoRA file name, loss plot IMAGE). Raises TrainingInputError/ConfigError on
     bad input and ComfyUI's InterruptProcessingException after saving on Interrupt.
@@ -215,6 +216,8 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     same names; with a full fake score, ``lr_fake_score`` left at the LoRA default becomes the
     reference's full-network rate, as the command's default does. ``init_lora``: a name in
     models/loras the generator starts from (``dmd2-train --init-lora``), or "none".
+    ``regression_pairs``: ``dmd2-train --regression-pairs`` (a pool of teacher pairs built once
+    in the run folder for the warm start; 0: fresh pairs).
     ``status(text)``: one line of where the run stands (starting or resuming, rate and time
     left, a checkpoint saved on Interrupt), shown on the node; also logged."""
     say = status_reporter(status)
@@ -240,7 +243,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
         lr_fake_score = FULL_FAKE_SCORE_LR[arch]  # a LoRA F's rate would be 10-50x too high for a full network
     values = dict(steps=steps, seed=seed, generator_timesteps=tuple(timesteps), lr_generator=lr_generator,
                   lr_fake_score=lr_fake_score, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
-                  regression_steps=regression_steps)
+                  regression_steps=regression_steps, regression_pairs=regression_pairs)
     if real_guidance_scale > 0:
         values["real_guidance_scale"] = real_guidance_scale
     config = DMD2Config.for_arch(arch, **values)
@@ -321,7 +324,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
 
             try:
                 with interrupts_at_iteration_boundaries():
-                    training.train(on_step=show, on_samples=preview, stop=interrupted)
+                    training.train(on_step=show, on_samples=preview, stop=interrupted, say=lambda text: say(text, log_it=True))
             except Stopped as stop:
                 comfy.model_management.interrupt_current_processing(False)
                 say(f"stopped: checkpoint saved at step {stop.step} of {total} in {RUNS_FOLDER}/{stem} (output folder); "
@@ -518,6 +521,10 @@ class DMD2TrainLoRA(io.ComfyNode):
                                tooltip="Start the generator from this few-step LoRA instead of zero, e.g. the DMD2 4-step LoRA "
                                        "when distilling a finetune (its rank and alpha are taken). The saved LoRA is the whole "
                                        "adapter: load it alone. none: start from zero."),
+                io.Int.Input("regression_pairs", default=0, min=0, max=1_000_000, optional=True,
+                             tooltip="With regression_steps: a pool of this many teacher pairs, built once in the run folder "
+                                     "(resumable) and reused by every warm-start iteration, instead of running the teacher "
+                                     "for every sample (the reference: 10,000 pairs, each reused about 50 times). 0: fresh pairs."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA applied (sample it with DMD2 Generate)."),
@@ -531,13 +538,13 @@ class DMD2TrainLoRA(io.ComfyNode):
     def execute(cls, model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
                 regression_steps, preview_every, save_every, images=None, captions="", fake_score="lora", fake_score_rank=0,
-                lora_targets="dmd2", init_lora=NO_INIT_LORA) -> io.NodeOutput:
+                lora_targets="dmd2", init_lora=NO_INIT_LORA, regression_pairs=0) -> io.NodeOutput:
         try:
             patched, name, plot = train_lora(
                 model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
                 regression_steps, preview_every, save_every, images=images, captions=captions, fake_score=fake_score,
-                fake_score_rank=fake_score_rank, lora_targets=lora_targets, init_lora=init_lora,
+                fake_score_rank=fake_score_rank, lora_targets=lora_targets, init_lora=init_lora, regression_pairs=regression_pairs,
                 status=frontend_status(getattr(cls.hidden, "unique_id", None)),
             )
         except LoRAError as exc:  # an init LoRA that is no LoRA, or made for another model

@@ -3,6 +3,7 @@ to the peak of live tensors measured on real ones, and the advice it gives."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -189,3 +190,19 @@ def test_profile_parts_scaling_and_budget_advice():
     full = memory.budget_advice(profile, 14.5, rank=64, resolution=1024, ema_on_device=True, checkpointing=True, full_fake_score=True)
     assert full[0].startswith("does not fit 14.5") and full[1].startswith("  --fake-score lora") and len(full) == 3
     assert "--estimate --world-size N" in full[2]  # or shard it over several GPUs
+
+
+def test_work_report_counts_the_warm_start_teacher_forwards_of_fresh_pairs_and_a_pool():
+    """``--estimate`` gives no time; it prints the run's work in UNet forward-equivalents and
+    the warm start's teacher forwards, fresh pairs against the pool: SD1.5 guidance 1.75 makes
+    each pair 2 x 50 forwards; the reference's 2,000 iterations x 256 against 10,000 pairs."""
+    profile = _profile()  # 15 and 6 forward-equivalents per sample: 7.8 on average at 1:5
+    config = DMD2Config.for_arch("sd15", steps=100, regression_steps=2000, batch_size=4, grad_accum=64)
+    lines = memory.work_report(profile, config)
+    assert lines[0].endswith("DMD2 100 iterations x 256 samples = 199,680")
+    assert "fresh pairs 2,000 iterations x 256 samples x 100 = 51,200,000" in lines[1] and "--regression-pairs N" in lines[1]
+    pooled = memory.work_report(profile, dataclasses.replace(config, regression_pairs=10_000))[1]
+    assert "a pool of 10,000 pairs x 100 = 1,000,000, built once, each pair drawn 51.2x on average; 51.2x fewer than fresh" in pooled
+    unguided = dataclasses.replace(config, regression_pairs=10_000, real_guidance_scale=1.0, regression_steps=10)
+    assert "a pool of 10,000 pairs x 50 = 500,000" in memory.work_report(profile, unguided)[1] and "3.9x more than" in memory.work_report(profile, unguided)[1]
+    assert len(memory.work_report(profile, dataclasses.replace(config, regression_steps=0))) == 1

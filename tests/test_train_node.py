@@ -262,6 +262,26 @@ def test_one_step_options_equal_the_command(trained, tiny_checkpoints, tmp_path)
     assert {p.name.split("_")[3] for p in output_images(server, entry)} == {"base", "trained"}
 
 
+def test_regression_pairs_equal_the_command(trained, tiny_checkpoints, tmp_path):
+    """The node's regression_pairs (its last, optional input) is the command's --regression-pairs:
+    the same warm start on a pool of 3 pairs gives the same LoRA, and the pool sits in the run
+    folder."""
+    from comfyui_dmd2.training import cli
+
+    server, _, _ = trained
+    entry = server.wait(submit(server, training_graph("node_pool", regression_steps=2, regression_pairs=3, preview_every=0)))
+    assert execution_error(entry) is None, execution_error(entry)
+    folder = server.base / "output" / "dmd2_training" / "node_pool"
+    assert len(load_file(str(folder / "regression_pool.safetensors"))["target"]) == 3
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert sum("loss_regression" in row for row in rows) == 2 and len(rows) == 8
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS + "\n")
+    cli.train(["--checkpoint", str(tiny_checkpoints["sdxl"]), "--prompts", str(prompts), "--output", str(tmp_path / "out"),
+               "--regression-steps", "2", "--regression-pairs", "3", *CLI_FLAGS])
+    assert_same_lora(lora_file(server, "node_pool"), tmp_path / "out" / "dmd2_tiny_sdxl_lora.safetensors")
+
+
 def on_sampling(graph: dict, sampling: str, zsnr: bool) -> dict:
     """``graph`` with ComfyUI's stock ModelSamplingDiscrete node between the checkpoint loader
     and the training (and base sampling) nodes."""

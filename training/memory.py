@@ -257,8 +257,11 @@ def work_report(profile: IterationProfile, config) -> list[str]:
         fresh = (f"fresh pairs {config.regression_steps:,} iterations x {config.samples_per_iteration} samples x {per_pair} = "
                  f"{forwards['fresh']:,}")
         if config.regression_pairs:
+            ratio = forwards["fresh"] / forwards["pool"]
+            reuse = config.regression_steps * config.samples_per_iteration / config.regression_pairs
             lines.append(f"  regression warm start, teacher UNet forwards: a pool of {config.regression_pairs:,} pairs x {per_pair} = "
-                         f"{forwards['pool']:,} (built once, {forwards['fresh'] / max(forwards['pool'], 1):.1f}x fewer than {fresh})")
+                         f"{forwards['pool']:,}, built once, each pair drawn {reuse:.1f}x on average; "
+                         + (f"{ratio:.1f}x fewer than {fresh}" if ratio >= 1 else f"{1 / ratio:.1f}x more than {fresh}"))
         else:
             lines.append(f"  regression warm start, teacher UNet forwards: {fresh} (--regression-pairs N: N x {per_pair} instead)")
     return lines

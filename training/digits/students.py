@@ -49,6 +49,7 @@ class StudentSettings:
     gan_discriminator_weight: float = 1e-2
     regression_steps: int = 0
     regression_teacher_steps: int = 25
+    regression_pairs: int = 0  # 0: fresh pairs; N: a pool of N pairs built once (``training.pool``)
     warmup_steps: int = 50
     full_copies: tuple[str, ...] = ()  # ("generator", "fake_score"): the reference's layout
     init_lora: str = ""  # start LoRA G (and with init_fake_score LoRA F) from this LoRA file (rank and alpha: the file's)
@@ -72,6 +73,7 @@ class StudentSettings:
             ema_decay=self.ema_decay,
             regression_steps=self.regression_steps,
             regression_teacher_steps=self.regression_teacher_steps,
+            regression_pairs=self.regression_pairs,
             warmup_steps=self.warmup_steps,
             max_grad_norm=10.0,
             steps=self.iterations,
