@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -439,8 +439,6 @@ def warm_start_forwards(settings: dict) -> int:
     from its recorded settings."""
     from comfyui_dmd2.training.digits.students import StudentSettings
     from comfyui_dmd2.training.pool import warm_start_forwards as forwards
-
-    from dataclasses import fields
 
     known = {f.name for f in fields(StudentSettings)}
     config = StudentSettings(**{k: v for k, v in settings.items() if k in known}).config()
