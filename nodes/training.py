@@ -327,8 +327,12 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
                     training.train(on_step=show, on_samples=preview, stop=interrupted, say=lambda text: say(text, log_it=True))
             except Stopped as stop:
                 comfy.model_management.interrupt_current_processing(False)
-                say(f"stopped: checkpoint saved at step {stop.step} of {total} in {RUNS_FOLDER}/{stem} (output folder); "
-                    "Run the same graph again to resume", log_it=True, toast=True)
+                if training.trainer.pool is None and config.regression_pairs and stop.step < config.regression_steps:
+                    say(f"stopped while building the regression pool: the pairs made so far are in {RUNS_FOLDER}/{stem} "
+                        "(output folder); Run the same graph again to continue", log_it=True, toast=True)
+                else:
+                    say(f"stopped: checkpoint saved at step {stop.step} of {total} in {RUNS_FOLDER}/{stem} (output folder); "
+                        "Run the same graph again to resume", log_it=True, toast=True)
                 raise comfy.model_management.InterruptProcessingException() from None
             training.export(lora_path, training.lora_metadata("(the graph's MODEL)", "", arch))
             plot = draw_loss_curves(training.metrics_log.rows)
