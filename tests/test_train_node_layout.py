@@ -12,7 +12,6 @@ import logging
 import comfy.sd
 import folder_paths
 import pytest
-
 from comfyui_dmd2.nodes.training import AUTO, resolve_layout, resume_refusal, train_lora
 from comfyui_dmd2.training import cli
 from comfyui_dmd2.training.config import DMD2Config
