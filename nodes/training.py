@@ -17,6 +17,7 @@ outputs ComfyUI drops a branch that fails validation and reports the job as comp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -38,6 +39,7 @@ from ..training.data import check_resolution, data_fingerprints, prompt_lines
 from ..training.lora import TARGET_SETS, LoRAError, check_init_arch, read_init_lora
 from ..training.run import (
     DATA_KEYS,
+    ONE_STEP_LAYOUT,
     RunConfig,
     Stopped,
     TrainingRun,
@@ -46,6 +48,7 @@ from ..training.run import (
     find_latest_checkpoint,
     image_grid,
     init_settings,
+    one_step_layout,
     resume_mismatch,
     resume_settings,
     saved_settings,
@@ -56,6 +59,8 @@ from .schedules import CUSTOM, custom_timesteps_input, timesteps_for_preset
 
 RUNS_FOLDER = "dmd2_training"  # under ComfyUI's output directory
 NO_INIT_LORA = "none"
+AUTO = "auto"  # fake_score / lora_targets (and fake_score_rank 0): the layout run.one_step_layout picks
+LAYOUT_HINT = "dmd2-train --estimate gives yours; the fake_score, fake_score_rank and lora_targets inputs choose another layout"
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]*$")
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,8 @@ def resume_refusal(stem: str, step: int, total: int, key: str, now, saved, sugge
     else:
         differs = f"with {key} {_shown(saved)}; this graph has {key} {_shown(now)}"
         back = f"set {key} back to {_shown(saved)}"
+        if key == "fake_score" and isinstance(saved, dict):  # a LoRA F: two inputs (rank 0 is auto, not lora_rank)
+            back = f"set fake_score to lora and fake_score_rank to {saved['rank']}"
     return (f"a run named {stem!r} exists ({where}) {differs}. To continue it, {back}; for a new run, choose another "
             f"lora_name (e.g. {suggestion!r})")
 
@@ -203,17 +210,34 @@ def interrupts_at_iteration_boundaries():
         comfy.model_management.throw_exception_if_processing_interrupted = check
 
 
+def resolve_layout(run: RunConfig, arch: str, timesteps, fake_score: str, fake_score_rank: int,
+                   lora_targets: str) -> tuple[RunConfig, str | None]:
+    """The run with the node's layout inputs. A value is kept as given; ``auto`` (rank 0) is
+    left to ``run.one_step_layout`` as an unset option is in ``dmd2-train``: the 1-step layout
+    for a one-timestep SD1.5/SDXL student, else the reference's (LoRA F at lora_rank, the DMD2
+    list: what the node's old defaults trained, so their runs resume). Also returns the line
+    that says which 1-step layout was taken (None otherwise)."""
+    widgets = {"fake_score": fake_score, "fake_score_rank": fake_score_rank, "lora_targets": lora_targets}
+    given = {key for key, value in widgets.items() if value not in (AUTO, 0)}
+    default = RunConfig()
+    run = dataclasses.replace(run, fake_score=fake_score if "fake_score" in given else default.fake_score,
+                              fake_score_rank=fake_score_rank,
+                              lora_targets=(lora_targets,) if "lora_targets" in given else default.lora_targets)
+    return one_step_layout(run, arch, timesteps, given, hint=LAYOUT_HINT)
+
+
 def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, custom_timesteps: str, steps: int, seed: int,
                lora_rank: int, lora_alpha: float, lr_generator: float, lr_fake_score: float, real_guidance_scale: float,
                resolution: int, batch_size: int, grad_accum: int, warmup_steps: int, regression_steps: int, preview_every: int,
-               save_every: int, images: torch.Tensor | None = None, captions: str = "", fake_score: str = "lora",
-               fake_score_rank: int = 0, lora_targets: str = "dmd2", init_lora: str = NO_INIT_LORA, regression_pairs: int = 0,
+               save_every: int, images: torch.Tensor | None = None, captions: str = "", fake_score: str = AUTO,
+               fake_score_rank: int = 0, lora_targets: str = AUTO, init_lora: str = NO_INIT_LORA, regression_pairs: int = 0,
                progress=None, status=None):
     """Train (or resume) the run ``lora_name`` on the graph's model; returns (MODEL with the
     LoRA applied, LoRA file name, loss plot IMAGE). Raises TrainingInputError/ConfigError on
     bad input and ComfyUI's InterruptProcessingException after saving on Interrupt.
     ``fake_score``, ``fake_score_rank``, ``lora_targets``: as ``dmd2-train``'s options of the
-    same names; with a full fake score, ``lr_fake_score`` left at the LoRA default becomes the
+    same names, ``auto`` (rank 0) as the command's unset option (``resolve_layout``, said in the
+    status); with a full fake score, ``lr_fake_score`` left at the LoRA default becomes the
     reference's full-network rate, as the command's default does. ``init_lora``: a name in
     models/loras the generator starts from (``dmd2-train --init-lora``), or "none".
     ``regression_pairs``: ``dmd2-train --regression-pairs`` (a pool of teacher pairs built once
@@ -239,8 +263,6 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             "DMD2TrainLoRA trains on the base model, so connect the checkpoint loader's MODEL directly"
         )
     timesteps = timesteps_for_preset(preset, custom_timesteps, len(model.model.model_sampling.sigmas))
-    if fake_score == "full" and lr_fake_score == _defaults("lr_fake_score"):
-        lr_fake_score = FULL_FAKE_SCORE_LR[arch]  # a LoRA F's rate would be 10-50x too high for a full network
     values = dict(steps=steps, seed=seed, generator_timesteps=tuple(timesteps), lr_generator=lr_generator,
                   lr_fake_score=lr_fake_score, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
                   regression_steps=regression_steps, regression_pairs=regression_pairs)
@@ -255,8 +277,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     folder = runs / stem
     run = RunConfig(checkpoint="(the graph's MODEL)", prompts="(the node's prompts)", output=str(folder), resolution=resolution,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_name=file_name, save_every=save_every,
-                    sample_every=preview_every, keep_checkpoints=1, fake_score=fake_score, fake_score_rank=fake_score_rank,
-                    lora_targets=(lora_targets,))
+                    sample_every=preview_every, keep_checkpoints=1)
     init = None
     if init_lora and init_lora != NO_INIT_LORA:
         if init_lora == file_name:
@@ -264,6 +285,11 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
         init = read_init_lora(folder_paths.get_full_path_or_raise("loras", init_lora))
         check_init_arch(init, model.model.model_config.unet_config.get("context_dim"), f"the MODEL ({family.label})")
         run = adopt_init_lora(run, init, lambda text: say(text, log_it=True, toast=True))
+    run, layout = resolve_layout(run, arch, timesteps, fake_score, fake_score_rank, lora_targets)  # after the init's rank, as the command
+    if layout is not None:
+        say(layout, log_it=True, toast=True)
+    if run.fake_score == "full" and lr_fake_score == _defaults("lr_fake_score"):  # a LoRA F's rate is 10-50x too high for a full network
+        config = dataclasses.replace(config, lr_fake_score=FULL_FAKE_SCORE_LR[arch])
     run.validate()
     # The data is part of what a resume must match. Edited prompts under the same name are
     # refused (naming them), not started as a new run under another name: the user chose the
@@ -442,6 +468,14 @@ def image_bytes(image: torch.Tensor) -> bytes:
     return image.mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy().tobytes() + str(tuple(image.shape)).encode()
 
 
+def one_step_words(key: str, unit: str = "") -> str:
+    """``ONE_STEP_LAYOUT``'s ``key`` for each architecture, as the layout inputs' tooltips say it."""
+    def shown(value) -> str:
+        return ",".join(value) if isinstance(value, tuple) else str(value)
+
+    return ", ".join(f"{shown(layout[key])}{unit} on {bases.get_family(arch).label}" for arch, layout in ONE_STEP_LAYOUT.items())
+
+
 def _defaults(key: str):
     return ARCH_DEFAULTS["sdxl"].get(key, getattr(DMD2Config(), key))
 
@@ -508,18 +542,23 @@ class DMD2TrainLoRA(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Real images for the GAN term (optional)."),
                 io.String.Input("captions", multiline=True, optional=True, default="",
                                 tooltip="One caption per real image, in order (optional; an empty line: no caption)."),
-                io.Combo.Input("fake_score", options=["lora", "full"], default="lora", optional=True,
-                               tooltip="lora: the fake score is a LoRA on the shared base (the default). full: a trained fp32 "
-                                       "copy of the UNet, as in the paper (16 bytes per UNet parameter more: about 14 GB for "
-                                       "SD1.5, 41 GB for SDXL); better 1-step students (docs/training.md). With full, an "
-                                       "lr_fake_score left at its default becomes 5e-5 (SDXL) / 1e-5 (SD1.5)."),
+                io.Combo.Input("fake_score", options=[AUTO, "lora", "full"], default=AUTO, optional=True,
+                               tooltip=f"auto: for a 1-step student (one timestep) the 1-step layout's ({one_step_words('fake_score')}), "
+                                       "else lora; the node's status says what it took. lora: the fake score is a LoRA on the "
+                                       "shared base. full: a trained fp32 copy of the UNet, as in the paper (16 bytes per UNet "
+                                       "parameter more: about 14 GB for SD1.5, 41 GB for SDXL); better 1-step students "
+                                       "(docs/training.md). With full, an lr_fake_score left at its default becomes 5e-5 (SDXL) "
+                                       "/ 1e-5 (SD1.5)."),
                 io.Int.Input("fake_score_rank", default=0, min=0, max=1024, optional=True,
-                             tooltip="The fake score LoRA's own rank (0: lora_rank). More capacity for the fake score "
-                                     "without a larger exported LoRA."),
-                io.Combo.Input("lora_targets", options=list(TARGET_SETS), default="dmd2", optional=True,
-                               tooltip="Layers the LoRAs adapt. dmd2: the reference's attention, feed-forward and res-block "
-                                       "layers. all: also the input/output convolutions and the time and class embeddings "
-                                       "(ComfyUI's LoRA loaders read them too); it helped 1-step students on the digits."),
+                             tooltip="The fake score LoRA's own rank: more capacity for the fake score without a larger "
+                                     "exported LoRA. 0: auto: for a 1-step student with a LoRA fake score the 1-step "
+                                     f"layout's ({one_step_words('fake_score_rank_x', 'x lora_rank')}), else lora_rank."),
+                io.Combo.Input("lora_targets", options=[AUTO, *TARGET_SETS], default=AUTO, optional=True,
+                               tooltip=f"Layers the LoRAs adapt. auto: for a 1-step student the 1-step layout's "
+                                       f"({one_step_words('lora_targets')}), else dmd2. dmd2: the reference's attention, "
+                                       "feed-forward and res-block layers. all: also the input/output convolutions and the time "
+                                       "and class embeddings (ComfyUI's LoRA loaders read them too); it helped 1-step students "
+                                       "on the digits."),
                 io.Combo.Input("init_lora", options=[NO_INIT_LORA, *folder_paths.get_filename_list("loras")], default=NO_INIT_LORA,
                                optional=True,
                                tooltip="Start the generator from this few-step LoRA instead of zero, e.g. the DMD2 4-step LoRA "
@@ -541,8 +580,8 @@ class DMD2TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,
                 lr_generator, lr_fake_score, real_guidance_scale, resolution, batch_size, grad_accum, warmup_steps,
-                regression_steps, preview_every, save_every, images=None, captions="", fake_score="lora", fake_score_rank=0,
-                lora_targets="dmd2", init_lora=NO_INIT_LORA, regression_pairs=0) -> io.NodeOutput:
+                regression_steps, preview_every, save_every, images=None, captions="", fake_score=AUTO, fake_score_rank=0,
+                lora_targets=AUTO, init_lora=NO_INIT_LORA, regression_pairs=0) -> io.NodeOutput:
         try:
             patched, name, plot = train_lora(
                 model, clip, vae, prompts, lora_name, preset, custom_timesteps, steps, seed, lora_rank, lora_alpha,

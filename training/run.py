@@ -546,12 +546,14 @@ ONE_STEP_LAYOUT = {
     "sdxl": {"fake_score": "lora", "fake_score_rank_x": 2, "lora_targets": ("all",), "estimate": "18.1 GiB at 1024 px"},
 }
 LAYOUT_KEYS = ("fake_score", "fake_score_rank", "lora_targets")
+LAYOUT_HINT = "--estimate gives yours; --fake-score, --fake-score-rank and --lora-targets choose another layout"
 
 
-def one_step_layout(run: RunConfig, arch: str, timesteps, given: set[str]) -> tuple[RunConfig, str | None]:
+def one_step_layout(run: RunConfig, arch: str, timesteps, given: set[str], hint: str = LAYOUT_HINT) -> tuple[RunConfig, str | None]:
     """The run with ``ONE_STEP_LAYOUT[arch]`` for the layout keys it does not set itself
     (``given``: the keys set in the config file, ``--set`` or a flag), when the student has
-    one timestep; and the start-up line that says what was chosen. Multi-step runs keep the
+    one timestep; and the start-up line that says what was chosen, ending in ``hint`` (how
+    to choose another: the command's flags, or the node's inputs). Multi-step runs keep the
     reference's layout (LoRA F at the generator's rank, the DMD2 list)."""
     if len(tuple(timesteps)) != 1 or arch not in ONE_STEP_LAYOUT or set(LAYOUT_KEYS) <= given:
         return run, None
@@ -568,8 +570,7 @@ def one_step_layout(run: RunConfig, arch: str, timesteps, given: set[str]) -> tu
     fake = "a full fp32 copy of the UNet" if run.fake_score == "full" else f"a LoRA of rank {run.fake_score_rank or run.lora_rank}"
     targets = "every layer (lora_targets all)" if run.lora_targets == ("all",) else f"lora_targets {','.join(run.lora_targets) or 'dmd2'}"
     return run, (f"1-step layout for {'SDXL' if arch == 'sdxl' else 'SD1.5'}: the fake score is {fake}, the LoRAs adapt {targets}; "
-                 f"estimated peak {layout['estimate']}, rank 64, batch 1 x 4 (--estimate gives yours; --fake-score, --fake-score-rank and "
-                 "--lora-targets choose another layout)")
+                 f"estimated peak {layout['estimate']}, rank 64, batch 1 x 4 ({hint})")
 
 
 def adopt_init_lora(run: RunConfig, init, say: Callable[[str], None]) -> RunConfig:
