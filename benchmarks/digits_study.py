@@ -153,6 +153,11 @@ def rows() -> dict[str, tuple]:
         "1-step LoRA r8, regression warm start (300 it), the 4-step rates (G 5e-4, F 2.5e-3)": (
             replace(one, regression_steps=300, lr_generator=5e-4, lr_fake_score=2.5e-3, ema_decay=0.995), single),
         **pool_rows(demo_four, main),
+        # the full fake score's rate against the LoRA generator's (#23 section 5): SD1.5's defaults
+        # run F at 1e-5 and G at 5e-5 (F/G 0.2); the demo's 1-step student runs F/G 0.5
+        "1-step LoRA G r8 (demo), full fake score at 8e-4 (F/G 0.2, SD1.5's default ratio)": (
+            replace(demo_one, lr_fake_score=8e-4), main),
+        "1-step LoRA G r8 (demo), full fake score at 4e-3 (F/G 1)": (replace(demo_one, lr_fake_score=4e-3), single),
     }
 
 
@@ -173,6 +178,32 @@ def pool_rows(demo_four, seeds) -> dict[str, tuple]:
     return rows
 
 
+IMPERFECT = "imperfect teacher: "  # the GAN's real-data effect (#23 section 3): a teacher trained for 600 of 1500 steps
+IMPERFECT_TEACHER_STEPS = 600
+
+
+def imperfect_rows() -> dict[str, tuple]:
+    """The demo's 1-step student distilled from a deliberately imperfect teacher (the demo's,
+    stopped at 600 of its 1500 steps: DDIM 50 about 3x the floor), GAN on and off: the paper's
+    claim is that the real images let the student beat such a teacher. The metric is the base
+    digits' (the teacher's own domain)."""
+    from comfyui_dmd2.training.digits.demo import FOUR_STEP_STUDENT, ONE_STEP_STUDENT
+
+    main, single = (0, 1, 2), (0,)
+    strong = {"gan_max_timestep": 250}
+    return {
+        IMPERFECT + "1-step LoRA G r8 (the demo's 1-step recipe), GAN on": (ONE_STEP_STUDENT, main),
+        IMPERFECT + "1-step LoRA G r8 (the demo's 1-step recipe), GAN off": (replace(ONE_STEP_STUDENT, gan=False), main),
+        # the candidates, if the GAN does not help at the demo's weights
+        IMPERFECT + "1-step, GAN generator weight 5e-2 (10x)": (replace(ONE_STEP_STUDENT, gan_generator_weight=5e-2), single),
+        IMPERFECT + "1-step, GAN generator weight 5e-2, discriminator on t <= 250": (
+            replace(ONE_STEP_STUDENT, gan_generator_weight=5e-2, overrides={**ONE_STEP_STUDENT.overrides, **strong}), single),
+        IMPERFECT + "1-step, GAN head rate 1e-2 (5x)": (replace(ONE_STEP_STUDENT, lr_gan_head=1e-2), single),
+        IMPERFECT + "4-step LoRA r8 (the demo's 4-step recipe), GAN on": (FOUR_STEP_STUDENT, single),
+        IMPERFECT + "4-step LoRA r8 (the demo's 4-step recipe), GAN off": (replace(FOUR_STEP_STUDENT, gan=False), single),
+    }
+
+
 FINETUNE = "finetune: "  # the finetune scenario's rows (#23): on the finetuned teacher, scored on its digits
 
 
@@ -181,9 +212,9 @@ def finetune_rows() -> dict[str, tuple]:
     row whose settings have ``init_lora="release"`` starts from the release LoRA (the demo's,
     trained or cached by ``demo.release_for``)."""
     from comfyui_dmd2.training.digits.demo import FOUR_STEP_STUDENT, FROM_RELEASE, ONE_STEP_STUDENT
-    from comfyui_dmd2.training.lora import DEFAULT_TARGETS
+    from comfyui_dmd2.training.lora import DEFAULT_TARGETS, TARGET_SETS
 
-    main = (0, 1, 2)
+    main, single = (0, 1, 2), (0,)
     # the 1-step student from the release LoRA adapts the release LoRA's layers (the file's targets)
     one_from_release = replace(ONE_STEP_STUDENT, iterations=ONE_STEP_STUDENT.iterations // 4, regression_steps=0,
                                lora_targets=DEFAULT_TARGETS, init_lora="release")
@@ -192,6 +223,15 @@ def finetune_rows() -> dict[str, tuple]:
         FINETUNE + "1-step LoRA G r8 from scratch (demo's 1-step recipe and budget)": (ONE_STEP_STUDENT, main),
         FINETUNE + "4-step LoRA r8 from the release LoRA, 1/4 budget (demo)": (replace(FROM_RELEASE, init_lora="release"), main),
         FINETUNE + "1-step LoRA G r8 from the release LoRA, 1/4 budget, release LoRA's targets": (one_from_release, main),
+        # the 1/4 budget (475 of 1900 iterations) with a short warm start onto the finetune's DDIM 10
+        # first: from the release LoRA, and from zero as its control
+        FINETUNE + "4-step LoRA r8 from the release LoRA, 1/4 budget: 75 warm-start + 400 DMD2 iterations": (
+            replace(FROM_RELEASE, init_lora="release", regression_steps=75, iterations=400), main),
+        FINETUNE + "4-step LoRA r8 from scratch, 1/4 budget: 75 warm-start + 400 DMD2 iterations (control)": (
+            replace(FOUR_STEP_STUDENT, regression_steps=75, iterations=400), main),
+        # the 1-step student's layout on the 4-step student (every layer, a full fake score)
+        FINETUNE + "4-step LoRA G r8, all layers adapted + full fake score (F 2e-3)": (
+            replace(FOUR_STEP_STUDENT, lora_targets=TARGET_SETS["all"], full_copies=("fake_score",), lr_fake_score=2e-3), single),
     }
 
 
@@ -269,7 +309,22 @@ def _job(job: tuple) -> dict:
     # the exported file (the moving average, as dmd2-train writes it), for sampling in a ComfyUI graph (--graph)
     exported = student.export(Path(teacher_file).parent / "loras" / f"{_slug(name)}_seed{seed}.safetensors")
     return {"name": name, "seed": seed, "settings": asdict(settings), "ema": averaged, "raw": raw, "gan": gan_summary(history),
-            "train_s": round(seconds, 1), "file": str(exported)}
+            "train_s": round(seconds, 1), "file": str(exported), "curves": curves(history)}
+
+
+CURVE_KEYS = ("loss_dm", "loss_fake", "grad_norm_generator", "grad_norm_fake", "loss_gan_discriminator", "loss_regression")
+
+
+def curves(history: list[dict], parts: int = 4) -> dict:
+    """Each training metric's mean over ``parts`` equal spans of the iterations that report it
+    (the fake-score loss and the generator's gradient norm over training, for the rate rows)."""
+    out = {}
+    for key in CURVE_KEYS:
+        values = [r[key] for r in history if key in r]
+        if values:
+            size = -(-len(values) // parts)
+            out[key] = [sum(chunk) / len(chunk) for chunk in (values[i:i + size] for i in range(0, len(values), size))]
+    return out
 
 
 def _slug(name: str) -> str:
@@ -491,7 +546,7 @@ def main() -> int:
     from comfyui_dmd2.training.digits import teacher as T
     from comfyui_dmd2.training.digits.demo import FULL, finetune_for, release_for, teacher_for
 
-    all_rows = rows() | finetune_rows() | vpred_rows()
+    all_rows = rows() | finetune_rows() | vpred_rows() | imperfect_rows()
     chosen = [r.strip() for r in args.rows.split(";") if r.strip()] or list(all_rows)
     unknown = [r for r in chosen if r not in all_rows]
     if unknown:
@@ -499,7 +554,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     finetune = any(name.startswith(FINETUNE) for name in chosen)
     vpred = any(name.startswith(VPRED) for name in chosen)
-    base_rows = not (finetune or vpred) or args.base_teacher_rows
+    imperfect = any(name.startswith(IMPERFECT) for name in chosen)
+    base_rows = not (finetune or vpred or imperfect) or args.base_teacher_rows
     if base_rows or not all(name.startswith(VPRED) for name in chosen):  # the eps teacher (v-pred rows alone need none)
         teacher = teacher_for(D.load_digits_data(), FULL, args.cache)
         teacher_file = str(args.out / "teacher.safetensors")
@@ -508,6 +564,10 @@ def main() -> int:
     if vpred:  # the v-prediction ZTSNR teacher: the same budget as the eps one, cached in --cache too
         v_teacher_file = str(args.out / "teacher_v_zsnr.safetensors")
         save_file(T.denoiser_state_dict(teacher_for(D.load_digits_data(), FULL, args.cache, family=T.DIGITS_V)), v_teacher_file)
+    if imperfect:  # the demo's teacher stopped early, cached in --cache too
+        imperfect_file = str(args.out / f"teacher_s{IMPERFECT_TEACHER_STEPS}.safetensors")
+        save_file(T.denoiser_state_dict(teacher_for(D.load_digits_data(), replace(FULL, teacher_steps=IMPERFECT_TEACHER_STEPS), args.cache)),
+                  imperfect_file)
     if finetune:
         # the finetune and the release LoRA: the demo's (cached in --cache like its teacher)
         base = T.denoiser_state_dict(teacher)
@@ -519,6 +579,8 @@ def main() -> int:
         settings = all_rows[name][0]
         if name.startswith(VPRED):
             return (name, settings, seed, v_teacher_file, args.samples, args.seeds, 1, "")
+        if name.startswith(IMPERFECT):
+            return (name, settings, seed, imperfect_file, args.samples, args.seeds, 1, "")
         if not name.startswith(FINETUNE):
             return (name, settings, seed, teacher_file, args.samples, args.seeds, 1, "")
         if settings.init_lora == "release":
@@ -558,6 +620,8 @@ def main() -> int:
     order = {name: i for i, name in enumerate(chosen)}
     rows_out = sorted(combine(results), key=lambda r: order[r["name"]])
     teachers = teacher_rows(teacher_file, args.samples, args.seeds) if base_rows else {}
+    if imperfect:
+        teachers |= {IMPERFECT + k: v for k, v in teacher_rows(imperfect_file, args.samples, args.seeds).items()}
     if vpred:
         teachers |= vpred_teacher_rows(v_teacher_file, args.samples, args.seeds)
     if finetune:
