@@ -9,7 +9,8 @@ computation works on x0 (docs/training.md, "Prediction types"): x0 = alpha*x_t -
 finite at zero terminal SNR, where the eps form (x_t - sigma*eps)/alpha divides by zero.
 
 Members live in one small module each (``sd.py``: SD1.5, SD2.x, SDXL, eps or v, with or
-without zero terminal SNR) and register themselves in ``FAMILIES``. Pure torch: importable
+without zero terminal SNR; ``flux.py``: Flux.1 [dev] and [schnell], rectified flow) and
+register themselves in ``FAMILIES`` (and a reader of ComfyUI models in ``MODEL_READERS``). Pure torch: importable
 without ComfyUI; ``family_of`` reads a ComfyUI model (imports ComfyUI lazily).
 """
 
@@ -17,17 +18,21 @@ from __future__ import annotations
 
 from .core import (  # noqa: F401
     FAMILIES,
+    MODEL_READERS,
     PREDICTIONS,
     DiscreteVP,
     Family,
     FamilyError,
     Prediction,
     Process,
+    RectifiedFlow,
     get_family,
     register,
     sampling_label,
+    shifted_time,
     trailing_timesteps,
 )
+from .flux import FLUX_DEV, FLUX_SCHNELL, flow_process, flux_family  # noqa: F401
 from .sd import (  # noqa: F401
     SD2,
     SD15,

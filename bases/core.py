@@ -51,6 +51,37 @@ class Process:
         return trailing_timesteps(steps, self.num_train_timesteps)
 
 
+def shifted_time(shift: float, u):
+    """sigma = shift*u / (1 + (shift - 1)*u): flow time ``u`` moved toward noise (diffusers'
+    static ``shift``; its exponential ``time_shift(mu, 1, u)`` and ComfyUI's ``flux_time_shift``
+    are this with shift = exp(mu))."""
+    return u if shift == 1.0 else shift * u / (1 + (shift - 1) * u)
+
+
+class RectifiedFlow(Process):
+    """Rectified flow, x_t = (1 - t)*x0 + t*noise on continuous t in [0, 1] (t = ComfyUI's sigma,
+    diffusers' timestep / 1000), sampled on uniform times shifted toward noise by ``shift``."""
+
+    num_train_timesteps = 1000  # diffusers' timesteps are 1000 * t
+
+    def __init__(self, shift: float = 1.0):
+        self.shift = float(shift)
+
+    def coefficients(self, t):
+        t = t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+        return 1 - t, t
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The ``steps`` times of an N-step sampler, float64: 1, (N-1)/N, ..., 1/N shifted (the
+        grid FluxPipeline hands its scheduler)."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        return shifted_time(self.shift, torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64))
+
+    def trailing_timesteps(self, steps: int) -> tuple[int, ...]:
+        raise FamilyError("flow time is continuous: a flow family samples on sigmas(steps), not integer timesteps")
+
+
 class DiscreteVP(Process):
     """DDPM's variance-preserving process on integer timesteps 0..T-1, from its cumulative
     products: alpha = sqrt(abar), sigma = sqrt(1 - abar). ComfyUI's sigma table is
@@ -118,6 +149,9 @@ PREDICTIONS: dict[str, Prediction] = {
     # v = a*eps - s*x0 (a^2 + s^2 = 1): x0 = a*x_t - s*v, finite where a = 0
     "v": Prediction("v", lambda x, out, a, s: a * x - s * out, lambda x, x0, a, s: (a * x - x0) / s, lambda a, s: 1 / s),
     "x0": Prediction("x0", lambda x, out, a, s: out, lambda x, x0, a, s: x0, lambda a, s: torch.ones_like(a)),
+    # rectified flow, x_t = (1-t)*x0 + t*eps (a = 1 - s, s = t): the network gives v = eps - x0,
+    # so x0 = x_t - t*v and |v_pred - v| = |x0_pred - x0| / t
+    "flow": Prediction("flow", lambda x, out, a, s: x - s * out, lambda x, x0, a, s: (x - x0) / s, lambda a, s: 1 / s),
 }
 
 
@@ -148,6 +182,7 @@ class Family:
     uncond: str = "empty"  # the default unconditional embedding: "empty" prompt or "zeros"
     one_step_timestep: int = 999  # the reference's 1-step conditioning timestep
     gan_block: str = "middle_block"  # the UNet block whose output the GAN head reads
+    guidance: float | None = None  # embedded guidance the real score takes as an input (Flux.1 [dev]); None: CFG
     make_process: Callable[[bool], Process] = field(default=None, repr=False, compare=False)
     process_override: Process | None = field(default=None, repr=False, compare=False)
 
@@ -211,7 +246,14 @@ def register(family: Family) -> Family:
     return family
 
 
-def get_family(name: str, prediction: str = "eps", zsnr: bool = False) -> Family:
+def get_family(name: str, prediction: str | None = None, zsnr: bool = False) -> Family:
+    """The registered family ``name``, with ``prediction`` (None: its own; SD's is eps)."""
     if name not in FAMILIES:
         raise FamilyError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[name].with_sampling(prediction, zsnr)
+    family = FAMILIES[name]
+    return family.with_sampling(family.prediction if prediction is None else prediction, zsnr)
+
+
+# Readers of ComfyUI models outside the SD UNet families: ``reader(base_model, model_sampling)
+# -> Family | None`` (None: not this module's model). ``family_of`` asks them before SD's.
+MODEL_READERS: list[Callable] = []

@@ -121,11 +121,16 @@ def arch_of(base_model) -> str:
 
 def family_of(model) -> Family:
     """The family of a ComfyUI MODEL (ModelPatcher, with its model_sampling patches) or
-    BaseModel, on the model's own sigma table."""
+    BaseModel, on the model's own sigma table (a flow model's: its own shift)."""
     base = getattr(model, "model", model)
     sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else base.model_sampling
+    from .core import FAMILIES, MODEL_READERS
+
+    for read in MODEL_READERS:  # the other families' modules (flux.py) first; SD's below
+        family = read(base, sampling)
+        if family is not None:
+            return family
     arch = arch_of(base)
     prediction, zsnr, process = discrete_sampling(sampling)
-    from .core import FAMILIES
 
     return FAMILIES[arch].with_sampling(prediction, zsnr).with_process(process)

@@ -11,7 +11,11 @@ that only the schedule, start scaling and update rule differ; "=" where the rout
 noise). Tiny random weights: the distances say how far a route is from the release's own
 sampler on the same weights, not how an image looks.
 
-    .venv/bin/python benchmarks/stock_routes.py [--seeds 3] [--markdown]
+Flux.1 rows (``--flow-only`` for those alone): the tiny Flux of tests/tiny_models.py against
+the card's FlowMatchEulerDiscreteScheduler loop (tests/test_families_flux.py), the stock routes
+being KSampler's samplers on the model's own sampling (ModelSamplingFlux at 1024 px for [dev]).
+
+    .venv/bin/python benchmarks/stock_routes.py [--seeds 3] [--markdown] [--flow-only]
 """
 
 from __future__ import annotations
@@ -123,16 +127,73 @@ def measure(seeds: int):
     return rows
 
 
+def flow_routes():
+    """(flow preset, stock route label, sampler, scheduler): KSampler's samplers and schedulers."""
+    return [
+        ("DMD2 flow 4-step (Flux dev shift)", "lcm + simple (KSampler)", "lcm", "simple"),
+        ("DMD2 flow 8-step (Flux dev shift)", "lcm + simple (KSampler)", "lcm", "simple"),
+        ("FLUX.1-schnell 4-step (euler, unshifted)", "euler + simple (KSampler)", "euler", "simple"),
+        ("FLUX.1-Turbo-Alpha 8-step (euler, dev shift, guidance 3.5)", "euler + simple (KSampler)", "euler", "simple"),
+        ("FLUX.1-Turbo-Alpha 8-step (euler, dev shift, guidance 3.5)", "euler + beta (KSampler)", "euler", "beta"),
+        ("Hyper-FLUX 8-step LoRA 0.125 (euler, dev shift, guidance 3.5)", "euler + simple (KSampler)", "euler", "simple"),
+        ("Hyper-FLUX 16-step LoRA 0.125 (euler, dev shift, guidance 3.5)", "euler + simple (KSampler)", "euler", "simple"),
+    ]
+
+
+def flow_measure(seeds: int):
+    import torch
+
+    import comfy.sample
+    import comfy.samplers
+    import tiny_models
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+    from comfyui_dmd2.nodes import sampler as dmd2
+    from comfyui_dmd2.nodes.families import FLOW_RECIPES_BY_NAME
+    from test_families_flux import FLOW_CARDS, diffusers_reference, flux_conditioning, flux_latent
+    from test_sampler import relative_error
+
+    models = {"flux_dev": tiny_models.build_flux(), "flux_schnell": tiny_models.build_flux(schnell=True)}
+    rows = []
+    for preset, label, name, scheduler in flow_routes():
+        recipe, card = FLOW_RECIPES_BY_NAME[preset], FLOW_CARDS[preset]
+        model = models[recipe.base]
+        space = model.model.process_latent_in
+        ms = model.get_model_object("model_sampling")
+        sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, recipe.steps).cpu()
+        ours, stock, stock_same = [], [], []
+        for seed in range(seeds):
+            cond = flux_conditioning()
+            start = comfy.sample.prepare_noise(flux_latent()["samples"], seed)
+            reference = diffusers_reference(model, card, cond, start, torch.Generator().manual_seed(dmd2.renoise_seed(seed)))
+            out = dmd2.DMD2Generate.execute(model, cond, flux_latent(), seed, preset, "").result[0]["samples"]
+            ours.append(relative_error(space(out), reference))
+            runs = {"as run": comfy.samplers.sampler_object(name)}
+            if name == "lcm":
+                noise = dmd2.fresh_noise_sampler(flux_latent()["samples"], seed)
+                runs["same noise"] = comfy.samplers.ksampler(name, extra_options={"noise_sampler": noise})
+            for key, sampler in runs.items():  # ComfyUI's default guidance (3.5) is the cards'
+                got = SamplerCustom.execute(model, True, seed, 1.0, cond, cond, sampler, sigmas, flux_latent()).result[0]
+                (stock if key == "as run" else stock_same).append(relative_error(space(got["samples"]), reference))
+        pack_sigmas = dmd2.prepare(model, preset)[2]
+        rows.append({"preset": preset, "arch": recipe.base, "route": label,
+                     "timesteps": [f"{float(s):.3f}" for s in pack_sigmas[:-1]],
+                     "stock_timesteps": [f"{float(s):.3f}" for s in sigmas[:-1]],
+                     "ours": statistics.mean(ours), "stock": statistics.mean(stock),
+                     "stock_same_noise": statistics.mean(stock_same) if stock_same else None})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--flow-only", action="store_true", help="only the Flux.1 rows (sigmas instead of timesteps)")
     args = parser.parse_args(argv)
     import conftest  # noqa: F401  (ComfyUI on the path, the tiny architectures registered)
     import torch
 
     torch.set_num_threads(1)
-    rows = measure(args.seeds)
+    rows = ([] if args.flow_only else measure(args.seeds)) + flow_measure(args.seeds)
     if args.markdown:
         print("| release preset (arch) | pack: timesteps | distance to the card's diffusers sampler | stock route | "
               "its timesteps | its distance | with the same noise draws |")

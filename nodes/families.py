@@ -22,6 +22,12 @@ them on ComfyUI's sigma table):
   DDIM (eta 0), which ends on the table's first timestep as the SD schedulers'
   ``set_alpha_to_one=False`` makes it.
 
+Flow releases (Flux.1, ``FlowRecipe``): the card's FlowMatchEulerDiscreteScheduler as
+FluxPipeline drives it, N times 1, (N-1)/N, ..., 1/N shifted by the model's own sampling
+(ModelSamplingFlux: [dev]'s shift, resolution-dependent through the ModelSamplingFlux node;
+[schnell]: unshifted), with the ``euler`` rule (the same arithmetic in flow time: x0 + (x -
+x0) * t_next / t) or ``dmd2`` (x0 = x - t*v, then (1 - t_next)*x0 + t_next*fresh noise).
+
 Pure data and integer arithmetic: importable without ComfyUI (the trailing rule is
 ``bases.trailing_timesteps``, the one the trainer's schedules use too).
 """
@@ -51,6 +57,10 @@ FAMILY_NAMES = {
     "lcm": "LCM-LoRA",
     "tcd": "TCD",
     "turbo": "SDXL-Turbo",
+    "schnell": "FLUX.1-schnell",
+    "turbo_alpha": "FLUX.1-Turbo-Alpha",
+    "hyper_flux": "Hyper-FLUX",
+    "dmd2_flow": "DMD2 (flow)",
 }
 
 
@@ -129,6 +139,59 @@ def _recipes() -> tuple[Recipe, ...]:
 
 RECIPES: tuple[Recipe, ...] = _recipes()
 RECIPES_BY_NAME = {r.name: r for r in RECIPES}
+
+
+FLOW_RULES = ("dmd2", "euler")
+
+
+@dataclass(frozen=True)
+class FlowRecipe:
+    """One published way to sample a Flux.1 release: N steps on the card's time grid, shifted
+    by the model's own sampling, with the card's embedded guidance."""
+
+    name: str
+    family: str  # key of FAMILY_NAMES
+    base: str  # the bases family it was made on: "flux_dev" or "flux_schnell"
+    steps: int
+    rule: str  # one of FLOW_RULES
+    guidance: float | None = None  # embedded guidance the card runs ([dev]); None: the model has no input
+    lora_scale: float | None = None  # the strength the card loads the LoRA at (LoraLoaderModelOnly's)
+    source: str = ""
+    gamma: float = 0.0
+    prediction: str = "flow"
+
+    @property
+    def times(self) -> tuple[float, ...]:
+        """FluxPipeline's unshifted grid: linspace(1, 1/N, N) (float64, exact at k/N)."""
+        return tuple(1.0 - k / self.steps for k in range(self.steps))
+
+    timesteps = times  # what the SD recipes call it (the preset table lists it)
+
+
+# The cards (tests/test_families_flux.py holds their literal constants):
+_SCHNELL_CARD = ("FluxPipeline, num_inference_steps=4, guidance_scale=0.0 (black-forest-labs/FLUX.1-schnell; "
+                 "scheduler_config.json: shift 1.0, no dynamic shifting)")
+_TURBO_ALPHA_CARD = ("FluxPipeline (FLUX.1-dev) + the LoRA fused, num_inference_steps=8, guidance_scale=3.5, 1024x1024 "
+                     "(alimama-creative/FLUX.1-Turbo-Alpha)")
+_HYPER_FLUX_CARD = ("FluxPipeline (FLUX.1-dev) + fuse_lora(lora_scale=0.125), num_inference_steps={n}, guidance_scale=3.5 "
+                    "(ByteDance/Hyper-SD, Hyper-FLUX.1-dev-{n}steps-lora.safetensors)")
+# DMD2 in flow time: the flow-model DMD2 reports shift the student's times toward noise (DMD2
+# issue #62: "shifting the conditional timesteps achieves better results"; no value given) and
+# FastGen's Flux DMD2 config (configs/experiments/Flux/config_dmd2.py) gives none either (4
+# student steps, guidance 3.5): the pack takes [dev]'s own dynamic shift (3.16 at 1024 px).
+_DMD2_FLOW_CARD = ("DMD2 update in flow time: x0 = x - t*v, re-noised to t_next with fresh noise (diffusers' "
+                   "FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)); [dev]'s shifted grid, guidance 3.5")
+
+FLOW_RECIPES: tuple[FlowRecipe, ...] = (
+    FlowRecipe("DMD2 flow 4-step (Flux dev shift)", "dmd2_flow", "flux_dev", 4, "dmd2", guidance=3.5, source=_DMD2_FLOW_CARD),
+    FlowRecipe("DMD2 flow 8-step (Flux dev shift)", "dmd2_flow", "flux_dev", 8, "dmd2", guidance=3.5, source=_DMD2_FLOW_CARD),
+    FlowRecipe("FLUX.1-schnell 4-step (euler, unshifted)", "schnell", "flux_schnell", 4, "euler", source=_SCHNELL_CARD),
+    FlowRecipe("FLUX.1-Turbo-Alpha 8-step (euler, dev shift, guidance 3.5)", "turbo_alpha", "flux_dev", 8, "euler",
+               guidance=3.5, source=_TURBO_ALPHA_CARD),
+    *(FlowRecipe(f"Hyper-FLUX {n}-step LoRA 0.125 (euler, dev shift, guidance 3.5)", "hyper_flux", "flux_dev", n, "euler",
+                 guidance=3.5, lora_scale=0.125, source=_HYPER_FLUX_CARD.format(n=n)) for n in (8, 16)),
+)
+FLOW_RECIPES_BY_NAME = {r.name: r for r in FLOW_RECIPES}
 
 
 def recipe_for(family: str, timesteps) -> Recipe | None:

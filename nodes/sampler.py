@@ -29,8 +29,10 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..bases import PREDICTIONS, sampling_label
+from ..bases import PREDICTIONS, FamilyError, family_of, flux, sampling_label
 from .families import (
+    FAMILY_NAMES,
+    FLOW_RULES,
     STARTS_FROM_SIGMA,
     UPDATE_RULES,
     ZSNR_TERMINAL_ALPHA_CUMPROD,
@@ -43,8 +45,12 @@ from .schedules import (
     CUSTOM,
     PRESET_NAMES,
     as_x0_model,
+    UnsupportedModelError,
     check_model_sampling,
+    check_preset_fits,
     custom_timesteps_input,
+    flow_sigmas,
+    is_flow,
     preset_input,
     preset_recipe,
     sampling_of,
@@ -186,8 +192,8 @@ def zero_snr_terminal(model_sampling, rule: str):
     redoes that step at the abar of the rule's card scheduler (0 for DMD2/LCM/TCD/DDIM: x0 = -v,
     eps = the input; sigma' its sigma, used by the ancestral split), from the network's output. An eps model has no finite x0 there
     (x0 = (x - sigma*eps)/alpha): ComfyUI's finite value stays."""
-    if model_sampling is None:
-        return None
+    if model_sampling is None or isinstance(model_sampling, comfy.model_sampling.CONST):
+        return None  # flow: no terminal SNR question (the model was checked before sampling)
     prediction, zsnr, _ = sampling_of(model_sampling)
     if not zsnr or prediction == "eps":
         return None
@@ -221,13 +227,24 @@ class DMD2KSampler(comfy.samplers.KSAMPLER):
         self._from_pure_noise = True
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
-        check_model_sampling(model_wrap.inner_model.model_sampling)
+        model_sampling = model_wrap.inner_model.model_sampling
+        if is_flow(model_wrap.inner_model, model_sampling):
+            check_flow_rule(self.rule)
+        else:
+            check_model_sampling(model_sampling)
         # ComfyUI runs one prompt at a time; max_denoise below reads this during super().sample.
         self._from_pure_noise = latent_image is None or torch.count_nonzero(latent_image).item() == 0
         return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
     def max_denoise(self, model_wrap, sigmas):
         return self._from_pure_noise and self.rule not in STARTS_FROM_SIGMA
+
+
+def check_flow_rule(rule: str) -> None:
+    """A flow model samples with the flow rules only (lcm/tcd are DDPM-table updates)."""
+    if rule not in FLOW_RULES:
+        raise UnsupportedModelError(f"the {rule} update is for SD-family models; a flow (Flux.1) model samples with "
+                                    f"{' or '.join(FLOW_RULES)}")
 
 
 def dmd2_ksampler(rule: str = "dmd2", gamma: float = 0.0) -> DMD2KSampler:
@@ -329,7 +346,11 @@ class DMD2Generate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, preset, custom_timesteps, cfg=1.0, negative=None) -> io.NodeOutput:
-        model, recipe, sigmas, notes = prepare(model, preset, custom_timesteps)
+        model, recipe, sigmas, notes = prepare(model, preset, custom_timesteps, latent_image["samples"].shape)
+        if recipe.prediction == "flow":
+            positive, guidance_notes = with_guidance(positive, recipe)
+            negative = negative if negative is None else with_guidance(negative, recipe)[0]
+            notes += guidance_notes
         for note in notes:
             log.warning("DMD2Generate: %s", note)
         latent = generate(model, positive, latent_image, seed, sigmas, cfg, negative, recipe.rule, recipe.gamma)
@@ -339,12 +360,19 @@ class DMD2Generate(io.ComfyNode):
         return io.NodeOutput(latent, ui={"text": notes})
 
 
-def prepare(model, preset: str, custom_timesteps: str = ""):
+def prepare(model, preset: str, custom_timesteps: str = "", latent_shape=None):
     """(model, recipe, sigmas, notes) for a preset: the recipe's timesteps on the model's own
     table, the model read as x0 where the recipe says so, and the warnings of sampling_notes.
-    A custom list runs with the loaded release's update rule (DMD2's if none is known)."""
+    A custom list runs with the loaded release's update rule (DMD2's if none is known). A flow
+    preset on a flow model: its times on the model's own shift (``flow_notes``); a preset of
+    the other kind is refused in one line."""
     releases = model_releases(model)
     model_sampling = model.get_model_object("model_sampling")
+    check_preset_fits(model, preset)
+    if is_flow(model):
+        recipe = preset_recipe(preset)
+        sigmas = flow_sigmas(model_sampling, recipe)
+        return model, recipe, sigmas, flow_notes(model, recipe, latent_shape)
     prediction, zsnr, process = sampling_of(model_sampling)
     rule, gamma = custom_rule(releases)
     recipe = preset_recipe(preset, custom_timesteps, rule, gamma, process.num_train_timesteps)
@@ -354,6 +382,49 @@ def prepare(model, preset: str, custom_timesteps: str = ""):
     if recipe.prediction == "x0":
         model = as_x0_model(model)
     return model, recipe, sigmas_for_timesteps(model.get_model_object("model_sampling"), recipe.timesteps), notes
+
+
+def flow_notes(model, recipe, latent_shape=None) -> list[str]:
+    """A preset made on the other Flux.1 model ([dev] on schnell or the reverse), and a [dev]
+    preset whose card shifts by the image size (diffusers' dynamic shifting) on a model whose
+    sampling holds another size's shift: both run, on the model's own sampling."""
+    notes = []
+    try:
+        family = family_of(model)
+    except FamilyError:
+        return notes  # another flow model (SD3, Flux.2 ...): the model's own sampling is all there is
+    if family.name != recipe.base:
+        made_on = flux.FLUX_DEV.label if recipe.base == "flux_dev" else flux.FLUX_SCHNELL.label
+        notes.append(f"preset '{recipe.name}' is {FAMILY_NAMES[recipe.family]}'s, made on {made_on}, but this is a "
+                     f"{family.label} model: it runs on this model's own schedule.")
+    sampling = model.get_model_object("model_sampling")
+    if recipe.base == "flux_dev" and family.name == "flux_dev" and latent_shape is not None and len(latent_shape) == 4:
+        height, width = latent_shape[-2] * 8, latent_shape[-1] * 8
+        card = flux.dev_shift(width, height)
+        if abs(family.process.shift - card) > 1e-3 * card:
+            notes.append(f"at {width}x{height} px the card's pipeline shifts Flux [dev]'s times by {card:.3f} (mu "
+                         f"{flux.calculate_shift(flux.image_seq_len(width, height)):.3f}); this model's sampling shifts by "
+                         f"{family.process.shift:.3f} (ModelSamplingFlux shift {float(sampling.shift):.3f}). Put a "
+                         f"ModelSamplingFlux node (width {width}, height {height}) in front to sample as the card does.")
+    return notes
+
+
+def with_guidance(conditioning, recipe) -> tuple[list, list[str]]:
+    """The conditioning with the preset's embedded guidance (the ``guidance`` key the stock
+    FluxGuidance node sets) where it carries none; a value it carries is kept, with a note
+    when it is not the card's."""
+    if recipe.guidance is None:
+        return conditioning, []
+    out, notes = [], []
+    for tensor, values in conditioning:
+        values = dict(values)
+        if "guidance" not in values:
+            values["guidance"] = recipe.guidance
+        elif values["guidance"] != recipe.guidance:
+            notes.append(f"the conditioning carries guidance {values['guidance']} (FluxGuidance); preset '{recipe.name}' "
+                         f"is sampled at {recipe.guidance} by its card: {values['guidance']} is used.")
+        out.append([tensor, values])
+    return out, sorted(set(notes))
 
 
 class DMD2ReleaseSampler(io.ComfyNode):

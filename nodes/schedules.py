@@ -16,16 +16,18 @@ from comfy_api.latest import io
 
 import comfy.model_sampling
 
-from ..bases import DiscreteVP, FamilyError, discrete_sampling
+from ..bases import DiscreteVP, FamilyError, discrete_sampling, flow_process, flux_family
 from .families import DMD2_FOUR_STEP as FOUR_STEP
 from .families import DMD2_ONE_STEP as ONE_STEP  # noqa: F401  (re-exported: the preset name)
-from .families import RECIPES, RECIPES_BY_NAME, UPDATE_RULES, Recipe
+from .families import FLOW_RECIPES, FLOW_RECIPES_BY_NAME, RECIPES, RECIPES_BY_NAME, UPDATE_RULES, FlowRecipe, Recipe
 
 CUSTOM = "custom"
 
 # Preset name -> timesteps (None: read the custom string). DMD2's two first, then the other
-# release families (nodes/families.py), then custom.
-PRESETS: dict[str, tuple[int, ...] | None] = {**{r.name: r.timesteps for r in RECIPES}, CUSTOM: None}
+# release families (nodes/families.py), then the flow (Flux.1) ones (their unshifted times
+# in [0, 1]), then custom.
+PRESETS: dict[str, tuple[int, ...] | tuple[float, ...] | None] = {
+    **{r.name: r.timesteps for r in RECIPES}, **{r.name: r.times for r in FLOW_RECIPES}, CUSTOM: None}
 PRESET_NAMES = list(PRESETS)
 
 
@@ -110,9 +112,49 @@ def sigmas_for_timesteps(model_sampling, timesteps) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def is_flow(model, model_sampling=None) -> bool:
+    """A Flux.1 model on its own flow sampling (``bases.flux_family``). Other flow samplings (an
+    SD UNet under ModelSamplingDiscreteFlow, SD3) are not: they are refused as before."""
+    base = getattr(model, "model", model)
+    if model_sampling is None:
+        model_sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else base.model_sampling
+    try:
+        return flux_family(base, model_sampling) is not None
+    except FamilyError as e:
+        raise UnsupportedModelError(f"DMD2 sampling: {e}") from None
+
+
+def flow_sigmas(model_sampling, recipe: FlowRecipe) -> torch.Tensor:
+    """SIGMAS of a flow preset on a flow model's own sampling (its shift: a ModelSamplingFlux
+    node in front counts): the card's times 1, ..., 1/N through percent_to_sigma, then 0."""
+    try:
+        flow_process(model_sampling)
+    except FamilyError as e:
+        raise UnsupportedModelError(f"DMD2 sampling: {e}") from None
+    sigmas = [float(model_sampling.percent_to_sigma(1.0 - u)) for u in recipe.times]
+    return torch.tensor([*sigmas, 0.0], dtype=torch.float32)
+
+
+def check_preset_fits(model, preset: str) -> None:
+    """A flow preset on an SD-family model, or an SD preset (or custom integer timesteps) on a
+    Flux model: refused in one line naming what fits."""
+    flow_preset, flow_model = preset in FLOW_RECIPES_BY_NAME, is_flow(model)
+    model_sampling = model.get_model_object("model_sampling")
+    if flow_preset and not flow_model:
+        raise ScheduleError(f"preset '{preset}' samples Flux.1 models in flow time, but this model samples with "
+                            f"{type(model_sampling).__name__} (an SD-family timestep table): choose an SD preset, e.g. "
+                            f"'{FOUR_STEP}'")
+    if not flow_preset and flow_model:
+        raise UnsupportedModelError(f"DMD2 sampling: this model samples with {type(model_sampling).__name__} in flow time, "
+                                    f"not a discrete SD-style timestep table: preset '{preset}' is for SD-family models; "
+                                    f"choose a flow preset, e.g. '{FLOW_RECIPES[0].name}'")
+
+
 def timesteps_for_preset(preset: str, custom: str = "", table_size: int | None = None) -> list[int]:
     if preset not in PRESETS:
         raise ScheduleError(f"unknown preset {preset!r}; choose one of {PRESET_NAMES}")
+    if preset in FLOW_RECIPES_BY_NAME:
+        raise ScheduleError(f"preset '{preset}' is a flow (Flux.1) preset: it has no integer timesteps")
     fixed = PRESETS[preset]
     if fixed is None:
         return parse_timesteps(custom, table_size)
@@ -122,6 +164,8 @@ def timesteps_for_preset(preset: str, custom: str = "", table_size: int | None =
 def preset_recipe(preset: str, custom: str = "", rule: str = "dmd2", gamma: float = 0.0,
                   table_size: int | None = None) -> Recipe:
     """The recipe a preset names; for 'custom', the custom timesteps with ``rule``/``gamma``."""
+    if preset in FLOW_RECIPES_BY_NAME:
+        return FLOW_RECIPES_BY_NAME[preset]
     timesteps = timesteps_for_preset(preset, custom, table_size)
     if preset != CUSTOM:
         return RECIPES_BY_NAME[preset]
@@ -135,6 +179,9 @@ def preset_recipe(preset: str, custom: str = "", rule: str = "dmd2", gamma: floa
 def schedule_sigmas(model, preset: str, custom: str = "") -> torch.Tensor:
     """SIGMAS for a preset (or the custom list) on a ComfyUI MODEL's sigma table."""
     model_sampling = model.get_model_object("model_sampling")
+    check_preset_fits(model, preset)
+    if preset in FLOW_RECIPES_BY_NAME:
+        return flow_sigmas(model_sampling, FLOW_RECIPES_BY_NAME[preset])
     check_model_sampling(model_sampling)
     timesteps = timesteps_for_preset(preset, custom, len(model_sampling.sigmas))
     return sigmas_for_timesteps(model_sampling, timesteps)
@@ -163,7 +210,9 @@ def as_x0_model(model):
 
 PRESET_TOOLTIP = ("Timesteps and update rule of a few-step release, as its authors sample it: DMD2 4-step "
                   "(999,749,499,249) and 1-step (399) first, then SDXL-Lightning, Hyper-SD, LCM-LoRA, TCD and "
-                  "SDXL-Turbo at their published step counts (rule and timesteps in the name), or 'custom'.")
+                  "SDXL-Turbo at their published step counts (rule and timesteps in the name), then the Flux.1 "
+                  "ones (DMD2 flow, FLUX.1-schnell, FLUX.1-Turbo-Alpha, Hyper-FLUX: shifted by the model's own "
+                  "sampling, guidance as their cards), or 'custom'.")
 CUSTOM_TOOLTIP = ("Used only when preset is 'custom': integer timesteps of the model's training schedule, "
                   "strictly descending, e.g. '999,749,499,249'.")
 

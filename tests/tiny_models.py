@@ -295,3 +295,25 @@ def diffusers_unet_config(arch: str) -> dict:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=32 + 6 * 256,
     )
+
+
+# -- Flux.1 ---------------------------------------------------------------------------------------
+# ComfyUI's Flux at tiny width: one double and one single block, 2 heads of 32 (the rotary axes
+# split 8+12+12 as the real 16+56+56), the real 16 latent channels, 2x2 patches, T5-XXL's 4096
+# context width and CLIP-L's 768 pooled width, so conditionings have the real shapes.
+FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+               "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+               "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+               "guidance_embed": True}
+
+
+def build_flux(schnell: bool = False, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A tiny Flux.1 [dev] MODEL (model_base.Flux, ModelSamplingFlux, embedded guidance), or
+    [schnell] (ModelSamplingDiscreteFlow at shift 1, no guidance input), random weights."""
+    config_class = comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux
+    model_config = config_class({**FLUX_CONFIG, "guidance_embed": not schnell})
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    init_weights_(base.diffusion_model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
