@@ -148,6 +148,16 @@ def test_the_trainer_still_refuses_a_flux_model_in_one_line(flux_models):
     assert "model family Flux is not supported yet" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_the_commands_family_check_refuses_a_flux_model_in_one_line(flux_models):
+    from comfyui_dmd2.training.checkpoint import UnsupportedModel, detect_family
+
+    for name in ("flux_dev", "flux_schnell"):
+        with pytest.raises(UnsupportedModel) as info:
+            detect_family(flux_models[name])
+        message = str(info.value)
+        assert "flow-matching model" in message and "not supported by the trainer yet" in message and "\n" not in message
+
+
 # -- the presets against the cards ------------------------------------------------------------------
 def test_every_flow_preset_has_a_card_and_its_grid():
     assert set(FLOW_CARDS) == set(FLOW_RECIPES_BY_NAME)

@@ -215,6 +215,9 @@ def detect_family(model) -> bases.Family:
         family = bases.family_of(model)
     except bases.FamilyError as exc:
         raise UnsupportedModel(str(exc)) from None
+    if family.prediction == "flow":  # bases knows how to sample Flux (#25); the trainer does not distil flow models yet
+        raise UnsupportedModel(f"{name} is a flow-matching model ({family.label}): dmd2-train distils SD1.5, SD2.x and SDXL "
+                               "(eps or v prediction); flow models are not supported by the trainer yet")
     if family.prediction not in ("eps", "v"):
         raise UnsupportedModel(f"{name} model samples with {family.prediction} prediction: that is a few-step student's UNet, "
                                "not a teacher; distil from the eps- or v-prediction base it was made from")
