@@ -199,6 +199,12 @@ def imperfect_rows() -> dict[str, tuple]:
         IMPERFECT + "1-step, GAN generator weight 5e-2, discriminator on t <= 250": (
             replace(ONE_STEP_STUDENT, gan_generator_weight=5e-2, overrides={**ONE_STEP_STUDENT.overrides, **strong}), single),
         IMPERFECT + "1-step, GAN head rate 1e-2 (5x)": (replace(ONE_STEP_STUDENT, lr_gan_head=1e-2), single),
+        # the discriminator learned only on low noise: that range alone, and with a faster head
+        IMPERFECT + "1-step, discriminator on t <= 250": (
+            replace(ONE_STEP_STUDENT, overrides={**ONE_STEP_STUDENT.overrides, **strong}), single),
+        IMPERFECT + "1-step, GAN generator weight 5e-2, discriminator on t <= 250, GAN head rate 1e-2": (
+            replace(ONE_STEP_STUDENT, gan_generator_weight=5e-2, lr_gan_head=1e-2,
+                    overrides={**ONE_STEP_STUDENT.overrides, **strong}), single),
         IMPERFECT + "4-step LoRA r8 (the demo's 4-step recipe), GAN on": (FOUR_STEP_STUDENT, single),
         IMPERFECT + "4-step LoRA r8 (the demo's 4-step recipe), GAN off": (replace(FOUR_STEP_STUDENT, gan=False), single),
     }
