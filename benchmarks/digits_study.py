@@ -243,7 +243,7 @@ def finetune_rows() -> dict[str, tuple]:
             replace(FOUR_STEP_STUDENT, regression_steps=75, iterations=400, ema_decay=0.98), main),
         # the 1-step student's layout on the 4-step student (every layer, a full fake score)
         FINETUNE + "4-step LoRA G r8, all layers adapted + full fake score (F 2e-3)": (
-            replace(FOUR_STEP_STUDENT, lora_targets=TARGET_SETS["all"], full_copies=("fake_score",), lr_fake_score=2e-3), single),
+            replace(FOUR_STEP_STUDENT, lora_targets=TARGET_SETS["all"], full_copies=("fake_score",), lr_fake_score=2e-3), main),
     }
 
 
