@@ -343,7 +343,7 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int) -> dict:
+def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int, style: str = "") -> dict:
     """Each kept training's exported file sampled in a real ComfyUI graph (``DigitsComfyRunner``:
     the digits model file, which carries its v_pred/ztsnr keys -> stock LoraLoaderModelOnly ->
     DMD2Generate at the row's timesteps), FD over ``seeds``: {row name: {seed: FD}}."""
@@ -351,11 +351,11 @@ def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int)
     from comfyui_dmd2.training.digits.comfy_runner import DigitsComfyRunner
     from comfyui_dmd2.training.digits.demo import dmd2_schedule
 
-    fd, _, _, _ = _yardstick(teacher_file, samples, seeds)
+    fd, _, _, _ = _yardstick(teacher_file, samples, seeds, style)
     out: dict[str, dict] = {}
     with DigitsComfyRunner() as comfy:
         for r in results:
-            if not r.get("file") or r["settings"]["read_as"]:  # the ablation samples as its trainer read it: in-process only
+            if not r.get("file") or r["settings"].get("read_as"):  # the ablation samples as its trainer read it: in-process only
                 continue
             preset, custom = dmd2_schedule(tuple(r["settings"]["timesteps"]))
             lora = comfy.install_lora(Path(r["file"]))
@@ -543,7 +543,7 @@ def main() -> int:
     parser.add_argument("--training-seeds", default="", help="train only these training seeds of each row (e.g. 0; default: the row's)")
     parser.add_argument("--base-teacher-rows", action="store_true", help="with finetune or v-pred rows: the base teacher's rows too")
     parser.add_argument("--teachers-only", action="store_true", help="the chosen rows' teacher rows only (train no student)")
-    parser.add_argument("--graph", action="store_true", help="v-pred rows: also sample each exported LoRA in a real ComfyUI graph")
+    parser.add_argument("--graph", action="store_true", help="v-pred and finetune rows: also sample each exported LoRA in a real ComfyUI graph")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2", help="where the demo's teacher is cached")
     args = parser.parse_args()
     from comfyui_dmd2.comfy_env import ensure_comfy
@@ -639,10 +639,13 @@ def main() -> int:
     if finetune:
         teachers |= finetune_teacher_rows(finetune_file, teacher_file, release_file, FULL.style, FULL.strengths, args.samples, args.seeds)
     text = table(rows_out, teachers)
-    if args.graph and vpred:
+    if args.graph and (vpred or finetune):
         from comfyui_dmd2.training.digits import metric as M
 
-        graph = graph_rows([r for r in results if r["name"].startswith(VPRED)], v_teacher_file, args.samples, args.seeds)
+        graph = graph_rows([r for r in results if r["name"].startswith(VPRED)], v_teacher_file, args.samples, args.seeds) if vpred else {}
+        if finetune:  # in the finetune's own metric (its mirrored digits)
+            graph |= graph_rows([r for r in results if r["name"].startswith(FINETUNE)], finetune_file, args.samples, args.seeds,
+                                FULL.style)
         lines = ["", "| row, sampled in the ComfyUI graph (exported LoRA, LoraLoaderModelOnly, DMD2Generate) | FD, moving average | per training |", "|---|---|---|"]
         for r in rows_out:
             if r["name"] in graph:
