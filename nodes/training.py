@@ -548,7 +548,7 @@ class DMD2TrainLoRA(io.ComfyNode):
                                        "shared base. full: a trained fp32 copy of the UNet, as in the paper (16 bytes per UNet "
                                        "parameter more: about 14 GB for SD1.5, 41 GB for SDXL); better 1-step students "
                                        "(docs/training.md). With full, an lr_fake_score left at its default becomes 5e-5 (SDXL) "
-                                       "/ 1e-5 (SD1.5)."),
+                                       "/ 2.5e-5 (SD1.5)."),
                 io.Int.Input("fake_score_rank", default=0, min=0, max=1024, optional=True,
                              tooltip="The fake score LoRA's own rank: more capacity for the fake score without a larger "
                                      "exported LoRA. 0: auto: for a 1-step student with a LoRA fake score the 1-step "

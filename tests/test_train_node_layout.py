@@ -105,7 +105,7 @@ def test_node_auto_one_step_trains_the_commands_layout(node_env, tiny_checkpoint
                "--sample-every", "0", "--timesteps", timesteps, "--quiet"])
     command = _saved(tmp_path / "cmd")
     assert node["fake_score"] == fake_score and "conv_in" in node["lora_targets"]
-    assert node["lr_fake_score"] == (1e-5 if fake_score == "full" else 5e-4)
+    assert node["lr_fake_score"] == (2.5e-5 if fake_score == "full" else 5e-4)
     assert len(command) > 30 and {k: v for k, v in node.items() if k in command} == command
     status = [(text, toast) for text, toast in lines if text.startswith("1-step layout")]
     assert len(status) == 1 and status[0][0].startswith(said) and status[0][1]
