@@ -57,7 +57,7 @@ for _name, _values in ARCH_DEFAULTS.items():
 # reference's ``--guidance_lr`` 5e-5 (X4L, where it equals the LoRA generator's rate). SD1.5's
 # reference ran 1e-5 with a full generator at 1e-5; beside our LoRA generator at 5e-5 that
 # leaves the fake score 5x slower than what it must follow, and on the digits the 1-step
-# student at that ratio (F/G 0.2) measured 2.21 against 1.95 at F/G 0.5, its DM loss lower
+# student at that ratio (F/G 0.2) measured 2.17 ± 0.04 against 1.99 ± 0.15 at F/G 0.5, its DM loss lower
 # throughout (the fake score lags, the DM gradient shrinks; docs/digits.md, "The full fake
 # score's rate"), so SD1.5 (and SD2.x, which takes its defaults) runs at half the generator's
 # rate, 2.5e-5. ``lr_fake_score`` above is for a LoRA F (docs/training.md).
