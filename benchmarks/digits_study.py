@@ -220,7 +220,7 @@ def finetune_rows() -> dict[str, tuple]:
     from comfyui_dmd2.training.digits.demo import FOUR_STEP_STUDENT, FROM_RELEASE, ONE_STEP_STUDENT
     from comfyui_dmd2.training.lora import DEFAULT_TARGETS, TARGET_SETS
 
-    main, single = (0, 1, 2), (0,)
+    main = (0, 1, 2)
     # the 1-step student from the release LoRA adapts the release LoRA's layers (the file's targets)
     one_from_release = replace(ONE_STEP_STUDENT, iterations=ONE_STEP_STUDENT.iterations // 4, regression_steps=0,
                                lora_targets=DEFAULT_TARGETS, init_lora="release")

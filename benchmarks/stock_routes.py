@@ -31,9 +31,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def routes():
     """(family preset, arch, stock route label, function(model) -> (model, sampler name, sigmas))."""
-    import torch
-
     import comfy.samplers
+    import torch
     from comfy_extras.nodes_custom_sampler import SDTurboScheduler
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
@@ -78,17 +77,22 @@ def routes():
 
 
 def measure(seeds: int):
-    import torch
-
     import comfy.sample
     import comfy.samplers
     import tiny_models
+    import torch
     from comfy_extras.nodes_custom_sampler import SamplerCustom
     from comfyui_dmd2.nodes import sampler as dmd2
     from comfyui_dmd2.nodes.families import RECIPES_BY_NAME
     from comfyui_dmd2.nodes.schedules import as_x0_model, schedule_sigmas
     from test_families import diffusers_reference
-    from test_sampler import diffusers_unet, empty_latent, model_space, relative_error, text_conditioning
+    from test_sampler import (
+        diffusers_unet,
+        empty_latent,
+        model_space,
+        relative_error,
+        text_conditioning,
+    )
 
     models = {arch: tiny_models.build_model(arch) for arch in ("sd15", "sdxl")}
     unets = {arch: diffusers_unet(arch, m) for arch, m in models.items()}
@@ -141,15 +145,19 @@ def flow_routes():
 
 
 def flow_measure(seeds: int):
-    import torch
-
     import comfy.sample
     import comfy.samplers
     import tiny_models
+    import torch
     from comfy_extras.nodes_custom_sampler import SamplerCustom
     from comfyui_dmd2.nodes import sampler as dmd2
     from comfyui_dmd2.nodes.families import FLOW_RECIPES_BY_NAME
-    from test_families_flux import FLOW_CARDS, diffusers_reference, flux_conditioning, flux_latent
+    from test_families_flux import (
+        FLOW_CARDS,
+        diffusers_reference,
+        flux_conditioning,
+        flux_latent,
+    )
     from test_sampler import relative_error
 
     models = {"flux_dev": tiny_models.build_flux(), "flux_schnell": tiny_models.build_flux(schnell=True)}

@@ -6,18 +6,17 @@ driven as FluxPipeline drives it, calling the same network."""
 import dataclasses
 import math
 
+import comfy.sample
 import diffusers
 import numpy as np
 import pytest
-import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-import comfy.sample
 import tiny_models
+import torch
 from comfyui_dmd2 import bases
 from comfyui_dmd2.nodes import sampler as dmd2
 from comfyui_dmd2.nodes import schedules
 from comfyui_dmd2.nodes.families import FLOW_RECIPES, FLOW_RECIPES_BY_NAME
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from test_sampler import empty_latent, text_conditioning
 
 # The schedulers' configs as diffusers ships them (black-forest-labs/FLUX.1-dev and
