@@ -107,7 +107,7 @@ def measure(seeds: int):
         for seed in range(seeds):
             cond = text_conditioning(arch)
             start = comfy.sample.prepare_noise(empty_latent()["samples"], seed)
-            reference = diffusers_reference(arch, unets[arch], cond, start, recipe,
+            reference = diffusers_reference(arch, unets[arch], cond, start, preset,
                                             torch.Generator().manual_seed(dmd2.renoise_seed(seed)))
             out = dmd2.DMD2Generate.execute(base, cond, empty_latent(), seed, preset, "").result[0]["samples"]
             ours.append(relative_error(model_space(base, out), reference))
