@@ -28,7 +28,14 @@ docs/digits.md.
 The "v-pred ZTSNR: " rows (#24) distil a v-prediction, zero-terminal-SNR teacher of the same
 size and budget (``teacher.DIGITS_V``, trained or cached in ``--cache``) with the demo's
 recipes, and measure the eps formula on it (the ablation); ``--graph`` also samples each of
-their exported LoRA files in a real ComfyUI graph.
+their exported LoRA files in a real ComfyUI graph (and, for the "finetune: " rows, in the
+finetune's metric).
+
+The "imperfect teacher: " rows (#23, section 3) distil the demo's teacher stopped at 600 of its
+1500 steps (cached in ``--cache``), GAN on and off and the discriminator's candidates, on the
+base digits' metric. The pool rows (#23, section 5) start the demo's 4-step student from a
+regression pool; each row reports its warm start's teacher forwards, and every training keeps
+its metric curves (quarter means) in its JSON.
 """
 
 from __future__ import annotations
