@@ -621,7 +621,9 @@ def train(argv: Sequence[str] | None = None):
             log.warning("only %d DMD2 generator update%s: the LoRA will barely differ from the base model; raise --steps",
                         updates - config.regression_steps, "" if updates - config.regression_steps == 1 else "s")
         if config.regression_steps:
-            log.info("%s", warm_start_line(config))
+            from .memory import warm_start_report
+
+            log.info("%s", warm_start_report(config))
         if start:
             log.info("resuming at step %d of %d", start, total)
         else:
@@ -694,21 +696,6 @@ def train(argv: Sequence[str] | None = None):
         log.info("wrote %s: copy it into ComfyUI's models/loras and open %s", output / lora_name, output / "workflow.json")
     dist.barrier()
     return training.trainer, training.backend, output
-
-
-def warm_start_line(config) -> str:
-    """What the regression warm start costs the teacher, per process: fresh pairs against the
-    run's pool (``pool.warm_start_forwards``)."""
-    from .pool import teacher_forwards_per_pair, warm_start_forwards
-
-    forwards, per_pair = warm_start_forwards(config), teacher_forwards_per_pair(config)
-    pairs = config.regression_steps * config.samples_per_iteration
-    fresh = f"fresh pairs ({pairs:,} pairs x {per_pair} teacher UNet forwards) cost {forwards['fresh']:,} forwards"
-    if not config.regression_pairs:
-        return f"regression warm start: {config.regression_steps} iterations on {fresh} (--regression-pairs N builds N once)"
-    reuse = pairs / config.regression_pairs
-    return (f"regression warm start: {config.regression_steps} iterations on a pool of {config.regression_pairs:,} pairs built once, "
-            f"{forwards['pool']:,} teacher UNet forwards, each pair drawn {reuse:.1f}x on average; {fresh}")
 
 
 def checkpoint_context_dim(path: str | Path) -> int | None:
