@@ -4,7 +4,7 @@ know about a base model, in one place below both ``nodes/`` and ``training/``.
 A family is a ``Family`` value: its forward process (``Process``: x_t = alpha(t)*x0 +
 sigma(t)*noise on the family's own timesteps), the parameterization of its network's output
 (``PREDICTIONS``: eps, v, x0; each converts to x0 and back), and the facts about the network
-(conditioning, default resolution, LoRA targets, the block the GAN head reads). Every DMD2
+(conditioning, default resolution; its ``Network``: how it is called, its LoRA targets, the block the GAN head reads). Every DMD2
 computation works on x0 (docs/training.md, "Prediction types"): x0 = alpha*x_t - sigma*v is
 finite at zero terminal SNR, where the eps form (x_t - sigma*eps)/alpha divides by zero.
 
@@ -23,6 +23,7 @@ from .core import (  # noqa: F401
     DiscreteVP,
     Family,
     FamilyError,
+    Network,
     Prediction,
     Process,
     RectifiedFlow,
@@ -32,11 +33,20 @@ from .core import (  # noqa: F401
     shifted_time,
     trailing_timesteps,
 )
-from .flux import FLUX_DEV, FLUX_SCHNELL, flow_process, flux_family  # noqa: F401
+from .flux import (  # noqa: F401
+    FLUX_DEV,
+    FLUX_NETWORK,
+    FLUX_SCHNELL,
+    FluxNetwork,
+    flow_process,
+    flux_family,
+)
 from .sd import (  # noqa: F401
     SD2,
     SD15,
     SDXL,
+    UNET,
+    UNetNetwork,
     arch_of,
     default_resolution,
     discrete_sampling,

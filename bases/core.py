@@ -6,6 +6,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -50,6 +51,10 @@ class Process:
     def trailing_timesteps(self, steps: int) -> tuple[int, ...]:
         return trailing_timesteps(steps, self.num_train_timesteps)
 
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network takes as its timestep input for timesteps ``t`` (float32)."""
+        return t.float()
+
 
 def shifted_time(shift: float, u):
     """sigma = shift*u / (1 + (shift - 1)*u): flow time ``u`` moved toward noise (diffusers'
@@ -60,16 +65,32 @@ def shifted_time(shift: float, u):
 
 class RectifiedFlow(Process):
     """Rectified flow, x_t = (1 - t)*x0 + t*noise on continuous t in [0, 1] (t = ComfyUI's sigma,
-    diffusers' timestep / 1000), sampled on uniform times shifted toward noise by ``shift``."""
+    diffusers' timestep / 1000), sampled on uniform times shifted toward noise by ``shift``.
+
+    The trainer's integer timesteps k = 0..999 index diffusers' training grid
+    (FlowMatchEulerDiscreteScheduler: timesteps 1..1000, sigma = shift(timestep / 1000)):
+    t = shift((k + 1) / 1000), so the DMD2 list 999, 749, 499, 249 is ``sigmas(4)`` (1, 0.75,
+    0.5, 0.25 shifted) and every DMD2 range keeps its meaning. A floating-point ``t`` is the
+    flow time itself."""
 
     num_train_timesteps = 1000  # diffusers' timesteps are 1000 * t
 
     def __init__(self, shift: float = 1.0):
         self.shift = float(shift)
 
+    def time(self, t: torch.Tensor) -> torch.Tensor:
+        """The flow time of timesteps ``t`` (integer: grid indices; floating: times already)."""
+        dtype = torch.float32 if t.device.type == "mps" else torch.float64
+        if t.is_floating_point():
+            return t.to(dtype)
+        return shifted_time(self.shift, (t.to(dtype) + 1) / self.num_train_timesteps)
+
     def coefficients(self, t):
-        t = t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+        t = self.time(t)
         return 1 - t, t
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time(t).float()
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The ``steps`` times of an N-step sampler, float64: 1, (N-1)/N, ..., 1/N shifted (the
@@ -78,8 +99,6 @@ class RectifiedFlow(Process):
             raise ValueError(f"steps must be at least 1, got {steps}")
         return shifted_time(self.shift, torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64))
 
-    def trailing_timesteps(self, steps: int) -> tuple[int, ...]:
-        raise FamilyError("flow time is continuous: a flow family samples on sigmas(steps), not integer timesteps")
 
 
 class DiscreteVP(Process):
@@ -160,6 +179,55 @@ def sampling_label(prediction: str, zsnr: bool) -> str:
     return prediction + (" + zsnr" if zsnr else "")
 
 
+class Network:
+    """The architecture half of a family: how the trainer calls the denoiser, which of its
+    layers LoRA adapts (and under which export names), and where the GAN head reads it. One
+    subclass per architecture, in the family's module (``sd.UNetNetwork``, ``flux.FluxNetwork``);
+    methods that need ComfyUI import it themselves."""
+
+    #: LoRA target sets: {set name: module-name suffixes}; "dmd2" is the family's default.
+    target_sets: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: where kohya keys come from: "diffusers" module paths (SD) or the model's own paths
+    export_names: str = "model"
+
+    def resolve_targets(self, names) -> tuple[str, ...]:
+        """Target names with this architecture's sets expanded, in order, without repeats
+        (empty or None: "dmd2")."""
+        out: dict[str, None] = {}
+        for name in names or ("dmd2",):
+            out.update(dict.fromkeys(self.target_sets.get(name, (name,))))
+        return tuple(out)
+
+    def weight_paths(self, module, config) -> dict[str, str]:
+        """{export path: module path} of every weight-carrying layer LoRA may adapt."""
+        raise NotImplementedError
+
+    def forward(self, module, x_t: torch.Tensor, t: torch.Tensor, context, y, guidance, options: dict) -> torch.Tensor:
+        """The raw output at network timestep ``t`` (``Process.model_time``)."""
+        raise NotImplementedError
+
+    def training_hooks(self, module) -> list:
+        """Hooks that make ``module`` trainable where its inference code is not (removable
+        handles; none by default)."""
+        return []
+
+    def checkpoint_blocks(self) -> tuple[type, ...]:
+        """The block classes recomputed in backward under gradient checkpointing."""
+        raise NotImplementedError
+
+    def gan_block(self, module):
+        """The block whose output the GAN head reads."""
+        raise NotImplementedError
+
+    def gan_map(self, output, latent_shape) -> torch.Tensor:
+        """That block's output as a (B, C, h, w) map."""
+        raise NotImplementedError
+
+    def gan_shape(self, module, config, latent_shape) -> tuple[int, tuple[int, int]]:
+        """(channels, (h, w)) of ``gan_map`` for latents of ``latent_shape`` (C, H, W)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Family:
     """One base-model family with one sampling (prediction type, terminal SNR).
@@ -181,8 +249,8 @@ class Family:
     pooled: bool = False  # SDXL's adm input: pooled text embedding + size/crop embedding
     uncond: str = "empty"  # the default unconditional embedding: "empty" prompt or "zeros"
     one_step_timestep: int = 999  # the reference's 1-step conditioning timestep
-    gan_block: str = "middle_block"  # the UNet block whose output the GAN head reads
     guidance: float | None = None  # embedded guidance the real score takes as an input (Flux.1 [dev]); None: CFG
+    network: Network | None = field(default=None, repr=False, compare=False)  # the architecture (set by the member module)
     make_process: Callable[[bool], Process] = field(default=None, repr=False, compare=False)
     process_override: Process | None = field(default=None, repr=False, compare=False)
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 
-from .core import MODEL_READERS, Family, FamilyError, RectifiedFlow, register
+import torch
+
+from .core import MODEL_READERS, Family, FamilyError, Network, RectifiedFlow, register
 
 # The schedulers as diffusers ships them: black-forest-labs/FLUX.1-dev and FLUX.1-schnell,
 # scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler). The two differ in
@@ -29,8 +31,18 @@ DOUBLE_BLOCK_TARGETS = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2
                         "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")
 SINGLE_BLOCK_TARGETS = ("linear1", "linear2")
 MODULATION_TARGETS = ("img_mod.lin", "txt_mod.lin", "modulation.lin")
-FLUX_TARGET_SETS = {"attention+mlp": DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS,
-                    "all": DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS + MODULATION_TARGETS}
+# "dmd2" is the family's default set (every attention and MLP linear, as FastGen's and the DMD2
+# LoRA's layouts adapt attention and MLPs); "embeddings" adds the input, time, vector, guidance
+# and output projections (the digits' 1-step student needed its UNet counterparts).
+EMBEDDING_TARGETS = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                     "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer", "final_layer.linear",
+                     "final_layer.adaLN_modulation.1")
+FLUX_TARGET_SETS = {"dmd2": DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS,
+                    "attention+mlp": DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS,
+                    "all": DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS + MODULATION_TARGETS + EMBEDDING_TARGETS}
+# The GAN head's width: a 1x1 projection first where the tokens are wider (Flux.1's 3072: 4x4
+# convolutions at full width would be 150 M parameters each).
+GAN_WIDTH = 1024
 
 
 def calculate_shift(image_seq_len: int, config: dict = FLUX_DEV_SCHEDULER) -> float:
@@ -50,14 +62,103 @@ def dev_shift(width: int = 1024, height: int = 1024) -> float:
     return math.exp(calculate_shift(image_seq_len(width, height)))
 
 
+class _ResidualCopy(torch.Tensor):
+    """A tensor whose ``+=`` returns a new tensor. ComfyUI's Flux blocks add their residuals in
+    place (``img += ...``, inference code), which autograd refuses: the norms that read the old
+    value keep it for backward. Operations on it give tensors of this class (torch's default
+    ``__torch_function__``), so every residual add inside a block is out of place."""
+
+    def __iadd__(self, other):
+        return self + other
+
+
+_STREAMS = ("img", "txt", "x")  # the double blocks' two streams, the single blocks' one
+
+
+def _residuals_out_of_place(module, args, kwargs):
+    """Forward pre-hook of a Flux block while gradients are on: its streams as _ResidualCopy."""
+    if not torch.is_grad_enabled():
+        return None
+    wrap = lambda v: v.as_subclass(_ResidualCopy) if type(v) is torch.Tensor else v  # noqa: E731
+    return (wrap(args[0]), *args[1:]) if args else args, {k: wrap(v) if k in _STREAMS else v for k, v in kwargs.items()}
+
+
+def _plain_outputs(module, args, kwargs, output):
+    """Forward hook: the block's outputs back as plain tensors (the rest of the model's in-place
+    code runs on them as ComfyUI wrote it)."""
+    plain = lambda v: v.as_subclass(torch.Tensor) if isinstance(v, _ResidualCopy) else v  # noqa: E731
+    return tuple(plain(v) for v in output) if isinstance(output, tuple) else plain(output)
+
+
+class FluxNetwork(Network):
+    """ComfyUI's Flux (``comfy.ldm.flux.model.Flux``): called on flow time t in [0, 1] with the
+    text tokens as ``context``, the pooled vector as ``y`` and the embedded ``guidance``; LoRA
+    targets are its own module paths, which ComfyUI's loader maps from kohya keys
+    (``lora_unet_double_blocks_0_img_attn_qkv``); the GAN head reads the image tokens leaving
+    the last double-stream block (the middle of the network by compute), on the token grid."""
+
+    target_sets = FLUX_TARGET_SETS
+    export_names = "model"
+    gan_width = GAN_WIDTH
+
+    def weight_paths(self, module, config):
+        from torch import nn
+
+        paths = {}
+        for name, layer in module.named_modules():
+            if ".adapters." in name:
+                continue
+            wrapped = hasattr(layer, "adapters") and isinstance(getattr(layer, "base", None), nn.Linear)
+            if wrapped or (isinstance(layer, nn.Linear) and not name.endswith(".base")):
+                paths[name] = name
+        return paths
+
+    def forward(self, module, x_t, t, context, y, guidance, options):
+        if guidance is not None:
+            guidance = torch.full((x_t.shape[0],), float(guidance), device=x_t.device)
+        return module(x_t, t, context, y=y, guidance=guidance, transformer_options=options)
+
+    def training_hooks(self, module):
+        handles = []
+        for block in self._blocks(module):
+            handles.append(block.register_forward_pre_hook(_residuals_out_of_place, with_kwargs=True))
+            handles.append(block.register_forward_hook(_plain_outputs, with_kwargs=True))
+        return handles
+
+    def _blocks(self, module):
+        blocks = self.checkpoint_blocks()
+        return [m for m in module.modules() if isinstance(m, blocks)]
+
+    def checkpoint_blocks(self):
+        from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
+
+        return (DoubleStreamBlock, SingleStreamBlock)
+
+    def gan_block(self, module):
+        return module.double_blocks[-1]
+
+    def token_grid(self, latent_shape) -> tuple[int, int]:
+        """(h, w) of the image tokens (2x2 patches, odd sides padded as Flux pads them)."""
+        return tuple((int(side) + 1) // 2 for side in latent_shape[-2:])
+
+    def gan_map(self, output, latent_shape):
+        img = output[0]  # (B, h*w, hidden), row-major; the text tokens are output[1]
+        h, w = self.token_grid(latent_shape)
+        return img[:, : h * w].transpose(1, 2).reshape(img.shape[0], img.shape[2], h, w)
+
+    def gan_shape(self, module, config, latent_shape):
+        return module.hidden_size, self.token_grid(latent_shape)
+
+
+FLUX_NETWORK = FluxNetwork()
+
 # Built at import (as sd.py's): a first use under FakeTensorMode would cache fake tensors.
 _DEV_PROCESS = RectifiedFlow(dev_shift())
 _SCHNELL_PROCESS = RectifiedFlow(FLUX_SCHNELL_SCHEDULER["shift"])
 
-# T5-XXL's 4096-wide tokens, CLIP-L's 768 pooled vector; no negative prompt (guidance is an input);
-# gan_block: where the trainer's GAN head will read image tokens (not used yet: no flow trainer).
+# T5-XXL's 4096-wide tokens, CLIP-L's 768 pooled vector; no negative prompt (guidance is an input).
 _FLUX = {"prediction": "flow", "resolution": 1024, "context_dim": 4096, "text_encoders": ("t5xxl", "clip_l"),
-         "pooled": True, "uncond": "none", "gan_block": "double_blocks"}
+         "pooled": True, "uncond": "none", "network": FLUX_NETWORK}
 FLUX_DEV = register(Family("flux_dev", "Flux.1 [dev]", guidance=FLUX_GUIDANCE, make_process=lambda zsnr: _DEV_PROCESS,
                            **_FLUX))
 FLUX_SCHNELL = register(Family("flux_schnell", "Flux.1 [schnell]", make_process=lambda zsnr: _SCHNELL_PROCESS, **_FLUX))

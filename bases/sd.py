@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import PREDICTIONS, DiscreteVP, Family, FamilyError, register
+from .core import PREDICTIONS, DiscreteVP, Family, FamilyError, Network, register
 
 # The SD schedulers' config (diffusers scheduler_config.json of SD1.5, SD2.x and SDXL):
 # num_train_timesteps 1000, beta_schedule "scaled_linear", beta_start 0.00085, beta_end 0.012.
@@ -45,6 +45,52 @@ def zero_terminal_snr(alphas_cumprod: torch.Tensor, terminal: float = COMFY_ZSNR
     return out
 
 
+def mid_block_size(unet_config, latent_shape) -> tuple[int, int]:
+    """(h, w) of the UNet's mid-block map for latents of ``latent_shape`` (C, H, W): one
+    stride-2 downsampling per level after the first."""
+    h, w = int(latent_shape[-2]), int(latent_shape[-1])
+    for _ in range(len(unet_config["channel_mult"]) - 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+class UNetNetwork(Network):
+    """ComfyUI's SD-style ``UNetModel``: called on integer DDPM timesteps with cross-attention
+    ``context`` and the ``y`` vector; LoRA targets and kohya names from diffusers' module
+    paths (``comfy.utils.unet_to_diffusers``); the GAN head reads the mid block's last layer."""
+
+    target_sets = UNET_TARGET_SETS
+    export_names = "diffusers"
+
+    def weight_paths(self, module, config):
+        import comfy.utils
+
+        mapping = comfy.utils.unet_to_diffusers(dict(config))
+        if not mapping:
+            raise FamilyError("this UNet config has no diffusers mapping (not an SD1.5/SDXL-style UNet)")
+        return {d[: -len(".weight")]: ldm[: -len(".weight")] for d, ldm in mapping.items() if d.endswith(".weight")}
+
+    def forward(self, module, x_t, t, context, y, guidance, options):
+        return module(x_t, t, context=context, y=y, transformer_options=options)
+
+    def checkpoint_blocks(self):
+        from comfy.ldm.modules.attention import SpatialTransformer
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        return (ResBlock, SpatialTransformer)
+
+    def gan_block(self, module):
+        return module.middle_block[-1]
+
+    def gan_map(self, output, latent_shape):
+        return output
+
+    def gan_shape(self, module, config, latent_shape):
+        return self.gan_block(module).out_channels, mid_block_size(config, latent_shape)
+
+
+UNET = UNetNetwork()
+
 # Built at import, not on first use: a first use under --estimate's FakeTensorMode would
 # otherwise cache a process of fake tensors for every later real run.
 _SD_ALPHAS_CUMPROD = scaled_linear_alphas_cumprod()
@@ -56,11 +102,11 @@ def _sd_process(zsnr: bool) -> DiscreteVP:
 
 
 SD15 = register(Family("sd15", "SD1.5", resolution=512, context_dim=768, text_encoders=("clip_l",),
-                       uncond="empty", one_step_timestep=999, make_process=_sd_process))
+                       uncond="empty", one_step_timestep=999, network=UNET, make_process=_sd_process))
 SD2 = register(Family("sd2", "SD2.x", resolution=512, context_dim=1024, text_encoders=("open_clip_h",),
-                      uncond="empty", one_step_timestep=999, make_process=_sd_process))
+                      uncond="empty", one_step_timestep=999, network=UNET, make_process=_sd_process))
 SDXL = register(Family("sdxl", "SDXL", resolution=1024, context_dim=2048, text_encoders=("clip_l", "clip_g"),
-                       pooled=True, uncond="zeros", one_step_timestep=399, make_process=_sd_process))
+                       pooled=True, uncond="zeros", one_step_timestep=399, network=UNET, make_process=_sd_process))
 # SD2.x 768-v checkpoints are v-prediction at 768 px; its 512-base is eps at 512 px.
 V_RESOLUTION = {"sd2": 768}
 

@@ -119,9 +119,25 @@ def test_flux_models_read_as_their_family_on_their_own_sampling(flux_models):
     assert dev.process.shift == pytest.approx(math.exp(1.15))  # ComfyUI's default: [dev] at 1024 px
     (patched,) = ModelSamplingFlux().patch(flux_models["flux_dev"], 1.15, 0.5, 512, 512)
     assert bases.family_of(patched).process.shift == pytest.approx(math.exp(0.5 + (1024 - 256) * 0.65 / 3840))
-    with pytest.raises(bases.FamilyError, match="flow time is continuous"):  # a flow family has no integer timesteps
-        bases.get_family("flux_dev").trailing_timesteps(4)
+    # the trainer's integer timesteps index the flow training grid: DMD2's 4-step list is sigmas(4)
+    grid = bases.get_family("flux_dev").trailing_timesteps(4)
+    assert grid == (999, 749, 499, 249)
+    torch.testing.assert_close(dev.process.time(torch.tensor(grid)), dev.process.sigmas(4))
     assert bases.get_family("flux_dev").prediction == "flow" and bases.get_family("sd15").prediction == "eps"
+
+
+def test_flow_training_grid_is_diffusers_training_sigmas():
+    """Integer timestep k is FlowMatchEulerDiscreteScheduler's training sigma for timestep k+1:
+    shift * u / (1 + (shift - 1) * u) at u = (k + 1) / 1000 (literal values at shift 3, the
+    FLUX.1-dev scheduler_config's static shift)."""
+    flow = bases.RectifiedFlow(3.0)
+    t = torch.tensor([999, 749, 499, 249, 0])
+    expected = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.003 / 1.002], dtype=torch.float64)
+    torch.testing.assert_close(flow.time(t), expected)
+    a, s = flow.coefficients(t)
+    torch.testing.assert_close((a, s), (1 - expected, expected))
+    torch.testing.assert_close(flow.model_time(t), expected.float())  # what Flux's forward takes (sigma)
+    torch.testing.assert_close(flow.time(torch.tensor([0.25])), torch.tensor([0.25], dtype=torch.float64))  # a float is a time
 
 
 def test_flow_prediction_converts_to_x0_and_back():

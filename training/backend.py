@@ -1,14 +1,15 @@
-"""The one DMD2 backend: a frozen ComfyUI UNet shared by the three networks.
+"""The one DMD2 backend: a frozen ComfyUI denoiser shared by the three networks.
 
-Real score = the base UNet; generator = base + LoRA G; fake score = base + LoRA F, with a
-small GAN head on the fake score's mid-block features (design.md). It works on any ComfyUI
-``BaseModel`` with an SD-style ``UNetModel`` of a ``bases.Family`` (eps or v prediction, with
-or without zero terminal SNR): a community SD1.5/SD2.x/SDXL checkpoint (``checkpoint.py``:
-text conditioning, VAE latents) and the digits teacher (``digits``: class labels, pixels)
-differ only in where the model and the conditions come from (``TrainingData``). The UNet is
-called directly (``diffusion_model(x_t, t, context, y)`` on variance-preserving ``x_t`` and
-integer DDPM timesteps, which is what ComfyUI's ``apply_model`` computes after its ``c_in``
-scaling); its raw output (eps or v) becomes x0 through ``family.to_x0``.
+Real score = the base model; generator = base + LoRA G; fake score = base + LoRA F, with a
+small GAN head on the fake score's middle features (design.md). It works on any ComfyUI
+``BaseModel`` of a ``bases.Family``: an SD-style ``UNetModel`` (eps or v prediction, with or
+without zero terminal SNR) or a Flux transformer (rectified flow). A community checkpoint
+(``checkpoint.py``: text conditioning, VAE latents) and the digits teachers (``digits``: class
+labels, pixels) differ only in where the model and the conditions come from
+(``TrainingData``). The denoiser is called directly by the family's ``Network`` (the UNet on
+variance-preserving ``x_t`` and integer DDPM timesteps, Flux on flow time: what ComfyUI's
+``apply_model`` computes after its ``c_in`` scaling); its raw output (eps, v or flow) becomes
+x0 through ``family.to_x0``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import torch
 from torch import nn
 
 from .. import bases
+from ..bases.sd import UNET, mid_block_size  # noqa: F401  (mid_block_size: the GAN head's map, re-exported)
 from . import losses, sampling
 from .lora import (
-    DEFAULT_TARGETS,
     AdapterSwitch,
     InitLoRA,
     LoRAError,
@@ -115,13 +116,17 @@ class GANHead(nn.Module):
     conv covering the whole map (-> 1x1), GroupNorm, SiLU and a 1x1 conv to one logit.
     The last conv reads the map's layout, which a global average would throw away; the norms
     keep at least 8 channels per group (a per-channel norm on a tiny map erases the signal).
-    ``size``: the (h, w) of the mid-block map at the training resolution."""
+    ``size``: the (h, w) of the mid-block map at the training resolution; ``width``: where the
+    features are wider, a 1x1 projection to this many channels first (Flux's 3072 tokens)."""
 
-    def __init__(self, channels: int, size: Sequence[int]):
+    def __init__(self, channels: int, size: Sequence[int], width: int | None = None):
         super().__init__()
-        groups = math.gcd(32, max(1, channels // 8))
         h, w = (int(v) for v in size)
         layers: list[nn.Module] = []
+        if width is not None and width < channels:
+            layers.append(nn.Conv2d(channels, width, 1))
+            channels = width
+        groups = math.gcd(32, max(1, channels // 8))
         while max(h, w) > 4:
             layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
             h, w = max(1, h // 2), max(1, w // 2)
@@ -135,15 +140,6 @@ class GANHead(nn.Module):
         weight = self.net[0].weight
         h = features if torch.is_autocast_enabled(features.device.type) else features.to(weight.dtype)
         return self.net(h).flatten(1)[:, 0].float()
-
-
-def mid_block_size(unet_config: dict, latent_shape: Sequence[int]) -> tuple[int, int]:
-    """(h, w) of the UNet's mid-block map for latents of ``latent_shape`` (C, H, W): one
-    stride-2 downsampling per level after the first."""
-    h, w = int(latent_shape[-2]), int(latent_shape[-1])
-    for _ in range(len(unet_config["channel_mult"]) - 1):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
 
 
 class _StopAfterMidBlock(Exception):
@@ -192,19 +188,18 @@ def _checkpointed_forward(self, *args, **kwargs):
     return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-def enable_gradient_checkpointing(unet: nn.Module, switch) -> int:
-    """Recompute each res block / transformer in backward instead of storing activations.
+def enable_gradient_checkpointing(unet: nn.Module, switch, network: bases.Network = UNET) -> int:
+    """Recompute each block (the UNet's res blocks / transformers, Flux's double and single
+    stream blocks: ``network.checkpoint_blocks``) in backward instead of storing activations.
 
     The adapter that was active in the forward is re-selected during the recomputation
     (backward runs after the ``switch.use`` block has exited). Returns the number of blocks.
     (The patched forward is bound per module and refers to nothing outside it, so a deep
     copy of the UNet stays correct.)"""
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
-
+    blocks = network.checkpoint_blocks()
     count = 0
     for module in unet.modules():
-        if isinstance(module, (ResBlock, SpatialTransformer)):
+        if isinstance(module, blocks):
             module._dmd2_adapter_switch = switch
             module.forward = types.MethodType(_checkpointed_forward, module)
             count += 1
@@ -269,7 +264,7 @@ class SharedBaseBackend:
         latent_shape: Sequence[int],
         lora_rank: int = 64,
         lora_alpha: float = 8.0,
-        lora_targets: Iterable[str] = DEFAULT_TARGETS,
+        lora_targets: Iterable[str] | None = None,
         device: str | torch.device | None = None,
         mixed_precision: str | None = None,
         gradient_checkpointing: bool | None = None,
@@ -301,21 +296,24 @@ class SharedBaseBackend:
         self.data = data
 
         self.family = family if family is not None else bases.family_of(base_model)
+        self.network = self.family.network or UNET
+        lora_targets = tuple(lora_targets) if lora_targets is not None else ("dmd2",)  # the family's default set
         self.unet = to_device(base_model.diffusion_model, self.device).requires_grad_(False).eval()
         self.unet_config = base_model.model_config.unet_config
         deltas, init = {}, None
         if init_lora is not None:  # parsed by ComfyUI on the plain UNet, before any adapter is injected
             init = init_lora if isinstance(init_lora, InitLoRA) else read_init_lora(init_lora)
             lora_rank, lora_alpha = init.rank, init.alpha  # the file's (the callers' RunConfig says so)
-            paths = layer_paths(self.unet, self.unet_config, resolve_targets(lora_targets))
-            deltas = init_deltas(base_model, init, paths, targets_label(lora_targets))
+            paths = layer_paths(self.unet, self.unet_config, resolve_targets(lora_targets, self.network), self.network)
+            deltas = init_deltas(base_model, init, paths, targets_label(lora_targets, self.network))
         self.copies = {name: trainable_copy(self.unet) for name in full}
+        self._hooks = [h for unet in (self.unet, *self.copies.values()) for h in self.network.training_hooks(unet)]
         with_lora = tuple(name for name in NETWORKS if name not in full)
         self.adapters = None
         self.switch = AdapterSwitch(lora_merged)
         if with_lora:
-            self.adapters = UNetLoRA(self.unet, self.unet_config, rank=lora_rank, alpha=lora_alpha, targets=tuple(lora_targets), adapters=with_lora, seed=seed, merged=lora_merged,
-                                     ranks={"fake_score": fake_score_rank or lora_rank})
+            self.adapters = UNetLoRA(self.unet, self.unet_config, rank=lora_rank, alpha=lora_alpha, targets=lora_targets, adapters=with_lora, seed=seed, merged=lora_merged,
+                                     ranks={"fake_score": fake_score_rank or lora_rank}, network=self.network)
             to_device(self.adapters.unet, self.device)
             self.switch = self.adapters.switch
         if init is not None:
@@ -324,7 +322,7 @@ class SharedBaseBackend:
             gradient_checkpointing = on_gpu
         self.gradient_checkpointing = False
         if gradient_checkpointing:
-            blocks = sum(enable_gradient_checkpointing(unet, self.switch) for unet in (self.unet, *self.copies.values()))
+            blocks = sum(enable_gradient_checkpointing(unet, self.switch, self.network) for unet in (self.unet, *self.copies.values()))
             self.gradient_checkpointing = blocks > 0
         # A full fake score sharded across processes (``shard.shard_module``): before the GAN
         # hook, so that FSDP2's hooks on the mid block complete before it stops the forward.
@@ -338,11 +336,12 @@ class SharedBaseBackend:
         self._features: torch.Tensor | None = None
         self._stop_after_mid = False
         if self.real_latents is not None:
-            mid = getattr(self._module("fake_score"), self.family.gan_block)[-1]
+            fake_score = self._module("fake_score")
+            mid = self.network.gan_block(fake_score)
             with torch.random.fork_rng(devices=[]):  # same head for the same seed
                 torch.manual_seed(seed + 1)
-                size = mid_block_size(self.unet_config, self.latent_shape)
-                self.head = to_device(GANHead(mid.out_channels, size), self.device)
+                channels, size = self.network.gan_shape(fake_score, self.unet_config, self.latent_shape)
+                self.head = to_device(GANHead(channels, size, getattr(self.network, "gan_width", None)), self.device)
             self._mid_hook = mid.register_forward_hook(self._capture_mid)
         self.has_gan_head = self.head is not None
         self.rng = torch.Generator().manual_seed(seed * 1000 + 17 + rank)
@@ -366,6 +365,9 @@ class SharedBaseBackend:
         if getattr(self, "_mid_hook", None) is not None:
             self._mid_hook.remove()
             self._mid_hook = None
+        for hook in getattr(self, "_hooks", ()):
+            hook.remove()
+        self._hooks = []
         if self.adapters is not None:
             self.adapters.remove()
             self.adapters = None
@@ -434,7 +436,8 @@ class SharedBaseBackend:
         adapter = None if network in self.copies else network
         options = {"optimized_attention_override": sdpa_attention} if self.attention == "sdpa" else {}
         with self.switch.use(adapter), self._autocast(autocast):
-            out = self._module(network)(x_t, t.float(), context=cond.context, y=cond.y, transformer_options=options)
+            out = self.network.forward(self._module(network), x_t, self.family.process.model_time(t), cond.context, cond.y,
+                                       self.family.guidance, options)
         return out.float()
 
     def _x0(self, x_t, t, cond, adapter):
@@ -476,7 +479,7 @@ class SharedBaseBackend:
             pass
         finally:
             self._stop_after_mid = False
-        features, self._features = self._features, None
+        features, self._features = self.network.gan_map(self._features, self.latent_shape), None
         # In fp32 outside autocast, as the reference keeps its classifier head (a GPU run's
         # features are bf16/fp16; on the CPU nothing changes).
         with torch.autocast(self.device.type, enabled=False):

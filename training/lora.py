@@ -1,15 +1,18 @@
-"""LoRA adapters on a ComfyUI UNet, switchable per forward, and their export as a kohya file.
+"""LoRA adapters on a ComfyUI denoiser (SD UNet, Flux), switchable per forward, and their
+export as a kohya file.
 
 One frozen copy of the base weights serves three networks (design.md): every targeted
 Linear/Conv2d of the UNet is wrapped by a ``LoRALayer`` that holds the original layer plus
 one low-rank adapter per name ("generator", "fake_score"). A shared ``AdapterSwitch`` says
 which adapter (or none: the base model) the next forward uses.
 
-Targets are given as diffusers module names (``to_q``, ``conv1``, ...) and mapped onto
-ComfyUI's LDM modules with ``comfy.utils.unet_to_diffusers``; the export writes kohya keys
+Which layers exist and what they are called in the file is the family's ``bases.Network``:
+for the SD UNet, targets are diffusers module names (``to_q``, ``conv1``, ...) mapped onto
+ComfyUI's LDM modules with ``comfy.utils.unet_to_diffusers``, and the export writes kohya keys
 built from the diffusers module path (``lora_unet_down_blocks_1_attentions_0_..._to_q``),
-the format that ComfyUI's stock loaders, diffusers and A1111/Forge all read. PEFT-style keys
-would silently lose the attention layers in ComfyUI.
+the format that ComfyUI's stock loaders, diffusers and A1111/Forge all read (PEFT-style keys
+would silently lose the attention layers in ComfyUI); for Flux, targets and kohya keys come
+from ComfyUI's own module paths (``lora_unet_double_blocks_0_img_attn_qkv``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bases.sd import UNET_TARGET_SETS
+from ..bases.core import Network
+from ..bases.sd import UNET, UNET_TARGET_SETS
 from .state import copy_checked
 
 # The SD-style UNet's target sets (diffusers module names), from its family (bases.sd):
@@ -39,13 +43,10 @@ DEFAULT_TARGETS = TARGET_SETS["dmd2"]
 ADAPTERS = ("generator", "fake_score")
 
 
-def resolve_targets(names: Iterable[str]) -> tuple[str, ...]:
-    """Target names with the sets of ``TARGET_SETS`` ("dmd2", "all") expanded, in order,
-    without repeats; empty: the DMD2 list."""
-    out: dict[str, None] = {}
-    for name in names or ("dmd2",):
-        out.update(dict.fromkeys(TARGET_SETS.get(name, (name,))))
-    return tuple(out)
+def resolve_targets(names: Iterable[str], network: Network = UNET) -> tuple[str, ...]:
+    """Target names with the network's sets ("dmd2", "all"; the SD UNet's by default)
+    expanded, in order, without repeats; empty: its "dmd2" list."""
+    return network.resolve_targets(names)
 
 
 def to_device(module: nn.Module, device: torch.device) -> nn.Module:
@@ -138,23 +139,20 @@ def _matches(d_path: str, target: str) -> bool:
     return d_path == target or d_path.endswith("." + target)
 
 
-def lora_targets(unet: nn.Module, unet_config: Mapping, targets=DEFAULT_TARGETS) -> dict[str, str]:
-    """{diffusers module path: ComfyUI (LDM) module path} of the layers to adapt, in a fixed order.
+def lora_targets(unet: nn.Module, unet_config: Mapping, targets=DEFAULT_TARGETS, network: Network = UNET) -> dict[str, str]:
+    """{export path: ComfyUI module path} of the layers to adapt, in a fixed order (the export
+    path: the diffusers module path for the SD UNet, the module path itself for Flux).
 
-    A diffusers path is adapted when it ends with one of ``targets`` and the LDM module it
-    maps to exists and is a Linear or Conv2d (ComfyUI lists e.g. ``conv_shortcut`` also for
-    res blocks whose skip is the identity)."""
-    import comfy.utils
-
-    mapping = comfy.utils.unet_to_diffusers(dict(unet_config))
-    if not mapping:
-        raise LoRAError("this UNet config has no diffusers mapping (not an SD1.5/SDXL-style UNet)")
+    A path is adapted when it ends with one of ``targets`` and the module it maps to exists
+    and is a Linear or Conv2d (ComfyUI lists e.g. ``conv_shortcut`` also for res blocks whose
+    skip is the identity)."""
+    try:
+        mapping = network.weight_paths(unet, unet_config)
+    except ValueError as exc:
+        raise LoRAError(str(exc)) from None
     modules = dict(unet.named_modules())
     out: dict[str, str] = {}
-    for diffusers_key, ldm_key in mapping.items():
-        if not diffusers_key.endswith(".weight"):
-            continue
-        d_path, l_path = diffusers_key[: -len(".weight")], ldm_key[: -len(".weight")]
+    for d_path, l_path in mapping.items():
         if not any(_matches(d_path, t) for t in targets):
             continue
         layer = modules.get(l_path)
@@ -163,7 +161,7 @@ def lora_targets(unet: nn.Module, unet_config: Mapping, targets=DEFAULT_TARGETS)
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
             out[d_path] = l_path
     if not out:
-        raise LoRAError(f"no UNet layer matches the LoRA targets {list(targets)}")
+        raise LoRAError(f"no layer of this model matches the LoRA targets {list(targets)}")
     return dict(sorted(out.items()))
 
 
@@ -187,8 +185,10 @@ class UNetLoRA:
         seed: int = 0,
         merged: bool = False,
         ranks: Mapping[str, int] | None = None,
+        network: Network = UNET,
     ):
-        self.unet, self.rank, self.alpha, self.targets = unet, int(rank), float(alpha), resolve_targets(targets)
+        self.network = network
+        self.unet, self.rank, self.alpha, self.targets = unet, int(rank), float(alpha), resolve_targets(targets, network)
         self.adapter_names = tuple(adapters)
         # ``ranks``: an adapter's own rank where it differs from ``rank`` (e.g. a fake score
         # with more capacity than the exported generator); its alpha keeps the scale alpha/rank.
@@ -200,13 +200,14 @@ class UNetLoRA:
                 raise LoRAError(f"LoRA rank must be >= 1, got {r} for {name!r}")
         self.alphas = {name: self.alpha * r / self.rank for name, r in self.ranks.items()}
         self.switch = AdapterSwitch(merged)
-        self.paths = lora_targets(unet, unet_config, self.targets)
+        self.paths = lora_targets(unet, unet_config, self.targets, network)
         # a name outside the known lists must match a layer (a typo fails; a known name may not
         # exist in every model, e.g. attention layers in the digits UNet)
-        known = set(TARGET_SETS["all"])  # the sets themselves are expanded by now
+        known = {name for names in network.target_sets.values() for name in names}  # the sets are expanded by now
+        example = ", ".join(network.target_sets["dmd2"][:2])
         for name in (t for t in self.targets if t not in known):
             if not any(_matches(p, name) for p in self.paths):
-                raise LoRAError(f"LoRA target {name!r} matches no Linear/Conv2d layer of this UNet (diffusers module names, e.g. to_q, conv1)")
+                raise LoRAError(f"LoRA target {name!r} matches no Linear/Conv2d layer of this model (module names, e.g. {example})")
         self.layers: dict[str, LoRALayer] = {}
         with torch.random.fork_rng(devices=[]):  # same init for the same seed, caller's RNG untouched
             torch.manual_seed(seed)
@@ -347,10 +348,10 @@ class InitLoRA:
         return {"init_lora": {"file": self.name, "sha256": self.sha256, "fake_score_too": bool(fake_score_too)}}
 
 
-def targets_label(targets: Iterable[str]) -> str:
+def targets_label(targets: Iterable[str], network: Network = UNET) -> str:
     """A target list as the user names it: dmd2, all, or the names themselves."""
-    resolved = resolve_targets(targets)
-    return next((name for name, names in TARGET_SETS.items() if names == resolved), ",".join(resolved))
+    resolved = resolve_targets(targets, network)
+    return next((name for name, names in network.target_sets.items() if names == resolved), ",".join(resolved))
 
 
 def no_init_settings() -> dict:
@@ -438,7 +439,10 @@ def _diffusers_names(base_model, ldm_keys: Iterable[str]) -> list[str]:
     """Diffusers module names of ComfyUI weight keys, for messages (the ComfyUI path where none)."""
     import comfy.utils
 
-    to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(dict(base_model.model_config.unet_config)).items()}
+    try:
+        to_diffusers = {v: k for k, v in comfy.utils.unet_to_diffusers(dict(base_model.model_config.unet_config)).items()}
+    except (KeyError, TypeError):  # not an SD UNet (Flux): its own module paths are the names
+        to_diffusers = {}
     names = []
     for key in ldm_keys:
         ldm = key.removeprefix("diffusion_model.")
