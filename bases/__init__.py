@@ -9,7 +9,7 @@ computation works on x0 (docs/training.md, "Prediction types"): x0 = alpha*x_t -
 finite at zero terminal SNR, where the eps form (x_t - sigma*eps)/alpha divides by zero.
 
 Members live in one small module each (``sd.py``: SD1.5, SD2.x, SDXL, eps or v, with or
-without zero terminal SNR; ``flux.py``: Flux.1 [dev] and [schnell], rectified flow) and
+without zero terminal SNR; ``flux.py``: Flux.1 [dev] and [schnell], rectified flow; ``sd3.py``: SD3/SD3.5, rectified flow with CFG) and
 register themselves in ``FAMILIES`` (and a reader of ComfyUI models in ``MODEL_READERS``). Pure torch: importable
 without ComfyUI; ``family_of`` reads a ComfyUI model (imports ComfyUI lazily).
 """
@@ -54,3 +54,4 @@ from .sd import (  # noqa: F401
     scaled_linear_alphas_cumprod,
     zero_terminal_snr,
 )
+from .sd3 import MMDIT_NETWORK, SD3, MMDiTNetwork, sd3_family  # noqa: F401

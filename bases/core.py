@@ -228,6 +228,41 @@ class Network:
         raise NotImplementedError
 
 
+class TransformerNetwork(Network):
+    """A diffusion transformer on 2x2 latent patches (Flux, SD3's MMDiT): LoRA targets and kohya
+    keys are its own module paths (ComfyUI's loader maps ``lora_unet_<path with _>`` onto every
+    ``diffusion_model.<path>.weight``); the GAN head reads one block's image tokens laid back on
+    the token grid, 1x1-projected to ``gan_width`` channels first where the model is wider."""
+
+    export_names = "model"
+    gan_width = 1024  # 4x4 convolutions at Flux.1's 3072 channels would be 150 M parameters each
+    gan_output_index = 0  # which of the block's outputs holds the image tokens
+
+    def weight_paths(self, module, config):
+        from torch import nn
+
+        paths = {}
+        for name, layer in module.named_modules():
+            if ".adapters." in name:
+                continue
+            wrapped = hasattr(layer, "adapters") and isinstance(getattr(layer, "base", None), nn.Linear)
+            if wrapped or (isinstance(layer, nn.Linear) and not name.endswith(".base")):
+                paths[name] = name
+        return paths
+
+    def token_grid(self, latent_shape) -> tuple[int, int]:
+        """(h, w) of the image tokens (2x2 patches, odd sides padded as ComfyUI pads them)."""
+        return tuple((int(side) + 1) // 2 for side in latent_shape[-2:])
+
+    def gan_map(self, output, latent_shape):
+        tokens = output[self.gan_output_index]  # (B, h*w, hidden), row-major
+        h, w = self.token_grid(latent_shape)
+        return tokens[:, : h * w].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+    def gan_shape(self, module, config, latent_shape):
+        return module.hidden_size, self.token_grid(latent_shape)
+
+
 @dataclass(frozen=True)
 class Family:
     """One base-model family with one sampling (prediction type, terminal SNR).

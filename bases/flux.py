@@ -9,7 +9,14 @@ import math
 
 import torch
 
-from .core import MODEL_READERS, Family, FamilyError, Network, RectifiedFlow, register
+from .core import (
+    MODEL_READERS,
+    Family,
+    FamilyError,
+    RectifiedFlow,
+    TransformerNetwork,
+    register,
+)
 
 # The schedulers as diffusers ships them: black-forest-labs/FLUX.1-dev and FLUX.1-schnell,
 # scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler). The two differ in
@@ -40,9 +47,6 @@ EMBEDDING_TARGETS = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer"
 FLUX_TARGET_SETS = {"dmd2": DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS,
                     "attention+mlp": DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS,
                     "all": DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS + MODULATION_TARGETS + EMBEDDING_TARGETS}
-# The GAN head's width: a 1x1 projection first where the tokens are wider (Flux.1's 3072: 4x4
-# convolutions at full width would be 150 M parameters each).
-GAN_WIDTH = 1024
 
 
 def calculate_shift(image_seq_len: int, config: dict = FLUX_DEV_SCHEDULER) -> float:
@@ -90,7 +94,7 @@ def _plain_outputs(module, args, kwargs, output):
     return tuple(plain(v) for v in output) if isinstance(output, tuple) else plain(output)
 
 
-class FluxNetwork(Network):
+class FluxNetwork(TransformerNetwork):
     """ComfyUI's Flux (``comfy.ldm.flux.model.Flux``): called on flow time t in [0, 1] with the
     text tokens as ``context``, the pooled vector as ``y`` and the embedded ``guidance``; LoRA
     targets are its own module paths, which ComfyUI's loader maps from kohya keys
@@ -98,20 +102,6 @@ class FluxNetwork(Network):
     the last double-stream block (the middle of the network by compute), on the token grid."""
 
     target_sets = FLUX_TARGET_SETS
-    export_names = "model"
-    gan_width = GAN_WIDTH
-
-    def weight_paths(self, module, config):
-        from torch import nn
-
-        paths = {}
-        for name, layer in module.named_modules():
-            if ".adapters." in name:
-                continue
-            wrapped = hasattr(layer, "adapters") and isinstance(getattr(layer, "base", None), nn.Linear)
-            if wrapped or (isinstance(layer, nn.Linear) and not name.endswith(".base")):
-                paths[name] = name
-        return paths
 
     def forward(self, module, x_t, t, context, y, guidance, options):
         if guidance is not None:
@@ -136,18 +126,6 @@ class FluxNetwork(Network):
 
     def gan_block(self, module):
         return module.double_blocks[-1]
-
-    def token_grid(self, latent_shape) -> tuple[int, int]:
-        """(h, w) of the image tokens (2x2 patches, odd sides padded as Flux pads them)."""
-        return tuple((int(side) + 1) // 2 for side in latent_shape[-2:])
-
-    def gan_map(self, output, latent_shape):
-        img = output[0]  # (B, h*w, hidden), row-major; the text tokens are output[1]
-        h, w = self.token_grid(latent_shape)
-        return img[:, : h * w].transpose(1, 2).reshape(img.shape[0], img.shape[2], h, w)
-
-    def gan_shape(self, module, config, latent_shape):
-        return module.hidden_size, self.token_grid(latent_shape)
 
 
 FLUX_NETWORK = FluxNetwork()
@@ -174,12 +152,12 @@ def flow_process(model_sampling) -> RectifiedFlow:
     name = f"{kind.__name__} ({', '.join(c.__name__ for c in kind.__mro__[1:3])})"
     if not isinstance(model_sampling, ms.CONST) or any(
             getattr(kind, f) is not getattr(ms.CONST, f) for f in ("calculate_denoised", "noise_scaling", "calculate_input")):
-        raise FamilyError(f"this Flux model samples with {name}, not rectified flow x = (1-t)*x0 + t*noise")
+        raise FamilyError(f"this flow model samples with {name}, not rectified flow x = (1-t)*x0 + t*noise")
     if isinstance(model_sampling, ms.ModelSamplingFlux) and kind.sigma is ms.ModelSamplingFlux.sigma:
         return RectifiedFlow(math.exp(float(model_sampling.shift)))
     if isinstance(model_sampling, ms.ModelSamplingDiscreteFlow) and kind.sigma is ms.ModelSamplingDiscreteFlow.sigma:
         return RectifiedFlow(float(model_sampling.shift))
-    raise FamilyError(f"this Flux model samples with {name}, not ModelSamplingFlux or ModelSamplingDiscreteFlow")
+    raise FamilyError(f"this flow model samples with {name}, not ModelSamplingFlux or ModelSamplingDiscreteFlow")
 
 
 def flux_family(base_model, model_sampling) -> Family | None:

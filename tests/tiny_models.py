@@ -317,3 +317,24 @@ def build_flux(schnell: bool = False, seed: int = 0) -> comfy.model_patcher.Mode
     init_weights_(base.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+
+
+# A tiny SD3.5-Medium-shaped MMDiT (ComfyUI's model_detection keys: depth 2 -> hidden 128, 2 heads;
+# the second self-attention of SD3.5 Medium on block 0; RMS q/k norms; 8x8 latent positions).
+SD3_CONFIG = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+              "adm_in_channels": 2048, "num_patches": 64, "pos_embed_max_size": 8, "pos_embed_scaling_factor": None,
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+              "qk_norm": "rms", "x_block_self_attn_layers": [0]}
+
+
+def build_sd3(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A tiny SD3.5 MODEL (model_base.SD3, ModelSamplingDiscreteFlow at shift 3), random weights."""
+    model_config = comfy.supported_models.SD3(dict(SD3_CONFIG))
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    init_weights_(base.diffusion_model, seed)
+    with torch.no_grad():  # a buffer ComfyUI leaves empty (the checkpoint fills it): small, seeded
+        base.diffusion_model.pos_embed.copy_(0.02 * torch.randn(base.diffusion_model.pos_embed.shape,
+                                                                generator=torch.Generator().manual_seed(seed)))
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
