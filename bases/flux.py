@@ -83,14 +83,14 @@ def _residuals_out_of_place(module, args, kwargs):
     """Forward pre-hook of a Flux block while gradients are on: its streams as _ResidualCopy."""
     if not torch.is_grad_enabled():
         return None
-    wrap = lambda v: v.as_subclass(_ResidualCopy) if type(v) is torch.Tensor else v  # noqa: E731
+    wrap = lambda v: v.as_subclass(_ResidualCopy) if type(v) is torch.Tensor else v
     return (wrap(args[0]), *args[1:]) if args else args, {k: wrap(v) if k in _STREAMS else v for k, v in kwargs.items()}
 
 
 def _plain_outputs(module, args, kwargs, output):
     """Forward hook: the block's outputs back as plain tensors (the rest of the model's in-place
     code runs on them as ComfyUI wrote it)."""
-    plain = lambda v: v.as_subclass(torch.Tensor) if isinstance(v, _ResidualCopy) else v  # noqa: E731
+    plain = lambda v: v.as_subclass(torch.Tensor) if isinstance(v, _ResidualCopy) else v
     return tuple(plain(v) for v in output) if isinstance(output, tuple) else plain(output)
 
 

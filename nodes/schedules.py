@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 import comfy.model_sampling
 
-from ..bases import DiscreteVP, FamilyError, discrete_sampling, flow_process, flux_family
+from ..bases import DiscreteVP, FamilyError, discrete_sampling, flow_process, flux_family, sd3_family
 from .families import DMD2_FOUR_STEP as FOUR_STEP
 from .families import DMD2_ONE_STEP as ONE_STEP  # noqa: F401  (re-exported: the preset name)
 from .families import FLOW_RECIPES, FLOW_RECIPES_BY_NAME, RECIPES, RECIPES_BY_NAME, UPDATE_RULES, FlowRecipe, Recipe
@@ -113,13 +113,14 @@ def sigmas_for_timesteps(model_sampling, timesteps) -> torch.Tensor:
 
 
 def is_flow(model, model_sampling=None) -> bool:
-    """A Flux.1 model on its own flow sampling (``bases.flux_family``). Other flow samplings (an
-    SD UNet under ModelSamplingDiscreteFlow, SD3) are not: they are refused as before."""
+    """A Flux.1 or SD3/SD3.5 model on its own flow sampling (``bases.flux_family``,
+    ``bases.sd3_family``). Other flow samplings (an SD UNet under ModelSamplingDiscreteFlow) are
+    not: they are refused as before."""
     base = getattr(model, "model", model)
     if model_sampling is None:
         model_sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else base.model_sampling
     try:
-        return flux_family(base, model_sampling) is not None
+        return any(read(base, model_sampling) is not None for read in (flux_family, sd3_family))
     except FamilyError as e:
         raise UnsupportedModelError(f"DMD2 sampling: {e}") from None
 

@@ -12,7 +12,12 @@ import tiny_models
 import torch
 from comfyui_dmd2 import bases
 from comfyui_dmd2.bases.flux import DOUBLE_BLOCK_TARGETS, SINGLE_BLOCK_TARGETS
-from comfyui_dmd2.training.backend import Conditioning, SharedBaseBackend, TrainingData, export_generator_lora
+from comfyui_dmd2.training.backend import (
+    Conditioning,
+    SharedBaseBackend,
+    TrainingData,
+    export_generator_lora,
+)
 from comfyui_dmd2.training.config import DMD2Config
 from comfyui_dmd2.training.trainer import DMD2Trainer
 
@@ -90,7 +95,7 @@ def _trained(flux_dev, steps=3, **kwargs):
 
 def test_dmd2_trains_lora_g_f_and_the_head_on_flux_and_leaves_the_base_alone(flux_dev):
     base_before = {k: v.clone() for k, v in flux_dev.model.diffusion_model.state_dict().items()}
-    backend, trainer, history = _trained(flux_dev)
+    backend, _, history = _trained(flux_dev)
     assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in history)
     assert any("loss_gan_discriminator" in row for row in history) and any("loss_dm" in row for row in history)
     g = dict(backend.generator_parameters())
@@ -106,7 +111,7 @@ def test_exported_flux_lora_is_applied_key_for_key_by_the_stock_loader(flux_dev,
     backend, trainer, _ = _trained(flux_dev, steps=2)
     path = export_generator_lora(trainer, backend, tmp_path / "flux_dmd2.safetensors", {"dmd2_arch": "flux_dev"}, averaged=False)
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
-    assert all(k.startswith("lora_unet_double_blocks_0_") or k.startswith("lora_unet_single_blocks_0_") for k in lora)
+    assert all(k.startswith(("lora_unet_double_blocks_0_", "lora_unet_single_blocks_0_")) for k in lora)
     key_map = comfy.lora.model_lora_keys_unet(flux_dev.model, {})
     patches = comfy.lora.load_lora(lora, key_map)
     assert len(patches) == len(backend.adapters.layers)  # every layer, no key left over

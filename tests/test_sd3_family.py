@@ -11,7 +11,12 @@ import pytest
 import tiny_models
 import torch
 from comfyui_dmd2 import bases
-from comfyui_dmd2.training.backend import Conditioning, SharedBaseBackend, TrainingData, export_generator_lora
+from comfyui_dmd2.training.backend import (
+    Conditioning,
+    SharedBaseBackend,
+    TrainingData,
+    export_generator_lora,
+)
 from comfyui_dmd2.training.trainer import DMD2Trainer
 from test_flux_training import config
 
@@ -108,3 +113,37 @@ def test_sd3_joint_blocks_checkpoint_with_the_same_gradients(sd3):
         backend.close()
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def sd3_reference(model, steps, conditioning, start_noise, renoise_generator):
+    """StableDiffusion3Pipeline's loop (transformer(timestep=1000*t), scheduler.step, no CFG) with
+    the SD3.5 scheduler config (FlowMatchEulerDiscreteScheduler, shift 3.0, static) on the DMD2
+    grid linspace(1, 1/N, N) and the DMD2 update (stochastic_sampling: x0, then fresh noise)."""
+    import diffusers
+    import numpy as np
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, stochastic_sampling=True)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))
+    net = model.model.diffusion_model
+    context, pooled = conditioning[0][0], conditioning[0][1]["pooled_output"]
+    latents = start_noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            v = net(latents, t.expand(1), context=context, y=pooled)
+            latents = scheduler.step(v, t, latents, generator=renoise_generator, return_dict=False)[0]
+    return latents
+
+
+def test_dmd2_flow_preset_samples_sd3_as_the_scheduler_does(sd3):
+    """DMD2Generate's 4-step flow preset on an SD3 model runs on SD3's own shift (3) and equals
+    diffusers' FlowMatchEulerDiscreteScheduler driven as the SD3 pipeline drives it."""
+    import comfy.sample
+    from comfyui_dmd2.nodes import sampler as dmd2
+
+    cond = conditioning(8)
+    conditioning_ = [[cond.context, {"pooled_output": cond.y}]]
+    latent = {"samples": torch.zeros(1, *LATENT)}
+    out = dmd2.DMD2Generate.execute(sd3, conditioning_, latent, 11, "DMD2 flow 4-step (Flux dev shift)", "").result[0]["samples"]
+    start = comfy.sample.prepare_noise(latent["samples"], 11)
+    expected = sd3_reference(sd3, 4, conditioning_, start, torch.Generator().manual_seed(dmd2.renoise_seed(11)))
+    assert float((sd3.model.process_latent_in(out) - expected).abs().max()) < 1e-4
