@@ -681,8 +681,13 @@ def test_regression_pool_stopped_while_building_resumes_to_the_uninterrupted_run
     monkeypatch.undo()
     monkeypatch.setattr(cli.log, "propagate", True)
     caplog.set_level("INFO", logger="dmd2-train")
+    from comfyui_dmd2.training import pool as pool_module
+
+    draws, draw = [], pool_module.pool_inputs
+    monkeypatch.setattr(pool_module, "pool_inputs", lambda *a: draws.append(1) or draw(*a))
     trainer, _, _ = cli.train(_pool_args(tiny_checkpoints, inputs, output))
     assert "building the regression pool: 5 pairs x 4 teacher UNet forwards, continuing after 2" in caplog.text
+    assert len(draws) == 1  # the saved pairs' check and the build share one draw of the pool's noise
     assert trainer.step_count == 5
     _same_tensors(output, reference, 5)
 

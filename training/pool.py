@@ -89,14 +89,16 @@ def pool_inputs(settings: Mapping[str, Any], prompt_count: int) -> tuple[torch.T
 
 def build_pool(config, backend, settings: Mapping[str, Any] | None = None, start: RegressionPool | None = None,
                progress: Callable[[int, int], None] | None = None, save: Callable[[RegressionPool], None] | None = None,
-               save_every: int = 0, stop: Callable[[], Any] = lambda: None) -> RegressionPool:
+               save_every: int = 0, stop: Callable[[], Any] = lambda: None,
+               inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> RegressionPool:
     """The pool of ``config.regression_pairs`` pairs on ``backend``'s teacher (its ``real_x0``
     with the run's guidance), continuing ``start`` (the pairs a stopped build kept).
     ``progress(done, total)`` before the first batch and after each; ``save(pool)`` every ``save_every`` batches
     and when ``stop()`` returns a reason, which ends the build early: the returned pool is
-    then not ``complete``."""
+    then not ``complete``. ``inputs``: ``pool_inputs`` already drawn (a caller that checked a
+    saved pool against them: an SDXL pool's noise is 2.6 GB at 10,000 pairs, drawn once)."""
     settings = dict(settings or pool_settings(config, backend.family, backend.prompt_batch([0]).shape[1:]))
-    noise, prompt_index = pool_inputs(settings, backend.prompt_count)
+    noise, prompt_index = inputs if inputs is not None else pool_inputs(settings, backend.prompt_count)
     targets = [start.target] if start is not None and len(start) else []
     done = len(start) if start is not None else 0
     teacher_steps = backend.family.trailing_timesteps(config.regression_teacher_steps)
@@ -140,10 +142,12 @@ def save_pool(pool: RegressionPool, path: str | Path) -> Path:
                                    {METADATA_KEY: json.dumps(pool.settings, sort_keys=True)})
 
 
-def load_pool(path: str | Path, settings: Mapping[str, Any], prompt_count: int) -> tuple[RegressionPool | None, str]:
+def load_pool(path: str | Path, settings: Mapping[str, Any], prompt_count: int,
+              inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[RegressionPool | None, str]:
     """The pool in ``path`` if it was built with ``settings`` (possibly partial), else
     (None, why it cannot serve: the first setting that differs). A file that is no pool,
-    or whose tensors do not fit its settings, raises ``PoolError`` in one line."""
+    or whose tensors do not fit its settings, raises ``PoolError`` in one line. ``inputs``:
+    ``pool_inputs(settings, prompt_count)`` if the caller has drawn them already."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -171,7 +175,7 @@ def load_pool(path: str | Path, settings: Mapping[str, Any], prompt_count: int) 
             or tuple(tensors["prompt_index"].shape) != (n,) or n > int(wanted["regression_pairs"])):
         raise PoolError(f"{path}: its tensors' shapes {[tuple(t.shape) for t in tensors.values()]} do not fit its "
                         f"{wanted['regression_pairs']} pairs of {shape}; {fix}")
-    noise, prompt_index = pool_inputs(wanted, prompt_count)
+    noise, prompt_index = inputs if inputs is not None else pool_inputs(wanted, prompt_count)
     if not (torch.equal(tensors["noise"], noise[:n]) and torch.equal(tensors["prompt_index"], prompt_index[:n])):
         return None, "its noise or prompts are not those its seed draws here (another torch version?)"
     if not torch.isfinite(tensors["target"]).all():

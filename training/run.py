@@ -777,7 +777,7 @@ class TrainingRun:
         done are saved every ``save_every`` batches and when ``stop()`` asks, which raises
         ``Stopped`` at the current step: the next start continues the build. Every process
         builds the same pool (same seed); the main one writes the file."""
-        from .pool import POOL_FILE, build_pool, load_pool, pool_settings, save_pool
+        from .pool import POOL_FILE, build_pool, load_pool, pool_inputs, pool_settings, save_pool
         from .pool import teacher_forwards_per_pair as per_pair
 
         config, trainer = self.config, self.trainer
@@ -786,8 +786,9 @@ class TrainingRun:
         path = self.folder / POOL_FILE
         settings = pool_settings(config, self.family, self.backend.latent_shape, self.pool_identity)
         start = None
+        inputs = pool_inputs(settings, self.backend.prompt_count)  # once: the check and the build share them
         if path.is_file():
-            start, why = load_pool(path, settings, self.backend.prompt_count)
+            start, why = load_pool(path, settings, self.backend.prompt_count, inputs)
             if start is None:
                 say(f"rebuilding {POOL_FILE}: {why}")
         if start is not None and start.complete:
@@ -805,7 +806,7 @@ class TrainingRun:
             return reasons[-1]
 
         pool = build_pool(config, self.backend, settings, start=start, progress=progress, save=save, save_every=self.run.save_every,
-                          stop=asked)
+                          stop=asked, inputs=inputs)
         if not pool.complete:
             raise Stopped(trainer.step_count, reasons[-1])
         if save is not None:
