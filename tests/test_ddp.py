@@ -99,6 +99,29 @@ def test_torchrun_two_gloo_processes_keep_adapters_in_sync(tiny_checkpoints, tmp
     assert (output / "dmd2_tiny_sd15_lora.safetensors").is_file()
 
 
+def test_torchrun_processes_share_the_regression_pool_build(tiny_checkpoints, tmp_path):
+    """Two gloo processes build a 3-pair pool at batch 1 together (rank 0 pairs 0 and 2, rank 1
+    pair 1), gather it, and warm-start from the same pool: the file rank 0 writes holds every
+    pair, and both processes end with the same adapters."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na tree\nthe sea\n")
+    output, dump = tmp_path / "out", tmp_path / "dump"
+    dump.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TESTS / "train_entry.py"),
+        "--checkpoint", str(tiny_checkpoints["sd15"]), "--prompts", str(prompts), "--output", str(output), "--steps", "1",
+        "--resolution", "128", "--lora-rank", "4", "--batch-size", "1", "--grad-accum", "1", "--regression-steps", "2",
+        "--regression-pairs", "3", "--set", "regression_teacher_steps=2", "--sample-every", "0", "--quiet",
+    ]
+    env = {**os.environ, "DMD2_TEST_DUMP": str(dump), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    pool = load_file(str(output / "regression_pool.safetensors"))
+    assert len(pool["target"]) == 3 and torch.isfinite(pool["target"]).all()
+    rank0, rank1 = (load_file(str(dump / f"adapters_rank{r}.safetensors")) for r in (0, 1))
+    assert set(rank0) == set(rank1) and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
 def _nccl_like_worker(rank: int, world: int, port: int, out: str) -> None:
     """A default group with a backend for CUDA tensors only ("cuda:gloo" stands for NCCL
     alone): every collective the run makes must still work on the CPU."""

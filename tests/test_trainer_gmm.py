@@ -505,6 +505,7 @@ def test_regression_pool_is_built_once_and_reused():
     backend.real_x0 = lambda x_t, *rest: teacher_rows.append(len(x_t)) or plain(x_t, *rest)
     trainer = DMD2Trainer(config, backend)
     assert pool.warm_start_forwards(config) == {"fresh": 300 * 256 * 10, "pool": 512 * 10}
+    assert pool.warm_start_forwards(config, world_size=2)["pool"] == 256 * 10  # two batches of 256: one per process
     trainer.step()
     assert sum(teacher_rows) == 512 * 10 and trainer.pool.complete and len(trainer.pool) == 512
     built = trainer.pool
@@ -526,3 +527,42 @@ def test_regression_pool_is_built_once_and_reused():
     assert torch.equal(again.target, built.target) and torch.equal(again.noise, built.noise)
     other = pool.build_pool(dataclasses.replace(config, seed=1), backend)
     assert not torch.equal(other.noise, built.noise)
+
+
+def test_processes_share_the_pool_build_and_each_holds_the_same_pool():
+    """Three processes (threads here, gathering through a barrier as torch.distributed's
+    all_gather does) each make every third batch of a 10-pair pool at batch 3 (the last
+    round leaves two of them empty-handed): each teacher call runs once in all, and every
+    process ends with the pool one process builds, bit for bit."""
+    import threading
+
+    from comfyui_dmd2.training import pool
+
+    config = gmm_config(regression_steps=5, regression_teacher_steps=4, regression_pairs=10, steps=1, batch_size=3)
+    single = pool.build_pool(config, GMMBackend())
+    world, barrier, shared, results, rows = 3, threading.Barrier(3), {}, {}, []
+
+    def run(rank: int) -> None:
+        backend = GMMBackend()
+        plain = backend.real_x0
+        backend.real_x0 = lambda x_t, *rest: rows.append((rank, len(x_t))) or plain(x_t, *rest)
+
+        def gather(target):
+            shared[rank] = target
+            barrier.wait()
+            parts = [shared[r] for r in range(world)]
+            barrier.wait()
+            return parts
+
+        results[rank] = pool.build_pool(config, backend, rank=rank, world_size=world, gather=gather)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(n for _, n in rows) == 10 * 4  # each pair's 4 teacher steps once, over all processes
+    assert {rank for rank, _ in rows} == {0, 1, 2}
+    for rank in range(world):
+        assert results[rank].complete and torch.equal(results[rank].target, single.target), rank
+        assert torch.equal(results[rank].noise, single.noise)

@@ -61,12 +61,14 @@ def teacher_forwards_per_pair(config) -> int:
     return config.regression_teacher_steps * (1 if config.real_guidance_scale == 1.0 else 2)
 
 
-def warm_start_forwards(config) -> dict[str, int]:
+def warm_start_forwards(config, world_size: int = 1) -> dict[str, int]:
     """Teacher UNet forwards (per process) the warm start spends: ``fresh`` with a new pair
-    per sample and iteration, ``pool`` for a pool of ``regression_pairs`` (0 when off)."""
+    per sample and iteration, ``pool`` for a pool of ``regression_pairs`` (0 when off), whose
+    build ``world_size`` processes share (``build_pool``: every world_size-th batch each)."""
     per_pair = teacher_forwards_per_pair(config)
+    share = -(-config.regression_pairs // (world_size * config.batch_size)) * config.batch_size  # rounds x batch
     return {"fresh": config.regression_steps * config.samples_per_iteration * per_pair,
-            "pool": config.regression_pairs * per_pair if config.regression_steps else 0}
+            "pool": min(share, config.regression_pairs) * per_pair if config.regression_steps else 0}
 
 
 def pool_settings(config, family, latent_shape, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -90,13 +92,17 @@ def pool_inputs(settings: Mapping[str, Any], prompt_count: int) -> tuple[torch.T
 def build_pool(config, backend, settings: Mapping[str, Any] | None = None, start: RegressionPool | None = None,
                progress: Callable[[int, int], None] | None = None, save: Callable[[RegressionPool], None] | None = None,
                save_every: int = 0, stop: Callable[[], Any] = lambda: None,
-               inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> RegressionPool:
+               inputs: tuple[torch.Tensor, torch.Tensor] | None = None, rank: int = 0, world_size: int = 1,
+               gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> RegressionPool:
     """The pool of ``config.regression_pairs`` pairs on ``backend``'s teacher (its ``real_x0``
     with the run's guidance), continuing ``start`` (the pairs a stopped build kept).
     ``progress(done, total)`` before the first batch and after each; ``save(pool)`` every ``save_every`` batches
     and when ``stop()`` returns a reason, which ends the build early: the returned pool is
     then not ``complete``. ``inputs``: ``pool_inputs`` already drawn (a caller that checked a
-    saved pool against them: an SDXL pool's noise is 2.6 GB at 10,000 pairs, drawn once)."""
+    saved pool against them: an SDXL pool's noise is 2.6 GB at 10,000 pairs, drawn once).
+    Several processes (``world_size``) share the build: in each round, process ``rank`` makes
+    the ``rank``-th of ``world_size`` consecutive batches and ``gather(target)`` returns every
+    process's, in rank order; the pool is the same as one process makes, batch for batch."""
     settings = dict(settings or pool_settings(config, backend.family, backend.prompt_batch([0]).shape[1:]))
     noise, prompt_index = inputs if inputs is not None else pool_inputs(settings, backend.prompt_count)
     targets = [start.target] if start is not None and len(start) else []
@@ -111,16 +117,22 @@ def build_pool(config, backend, settings: Mapping[str, Any] | None = None, start
         target = torch.cat(targets) if targets else noise[:0].clone()
         return RegressionPool(noise[:len(target)], target, prompt_index[:len(target)], settings)
 
-    while done < len(noise):
-        rows = slice(done, min(done + config.batch_size, len(noise)))
+    def make(rows: slice) -> torch.Tensor:
+        if rows.start >= rows.stop:  # this process's share of the last round is empty
+            return noise[:0].clone()
         batch = backend.prompt_batch(prompt_index[rows].tolist())
         with torch.no_grad():
             target = sampling.ddim_sample(
-                lambda x, t, batch=batch: backend.real_x0(x, t, batch.cond, batch.uncond, config.real_guidance_scale),
+                lambda x, t: backend.real_x0(x, t, batch.cond, batch.uncond, config.real_guidance_scale),
                 noise[rows].to(device), teacher_steps, backend.family,
             )
-        targets.append(target.float().cpu())
-        done, batches = rows.stop, batches + 1
+        return target.float().cpu()
+
+    while done < len(noise):
+        start_row = min(done + rank * config.batch_size, len(noise))
+        target = make(slice(start_row, min(start_row + config.batch_size, len(noise))))
+        targets.extend(part for part in (gather(target) if world_size > 1 else [target]) if len(part))
+        done, batches = min(done + world_size * config.batch_size, len(noise)), batches + 1
         if progress is not None:
             progress(done, len(noise))
         if done < len(noise):

@@ -775,8 +775,9 @@ class TrainingRun:
         the folder's ``regression_pool.safetensors`` when built with this run's settings
         (partly built: continued), else built (the reason said through ``say``). The pairs
         done are saved every ``save_every`` batches and when ``stop()`` asks, which raises
-        ``Stopped`` at the current step: the next start continues the build. Every process
-        builds the same pool (same seed); the main one writes the file."""
+        ``Stopped`` at the current step: the next start continues the build. The processes of a
+        torchrun run share the build (each makes every world_size-th batch; all hold the whole
+        pool); the main one writes the file."""
         from .pool import POOL_FILE, build_pool, load_pool, pool_inputs, pool_settings, save_pool
         from .pool import teacher_forwards_per_pair as per_pair
 
@@ -806,7 +807,8 @@ class TrainingRun:
             return reasons[-1]
 
         pool = build_pool(config, self.backend, settings, start=start, progress=progress, save=save, save_every=self.run.save_every,
-                          stop=asked, inputs=inputs)
+                          stop=asked, inputs=inputs, rank=self.dist.rank, world_size=self.dist.world_size,
+                          gather=self.dist.all_gather_object)
         if not pool.complete:
             raise Stopped(trainer.step_count, reasons[-1])
         if save is not None:
