@@ -351,3 +351,24 @@ def test_product_path_on_the_v_zsnr_teacher_trains_finite_and_its_lora_samples_i
     out = DMD2Generate.execute(model=model, positive=T.comfy_conditioning(labels), latent_image={"samples": torch.zeros(20, 1, 8, 8)},
                                seed=5, preset="custom", custom_timesteps="999")
     torch.testing.assert_close(out.result[0]["samples"].float(), expected, rtol=1e-2, atol=2e-3)  # fp16 LoRA file
+
+
+def test_release_cache_key_names_only_the_settings_that_differ_from_the_defaults():
+    """A student setting added later with a default leaves the cached release LoRA's key as it
+    was (the key hashed every field, so each new field retrained the release once); a setting
+    that differs does change it."""
+    from dataclasses import dataclass, field, replace
+
+    from comfyui_dmd2.training.digits import demo
+    from comfyui_dmd2.training.digits.students import StudentSettings
+
+    @dataclass
+    class Grown(StudentSettings):
+        a_new_knob: float = 0.5
+        a_new_list: list = field(default_factory=list)
+
+    release = demo.FULL.release
+    same = Grown(**{k: getattr(release, k) for k in StudentSettings.__dataclass_fields__})
+    assert demo._changed_fields(same) == demo._changed_fields(release) != {}
+    assert demo._digest(demo._changed_fields(replace(release, iterations=release.iterations + 1))) != demo._digest(
+        demo._changed_fields(release))

@@ -198,7 +198,7 @@ def release_for(base, settings: DemoSettings, cache_dir: Path | None, out: Path,
     trained and cached; returns its file, copied into ``out``."""
     import shutil
 
-    path = _cache_path(cache_dir, "digits_release_4step_" + _digest(asdict(settings.release)), base)
+    path = _cache_path(cache_dir, "digits_release_4step_" + _digest(_changed_fields(settings.release)), base)
     target = out / "digits_release_lora.safetensors"
     if path is not None and path.is_file():
         print(f"reusing the cached release LoRA {path}")
@@ -212,6 +212,17 @@ def release_for(base, settings: DemoSettings, cache_dir: Path | None, out: Path,
         made.unlink()
     shutil.copy(path, target)
     return str(target)
+
+
+def _changed_fields(settings) -> dict:
+    """The dataclass's fields that differ from their defaults: a cache key that a field added
+    later (with a default that changes nothing) leaves as it was."""
+    from dataclasses import MISSING, fields
+
+    def default(f):
+        return f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else MISSING
+
+    return {f.name: getattr(settings, f.name) for f in fields(settings) if getattr(settings, f.name) != default(f)}
 
 
 def _digest(value) -> str:
