@@ -128,21 +128,29 @@ def test_exported_flux_lora_is_applied_key_for_key_by_the_stock_loader(flux_dev,
     backend.close()
 
 
-def test_gradient_checkpointing_of_flux_blocks_gives_the_same_gradients(flux_dev):
+def gradients_with_and_without_checkpointing(make_backend, cond):
+    """LoRA G's gradients of one loss on a backend built without and with gradient
+    checkpointing (``make_backend(gradient_checkpointing=...)``), LoRA G moved off zero first so
+    that its down factors get gradients too."""
     grads = []
     for checkpointing in (False, True):
-        backend = backend_for(flux_dev, gradient_checkpointing=checkpointing)
+        backend = make_backend(gradient_checkpointing=checkpointing)
         assert backend.gradient_checkpointing is checkpointing
-        x = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(3))
-        cond = Conditioning(context=torch.cat([conditioning(0).context] * 2), y=torch.cat([conditioning(0).y] * 2))
+        x = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(3))
         params = [p for _, p in backend.generator_parameters()]
-        with torch.no_grad():  # move LoRA G off zero so that its down factors get gradients too
+        with torch.no_grad():
             for p in params:
                 p.add_(0.01)
         loss = backend.generator_x0(x, torch.tensor([999, 249]), cond).square().mean()
         grads.append(torch.autograd.grad(loss, params))
         backend.close()
-    for a, b in zip(*grads):
+    return grads
+
+
+def test_gradient_checkpointing_of_flux_blocks_gives_the_same_gradients(flux_dev):
+    cond = Conditioning(context=torch.cat([conditioning(0).context] * 2), y=torch.cat([conditioning(0).y] * 2))
+    plain, checkpointed = gradients_with_and_without_checkpointing(lambda **kw: backend_for(flux_dev, **kw), cond)
+    for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b)
 
 

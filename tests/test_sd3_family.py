@@ -18,7 +18,7 @@ from comfyui_dmd2.training.backend import (
     export_generator_lora,
 )
 from comfyui_dmd2.training.trainer import DMD2Trainer
-from test_flux_training import config
+from test_flux_training import config, gradients_with_and_without_checkpointing
 
 LATENT = (16, 8, 8)
 
@@ -98,20 +98,9 @@ def test_sd3_trains_with_cfg_and_gan_and_the_stock_loader_applies_every_key(sd3,
 
 
 def test_sd3_joint_blocks_checkpoint_with_the_same_gradients(sd3):
-    grads = []
-    for checkpointing in (False, True):
-        backend = backend_for(sd3, gradient_checkpointing=checkpointing)
-        assert backend.gradient_checkpointing is checkpointing
-        x = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(3))
-        cond = Conditioning(context=torch.cat([conditioning(0).context] * 2), y=torch.cat([conditioning(0).y] * 2))
-        params = [p for _, p in backend.generator_parameters()]
-        with torch.no_grad():
-            for p in params:
-                p.add_(0.01)
-        loss = backend.generator_x0(x, torch.tensor([999, 249]), cond).square().mean()
-        grads.append(torch.autograd.grad(loss, params))
-        backend.close()
-    for a, b in zip(*grads):
+    cond = Conditioning(context=torch.cat([conditioning(0).context] * 2), y=torch.cat([conditioning(0).y] * 2))
+    plain, checkpointed = gradients_with_and_without_checkpointing(lambda **kw: backend_for(sd3, **kw), cond)
+    for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b)
 
 
