@@ -53,7 +53,7 @@ for _name, _values in ARCH_DEFAULTS.items():
     _values.update(generator_timesteps=bases.get_family(_name).trailing_timesteps(4), uncond=bases.get_family(_name).uncond)
 
 # Flux.1 [dev] (#25). Its real score is the base called with its embedded guidance 3.5
-# (``bases.FLUX_GUIDANCE``, passed by the backend to every forward): NVIDIA FastGen's Flux DMD2
+# (``bases.flux.FLUX_GUIDANCE``, passed by the backend to every forward): NVIDIA FastGen's Flux DMD2
 # config sets ``net.guidance_scale = 3.5`` and no CFG, and the FLUX.1-dev model card's example uses
 # guidance_scale=3.5; so real_guidance_scale is 1 (no second, unconditional pass). The student's
 # timesteps are the 4-step trailing list on the flow training grid, 999, 749, 499, 249 = the flow
