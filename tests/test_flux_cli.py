@@ -160,6 +160,29 @@ def test_flux_dev_defaults_and_the_sd_ones_unchanged():
     assert (sdxl.real_guidance_scale, sdxl.uncond, sdxl.lr_generator) == (8.0, "zeros", 5e-5)
 
 
+def test_a_flux_init_lora_is_where_the_generator_starts(finished, files, tmp_path):
+    """--init-lora of a Flux LoRA (the run above's): with the generator's rate at 0 the exported
+    LoRA is the init LoRA, layer for layer (ComfyUI's parser maps its keys onto the adapted layers)."""
+    init = finished[2] / LORA
+    output = tmp_path / "from_init"
+    cli.train(_args(files, output, 2, "--init-lora", str(init), "--set", "lr_generator=0", vae=False))
+    start, exported = load_file(str(init)), load_file(str(output / LORA))
+    assert start.keys() == exported.keys()
+    for key in start:
+        torch.testing.assert_close(exported[key].float(), start[key].float(), rtol=1e-3, atol=1e-6)
+    assert json.loads((output / "run_config.json").read_text())["run"]["lora_rank"] == 4  # the file's rank
+
+
+def test_a_one_step_flux_run_trains_at_999_and_writes_no_workflow(files, tmp_path, caplog):
+    output = tmp_path / "one"
+    with caplog.at_level(logging.INFO, logger="dmd2-train"):
+        cli.train(_args(files, output, 1, "--timesteps", "1-step", "--lora-rank", "4", vae=False))
+    with safe_open(str(output / LORA), "pt") as fh:
+        assert fh.metadata()["dmd2_timesteps"] == "999"
+    assert not (output / "workflow.json").exists() and not (output / "workflow_api.json").exists()
+    assert any("no workflow written" in r.getMessage() for r in caplog.records)
+
+
 # -- stopped and resumed ----------------------------------------------------------------------------
 def _six(files, output):
     return _args(files, output, 6, "--save-every", "2", "--sample-every", "0", vae=False)
@@ -277,3 +300,70 @@ def test_a_full_flux_checkpoint_loads_with_its_own_text_encoders(files, tmp_path
     assert loaded.family.name == "flux_dev" and loaded.vae.latent_channels == 16
     (cond,) = C.encode_prompts(loaded, ["a red cube"], RES)
     assert cond.context.shape[-1] == tiny_models.TINY_T5["d_model"] and cond.y.shape == (1, tiny_models.TINY_CLIP["hidden_size"])
+
+
+# -- the DMD2 Train LoRA node on a Flux MODEL --------------------------------------------------------
+@pytest.fixture
+def flux_graph(files, tmp_path, monkeypatch):
+    """(MODEL, CLIP, VAE) as UNETLoader, DualCLIPLoader (type flux) and VAELoader give them; ComfyUI's
+    output and loras folders in tmp_path."""
+    import folder_paths
+
+    (tmp_path / "loras").mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path / "loras")], {".safetensors"}))
+    model = comfy.sd.load_diffusion_model(str(files["diffusion_model"]))
+    clip = comfy.sd.load_clip([str(files["clip_l"]), str(files["t5xxl"])], clip_type=comfy.sd.CLIPType.FLUX)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(files["vae"])))
+    return model, clip, vae
+
+
+class _InterruptAt:
+    """A progress bar that asks ComfyUI to interrupt once the run reaches ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def update_absolute(self, value, total=None, preview=None):
+        import comfy.model_management
+
+        if value == self.step:
+            comfy.model_management.interrupt_current_processing(True)
+
+
+def _node(graph, name: str, steps: int = 4, **kwargs):
+    from comfyui_dmd2.nodes.training import train_lora
+
+    return train_lora(*graph, "a red cube\na tree by the sea", name, "4-step (999,749,499,249)", "", steps, 0, 4, 4.0, 1e-3, 1e-3, 0.0,
+                      RES, 1, 1, 0, 0, 0, 2, status=lambda text, toast=False: None, **kwargs)
+
+
+def test_the_train_node_distils_a_flux_model_and_resumes_an_interrupted_run_bit_identically(flux_graph, tmp_path):
+    import comfy.model_management
+
+    patched, name, plot = _node(flux_graph, "straight")
+    straight = load_file(str(tmp_path / "loras" / name))
+    assert len(patched.patches) == 10 and plot.shape[-1] == 3
+    with safe_open(str(tmp_path / "loras" / name), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["dmd2_arch"] == "flux_dev" and float(meta["dmd2_embedded_guidance"]) == 3.5 and meta["dmd2_timesteps"] == "999,749,499,249"
+    saved = json.loads(next((tmp_path / "output" / "dmd2_training" / "straight" / "checkpoints").glob("step_*/settings.json")).read_text())
+    assert saved["sampling"] == "flow" and saved["real_guidance_scale"] == 1.0 and "single_blocks" not in json.dumps(saved)
+    assert saved["lora_targets"] == list(bases.FLUX_NETWORK.resolve_targets(("dmd2",)))
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _node(flux_graph, "stopped", progress=_InterruptAt(2))
+    assert not (tmp_path / "loras" / "stopped.safetensors").exists()
+    assert (tmp_path / "output" / "dmd2_training" / "stopped" / "checkpoints" / "step_0000002").is_dir()
+    _node(flux_graph, "stopped")  # the same graph queued again
+    resumed = load_file(str(tmp_path / "loras" / "stopped.safetensors"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_the_train_node_refuses_a_schnell_model_with_its_reason():
+    from comfyui_dmd2.nodes.training import TrainingInputError, model_family
+
+    assert model_family(tiny_models.build_flux()).name == "flux_dev"
+    with pytest.raises(TrainingInputError) as info:
+        model_family(tiny_models.build_flux(schnell=True))
+    assert "already distilled" in str(info.value) and "\n" not in str(info.value)
