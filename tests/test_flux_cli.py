@@ -142,6 +142,29 @@ def test_flux_workflow_loads_the_files_and_samples_on_the_flow_preset(finished, 
         assert len(linked) == len(by_id[int(node_id)]["inputs"])
 
 
+@pytest.mark.server
+def test_written_flux_workflow_runs_in_a_real_comfyui(finished, files, comfy_server):
+    """The exported LoRA and workflow_api.json, queued as they are on a ComfyUI server holding the
+    tiny Flux files in its models folders: the stock loaders read them, every LoRA key applies,
+    DMD2Generate samples the flow preset, the VAE decodes."""
+    import shutil
+
+    from comfy_server import execution_error, output_images
+
+    _, _, output = finished
+    models = comfy_server.base / "models"
+    for role, folder in (("diffusion_model", "diffusion_models"), ("clip_l", "text_encoders"), ("t5xxl", "text_encoders"), ("vae", "vae")):
+        (models / folder).mkdir(exist_ok=True)
+        shutil.copy(files[role], models / folder / files[role].name)
+    shutil.copy(output / LORA, models / "loras" / LORA)
+    entry = comfy_server.run(json.loads((output / "workflow_api.json").read_text()))
+    assert execution_error(entry) is None, execution_error(entry)
+    (image,) = output_images(comfy_server, entry)
+    with Image.open(image) as im:
+        assert im.size == (RES, RES)
+    assert "lora key not loaded" not in comfy_server.log()
+
+
 def test_flux_presets_map_the_trained_timesteps():
     assert cli.flux_preset((999, 749, 499, 249)) == "DMD2 flow 4-step (Flux dev shift)"
     assert cli.flux_preset(bases.FLUX_DEV.trailing_timesteps(8)) == "DMD2 flow 8-step (Flux dev shift)"
