@@ -26,6 +26,7 @@ from comfyui_dmd2.training.config import RUN_ARCH_DEFAULTS, TIMESTEP_PRESETS, DM
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_cli import inputs  # noqa: F401 (the fixture: prompts and captioned real images)
 
 TESTS = Path(__file__).resolve().parent
 RES = 64  # 8x8 latents: a 4x4 token grid
@@ -34,19 +35,14 @@ LORA = "dmd2_tiny_flux_dev_lora.safetensors"
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, inputs):  # noqa: F811 (inputs: the fixture)
+    """The tiny Flux files ([dev], and a [schnell] diffusion model), with ``dmd2-train``'s test
+    prompts and captioned real images."""
     tiny_models.register_flux()
     folder = tmp_path_factory.mktemp("flux_files")
     paths = tiny_models.save_flux_files(folder)
     paths["schnell"] = tiny_models.save_flux_files(folder / "schnell", schnell=True)["diffusion_model"]
-    prompts = folder / "prompts.txt"
-    prompts.write_text("a red cube\na tree by the sea\nblue sky\n")
-    images = folder / "images"
-    images.mkdir()
-    for i in range(3):
-        Image.new("RGB", (80 + 8 * i, 64), (60 * i, 90, 160)).save(images / f"{i}.png")
-    (images / "0.txt").write_text("a blue square")
-    return {**paths, "prompts": prompts, "images": images}
+    return {**paths, "prompts": inputs["prompts"], "images": inputs["images"]}
 
 
 def _args(files, output, steps, *extra, encoders=("clip_l", "t5xxl"), vae=True):
@@ -316,7 +312,7 @@ def test_flux_files_are_told_apart_from_their_headers(files):
 def test_a_full_flux_checkpoint_loads_with_its_own_text_encoders(files, tmp_path):
     """A single-file Flux checkpoint (CheckpointSave's layout: the transformer, text_encoders.*, vae.*)."""
     path = tmp_path / "tiny_flux_full.safetensors"
-    comfy.sd.save_checkpoint(str(path), tiny_models.build_flux_file_model(), tiny_models.build_flux_clip(), tiny_models.build_flux_vae())
+    comfy.sd.save_checkpoint(str(path), tiny_models.build_flux(file_widths=True), tiny_models.build_clip("flux_dev"), tiny_models.build_vae(latent_channels=16))
     assert C.peek_checkpoint(path) == ("checkpoint", "flux_dev")
     assert C.check_text_encoders(path, "checkpoint", "flux_dev", ()) == {}  # it carries them
     loaded = C.load_checkpoint(path)

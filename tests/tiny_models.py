@@ -211,14 +211,20 @@ def build_model(arch: str, seed: int = 0, v_pred: bool = False) -> comfy.model_p
 
 
 def build_clip(arch: str, seed: int = 0) -> comfy.sd.CLIP:
-    target = MODEL_CONFIG_CLASSES[arch](dict(UNET_CONFIGS[arch])).clip_target()
+    """The arch's tiny text encoders as a ComfyUI CLIP object ("flux_dev": CLIP-L and T5)."""
+    if arch == "flux_dev":
+        register_flux()
+        target = TinyFluxDev(dict(FLUX_FILE_CONFIG)).clip_target()
+    else:
+        target = MODEL_CONFIG_CLASSES[arch](dict(UNET_CONFIGS[arch])).clip_target()
     clip = comfy.sd.CLIP(target, parameters=0)
     init_weights_(clip.cond_stage_model, seed + 1)
     return clip
 
 
-def build_vae(seed: int = 0) -> comfy.sd.VAE:
-    taesd = init_weights_(comfy.taesd.taesd.TAESD(latent_channels=4), seed + 2)
+def build_vae(seed: int = 0, latent_channels: int = 4) -> comfy.sd.VAE:
+    """A TAESD-shaped VAE (Flux.1: 16 latent channels)."""
+    taesd = init_weights_(comfy.taesd.taesd.TAESD(latent_channels=latent_channels), seed + 2)
     return comfy.sd.VAE(sd=taesd.state_dict())
 
 
@@ -308,11 +314,17 @@ FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "pa
                "guidance_embed": True}
 
 
-def build_flux(schnell: bool = False, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+def build_flux(schnell: bool = False, seed: int = 0, file_widths: bool = False) -> comfy.model_patcher.ModelPatcher:
     """A tiny Flux.1 [dev] MODEL (model_base.Flux, ModelSamplingFlux, embedded guidance), or
-    [schnell] (ModelSamplingDiscreteFlow at shift 1, no guidance input), random weights."""
-    config_class = comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux
-    model_config = config_class({**FLUX_CONFIG, "guidance_embed": not schnell})
+    [schnell] (ModelSamplingDiscreteFlow at shift 1, no guidance input), random weights;
+    ``file_widths``: at the widths of the tiny files (``FLUX_FILE_CONFIG``, registered configs)."""
+    if file_widths:
+        register_flux()
+        config_class, config = (TinyFluxSchnell if schnell else TinyFluxDev), FLUX_FILE_CONFIG
+    else:
+        config_class = comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux
+        config = FLUX_CONFIG
+    model_config = config_class({**config, "guidance_embed": not schnell})
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({})
     init_weights_(base.diffusion_model, seed)
@@ -369,32 +381,6 @@ def register_flux() -> None:
     comfy.text_encoders.flux.flux_clip = _tiny_flux_clip
 
 
-def build_flux_file_model(schnell: bool = False, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """The tiny Flux at the file widths (``FLUX_FILE_CONFIG``), through the registered configs."""
-    register_flux()
-    config_class = TinyFluxSchnell if schnell else TinyFluxDev
-    model_config = config_class({**FLUX_FILE_CONFIG, "guidance_embed": not schnell})
-    model_config.set_inference_dtype(torch.float32, None)
-    base = model_config.get_model({})
-    init_weights_(base.diffusion_model, seed)
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
-
-
-def build_flux_clip(seed: int = 0) -> comfy.sd.CLIP:
-    """The tiny Flux text encoders (CLIP-L and T5) as a ComfyUI CLIP object."""
-    register_flux()
-    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())
-    clip = comfy.sd.CLIP(target, parameters=0)
-    init_weights_(clip.cond_stage_model, seed + 1)
-    return clip
-
-
-def build_flux_vae(seed: int = 0) -> comfy.sd.VAE:
-    taesd = init_weights_(comfy.taesd.taesd.TAESD(latent_channels=16), seed + 2)
-    return comfy.sd.VAE(sd=taesd.state_dict())
-
-
 def save_flux_files(folder: str | Path, seed: int = 0, schnell: bool = False) -> dict[str, Path]:
     """Write the tiny Flux as a user has it: ``diffusion_model`` (no prefix, as in
     models/diffusion_models), ``clip_l`` and ``t5xxl`` (models/text_encoders, the keys ComfyUI's
@@ -404,8 +390,8 @@ def save_flux_files(folder: str | Path, seed: int = 0, schnell: bool = False) ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = "tiny_flux_schnell" if schnell else "tiny_flux_dev"
-    model = build_flux_file_model(schnell, seed)
-    clip = build_flux_clip(seed)
+    model = build_flux(schnell, seed, file_widths=True)
+    clip = build_clip("flux_dev", seed)
     paths = {"diffusion_model": folder / f"{name}.safetensors", "clip_l": folder / "tiny_clip_l.safetensors",
              "t5xxl": folder / "tiny_t5xxl.safetensors", "vae": folder / "tiny_flux_ae.safetensors"}
     safetensors.torch.save_file({k: v.contiguous() for k, v in unet_state_dict(model).items()}, str(paths["diffusion_model"]))
@@ -413,6 +399,6 @@ def save_flux_files(folder: str | Path, seed: int = 0, schnell: bool = False) ->
     for role, module in (("clip_l", encoders.clip_l), ("t5xxl", encoders.t5xxl)):
         tensors = {k.removeprefix("transformer."): v.detach().contiguous() for k, v in module.state_dict().items()}
         safetensors.torch.save_file(tensors, str(paths[role]))
-    vae = build_flux_vae(seed)
+    vae = build_vae(seed, latent_channels=16)
     safetensors.torch.save_file({k: v.contiguous() for k, v in vae.first_stage_model.state_dict().items()}, str(paths["vae"]))
     return paths
