@@ -1,7 +1,9 @@
-"""``dmd2-train``: distil a community SD1.5/SDXL checkpoint into a few-step DMD2 LoRA.
+"""``dmd2-train``: distil a community SD1.5/SDXL checkpoint (or a Flux.1 [dev] model) into a few-step DMD2 LoRA.
 
     dmd2-train --checkpoint model.safetensors --prompts prompts.txt --output runs/mine \\
         [--images real/] [--config run.toml] [--set key=value ...]
+    dmd2-train --checkpoint flux1-dev.safetensors --text-encoder clip_l.safetensors \\
+        --text-encoder t5xxl_fp16.safetensors [--vae ae.safetensors] --prompts ... --output ...
 
 Settings come from the per-architecture defaults (the architecture is read from the
 checkpoint), then the TOML file, then the command line. The algorithm's keys are those of
@@ -104,6 +106,13 @@ examples:
              --init-lora ComfyUI/models/loras/dmd2_sdxl_4step_lora_fp16.safetensors \\
              --prompts prompts.txt --images real_images/ --output runs/myFinetune-from-dmd2
 
+  # a Flux.1 [dev] finetune (models/diffusion_models) -> 4-step LoRA; its text encoders and VAE
+  # as ComfyUI's DualCLIPLoader (type flux) and VAELoader read them (docs/training.md, "Flux.1 [dev]")
+  dmd2-train --checkpoint ComfyUI/models/diffusion_models/myFluxFinetune.safetensors \\
+             --text-encoder ComfyUI/models/text_encoders/clip_l.safetensors \\
+             --text-encoder ComfyUI/models/text_encoders/t5xxl_fp16.safetensors \\
+             --vae ComfyUI/models/vae/ae.safetensors --prompts prompts.txt --output runs/myFlux-4step
+
   From a ComfyUI install without installing the pack, with ComfyUI's own Python:
     python ComfyUI/custom_nodes/comfyui-dmd2/dmd2_train.py --checkpoint ... (same flags)
 
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = RunConfig()
     p = argparse.ArgumentParser(
         prog="dmd2-train",
-        description="Distil an SD1.5/SDXL single-file checkpoint into a few-step DMD2 LoRA for ComfyUI. "
+        description="Distil an SD1.5/SDXL single-file checkpoint or a Flux.1 [dev] model into a few-step DMD2 LoRA for ComfyUI. "
         "Writes the LoRA (the generator's moving average), a workflow that uses it, sample grids, "
         "loss curves and resumable checkpoints into --output.",
         epilog=EXAMPLES,
@@ -149,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", help="output folder; a folder with checkpoints is resumed (required)")
     p.add_argument("--steps", type=int, help=f"DMD2 training iterations, >= 1 ({_defaults('steps')})")
     p.add_argument("--seed", type=int, help=f"random seed ({_defaults('seed')})")
-    p.add_argument("--resolution", type=int, help="image side in pixels, a multiple of 8 (default: 1024 for SDXL, 512 for SD1.5)")
+    p.add_argument("--resolution", type=int, help="image side in pixels, a multiple of 8 (default: 1024 for SDXL and Flux.1, 512 for SD1.5)")
     p.add_argument("--timesteps", help="the student's schedule: 4-step (999,749,499,249), 1-step (399 for SDXL, 999 for SD1.5, "
-                   "as in the reference) or a list such as 999,499 (default: 4-step)")
+                   "as in the reference; 999 for Flux.1 [dev]) or a list such as 999,499 (default: 4-step)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help=f"samples per micro-batch and process ({_defaults('batch_size')})")
     p.add_argument("--grad-accum", type=int, dest="grad_accum", help=f"micro-batches accumulated per update ({_defaults('grad_accum')})")
     p.add_argument("--ema-decay", type=float, dest="ema_decay", help=f"generator moving average per generator update, 0 = off ({_defaults('ema_decay')})")
