@@ -711,6 +711,11 @@ def train(argv: Sequence[str] | None = None):
                     save_cached(latent_file, cached_latents)
             real_latents = cached_latents["latents"]
         loaded.clip = None  # the text encoders are not needed any more
+        if on_gpu:  # ComfyUI's manager keeps what it loaded for encoding (Flux: T5-XXL, 9.5 GB in fp16) on the
+            import comfy.model_management  # GPU; the backend places the base itself, so nothing would evict them
+
+            comfy.model_management.unload_all_models()
+            comfy.model_management.soft_empty_cache()
         data, sample_conds = texts.split(conds, real_latents, config.uncond)
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
