@@ -147,7 +147,18 @@ def model_family(model) -> bases.Family:
     prediction, with or without zero terminal SNR, read from the checkpoint's keys or from a
     ModelSamplingDiscrete node in front alike. Refused in one line, naming what was found:
     another model family, another prediction type ('x0', 'lcm'), a continuous EDM or flow
-    sampling, a sigma table other than SD's (zero-terminal-SNR) schedule, an inpainting UNet."""
+    sampling, a sigma table other than SD's (zero-terminal-SNR) schedule, an inpainting UNet.
+    A Flux.1 [dev] MODEL is its family on its own flow sampling (``checkpoint.detect_family``:
+    [schnell] is refused there, being already distilled)."""
+    try:
+        flow = bases.family_of(model).prediction == "flow"
+    except bases.FamilyError:
+        flow = False
+    if flow:
+        try:
+            return C.detect_family(model)
+        except C.UnsupportedModel as exc:
+            raise TrainingInputError(str(exc)) from None
     try:
         bases.arch_of(model.model)
     except bases.FamilyError as exc:
@@ -262,7 +273,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             f"the MODEL carries patches on {len(model.patches)} weights (a LoRA or another patch applied before this node): "
             "DMD2TrainLoRA trains on the base model, so connect the checkpoint loader's MODEL directly"
         )
-    timesteps = timesteps_for_preset(preset, custom_timesteps, len(model.model.model_sampling.sigmas))
+    timesteps = timesteps_for_preset(preset, custom_timesteps, family.process.num_train_timesteps)  # Flux: its 1000-step flow grid
     values = dict(steps=steps, seed=seed, generator_timesteps=tuple(timesteps), lr_generator=lr_generator,
                   lr_fake_score=lr_fake_score, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
                   regression_steps=regression_steps, regression_pairs=regression_pairs)
@@ -283,7 +294,8 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
         if init_lora == file_name:
             raise TrainingInputError(f"init_lora {init_lora} is the LoRA this run writes: choose another lora_name, or another init_lora")
         init = read_init_lora(folder_paths.get_full_path_or_raise("loras", init_lora))
-        check_init_arch(init, model.model.model_config.unet_config.get("context_dim"), f"the MODEL ({family.label})")
+        check_init_arch(init, model.model.model_config.unet_config.get("context_dim"), f"the MODEL ({family.label})",
+                        flux_model=family.prediction == "flow")
         run = adopt_init_lora(run, init, lambda text: say(text, log_it=True, toast=True))
     run, layout = resolve_layout(run, arch, timesteps, fake_score, fake_score_rank, lora_targets)  # after the init's rank, as the command
     if layout is not None:

@@ -385,7 +385,8 @@ def test_help_explains_every_flag_with_examples():
             continue
         assert action.help and ("default" in action.help or "required" in action.help), (action.option_strings, action.help)
     text = parser.format_help()
-    assert text.count("dmd2-train --checkpoint") == 3 and "--timesteps 1-step" in text and "--images" in text
+    assert text.count("dmd2-train --checkpoint") == 4 and "--timesteps 1-step" in text and "--images" in text
+    assert "--text-encoder ComfyUI/models/text_encoders/t5xxl_fp16.safetensors" in text  # the Flux.1 [dev] example
     assert "--init-lora ComfyUI/models/loras/dmd2_sdxl_4step_lora_fp16.safetensors" in text
     assert "COMFYUI_PATH" in text and "custom_nodes/comfyui-dmd2" in text and "resume" in text
 

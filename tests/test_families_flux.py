@@ -155,22 +155,25 @@ def test_flow_prediction_converts_to_x0_and_back():
     torch.testing.assert_close(out_err.abs(), family.output_weight(t, x_t) * (x0_pred - x0).abs())
 
 
-def test_the_trainer_still_refuses_a_flux_model_in_one_line(flux_models):
+def test_the_train_nodes_family_check_takes_dev_and_refuses_schnell_in_one_line(flux_models):
     from comfyui_dmd2.nodes.training import TrainingInputError, model_family
 
+    assert model_family(flux_models["flux_dev"]).name == "flux_dev"
     with pytest.raises(TrainingInputError) as info:
-        model_family(flux_models["flux_dev"])
-    assert "model family Flux is not supported yet" in str(info.value) and "\n" not in str(info.value)
+        model_family(flux_models["flux_schnell"])
+    assert "already distilled" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_the_commands_family_check_refuses_a_flux_model_in_one_line(flux_models):
+def test_the_commands_family_check_takes_dev_and_refuses_schnell_in_one_line(flux_models):
+    """[dev] is a teacher (#25); [schnell] is already distilled: its output between the ends is
+    not the data's score, so the refusal says so, in one line."""
     from comfyui_dmd2.training.checkpoint import UnsupportedModel, detect_family
 
-    for name in ("flux_dev", "flux_schnell"):
-        with pytest.raises(UnsupportedModel) as info:
-            detect_family(flux_models[name])
-        message = str(info.value)
-        assert "flow-matching model" in message and "not supported by the trainer yet" in message and "\n" not in message
+    assert detect_family(flux_models["flux_dev"]).name == "flux_dev"
+    with pytest.raises(UnsupportedModel) as info:
+        detect_family(flux_models["flux_schnell"])
+    message = str(info.value)
+    assert "[schnell]" in message and "already distilled" in message and "FLUX.1 [dev]" in message and "\n" not in message
 
 
 # -- the presets against the cards ------------------------------------------------------------------

@@ -24,6 +24,7 @@ import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.taesd.taesd
+import comfy.text_encoders.flux
 import comfy.text_encoders.sd2_clip
 import comfy.utils
 
@@ -210,14 +211,20 @@ def build_model(arch: str, seed: int = 0, v_pred: bool = False) -> comfy.model_p
 
 
 def build_clip(arch: str, seed: int = 0) -> comfy.sd.CLIP:
-    target = MODEL_CONFIG_CLASSES[arch](dict(UNET_CONFIGS[arch])).clip_target()
+    """The arch's tiny text encoders as a ComfyUI CLIP object ("flux_dev": CLIP-L and T5)."""
+    if arch == "flux_dev":
+        register_flux()
+        target = TinyFluxDev(dict(FLUX_FILE_CONFIG)).clip_target()
+    else:
+        target = MODEL_CONFIG_CLASSES[arch](dict(UNET_CONFIGS[arch])).clip_target()
     clip = comfy.sd.CLIP(target, parameters=0)
     init_weights_(clip.cond_stage_model, seed + 1)
     return clip
 
 
-def build_vae(seed: int = 0) -> comfy.sd.VAE:
-    taesd = init_weights_(comfy.taesd.taesd.TAESD(latent_channels=4), seed + 2)
+def build_vae(seed: int = 0, latent_channels: int = 4) -> comfy.sd.VAE:
+    """A TAESD-shaped VAE (Flux.1: 16 latent channels)."""
+    taesd = init_weights_(comfy.taesd.taesd.TAESD(latent_channels=latent_channels), seed + 2)
     return comfy.sd.VAE(sd=taesd.state_dict())
 
 
@@ -307,16 +314,94 @@ FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "pa
                "guidance_embed": True}
 
 
-def build_flux(schnell: bool = False, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+def build_flux(schnell: bool = False, seed: int = 0, file_widths: bool = False) -> comfy.model_patcher.ModelPatcher:
     """A tiny Flux.1 [dev] MODEL (model_base.Flux, ModelSamplingFlux, embedded guidance), or
-    [schnell] (ModelSamplingDiscreteFlow at shift 1, no guidance input), random weights."""
-    config_class = comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux
-    model_config = config_class({**FLUX_CONFIG, "guidance_embed": not schnell})
+    [schnell] (ModelSamplingDiscreteFlow at shift 1, no guidance input), random weights;
+    ``file_widths``: at the widths of the tiny files (``FLUX_FILE_CONFIG``, registered configs)."""
+    if file_widths:
+        register_flux()
+        config_class, config = (TinyFluxSchnell if schnell else TinyFluxDev), FLUX_FILE_CONFIG
+    else:
+        config_class = comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux
+        config = FLUX_CONFIG
+    model_config = config_class({**config, "guidance_embed": not schnell})
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({})
     init_weights_(base.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+
+
+# -- Flux.1 as files: a diffusion-model file (models/diffusion_models), its two text encoders
+# (models/text_encoders: clip_l, t5xxl) and a TAESD-shaped 16-channel VAE, loadable by ComfyUI's
+# stock UNETLoader / DualCLIPLoader (type flux) / VAELoader. ComfyUI's Flux detection fixes the
+# heads (24 of 128 channels) and reads the widths from the weights, so the tiny file is told apart
+# by its width (64) and registered like the tiny SD configs. Its text width is the tiny T5's (32)
+# and its pooled width the tiny CLIP-L's (32): the real 4096 would need a 4096-wide T5 vocabulary
+# table (131 M parameters) and a 24-block T5 for ComfyUI to call it T5-XXL; the DualCLIPLoader's
+# flux type reads any two files, so the tiny T5 (2 blocks) loads there once ``register()`` has
+# given ComfyUI's T5-XXL class the tiny config (``TINY_T5``).
+TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+FLUX_FILE_CONFIG = {**FLUX_CONFIG, "context_in_dim": TINY_T5["d_model"], "vec_in_dim": TINY_CLIP["hidden_size"]}
+
+
+class TinyFluxDev(comfy.supported_models.Flux):
+    unet_config = {"image_model": "flux", "guidance_embed": True, "hidden_size": FLUX_CONFIG["hidden_size"]}
+    unet_extra_config = {"num_heads": FLUX_CONFIG["num_heads"], "axes_dim": FLUX_CONFIG["axes_dim"]}
+
+
+class TinyFluxSchnell(comfy.supported_models.FluxSchnell):
+    unet_config = {"image_model": "flux", "guidance_embed": False, "hidden_size": FLUX_CONFIG["hidden_size"]}
+    unet_extra_config = {"num_heads": FLUX_CONFIG["num_heads"], "axes_dim": FLUX_CONFIG["axes_dim"]}
+
+
+_REAL_FLUX_CLIP = comfy.text_encoders.flux.flux_clip
+
+
+def _tiny_flux_clip(**kwargs):
+    """ComfyUI's Flux text encoders (clip_l + T5-XXL) at the tiny widths, unless told otherwise."""
+    real = _REAL_FLUX_CLIP(**kwargs)
+
+    class TinyFluxClipModel(real):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            model_options = {**model_options,  # ComfyUI's loader sets clip_l's max_position_embeddings from the file
+                             "clip_l_model_config": {**TINY_CLIP, **model_options.get("clip_l_model_config", {})},
+                             "t5xxl_model_config": {**TINY_T5, **model_options.get("t5xxl_model_config", {})}}
+            super().__init__(device=device, dtype=dtype, model_options=model_options)
+
+    return TinyFluxClipModel
+
+
+def register_flux() -> None:
+    """Let ComfyUI's loaders read the tiny Flux files (and build its Flux text encoders tiny)."""
+    models = comfy.supported_models.models
+    for cls in (TinyFluxSchnell, TinyFluxDev):
+        if cls not in models:
+            models.insert(0, cls)
+    comfy.text_encoders.flux.flux_clip = _tiny_flux_clip
+
+
+def save_flux_files(folder: str | Path, seed: int = 0, schnell: bool = False) -> dict[str, Path]:
+    """Write the tiny Flux as a user has it: ``diffusion_model`` (no prefix, as in
+    models/diffusion_models), ``clip_l`` and ``t5xxl`` (models/text_encoders, the keys ComfyUI's
+    CLIPSave writes) and ``vae`` (TAESD-shaped, 16 channels). Returns {role: path}."""
+    import safetensors.torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "tiny_flux_schnell" if schnell else "tiny_flux_dev"
+    model = build_flux(schnell, seed, file_widths=True)
+    clip = build_clip("flux_dev", seed)
+    paths = {"diffusion_model": folder / f"{name}.safetensors", "clip_l": folder / "tiny_clip_l.safetensors",
+             "t5xxl": folder / "tiny_t5xxl.safetensors", "vae": folder / "tiny_flux_ae.safetensors"}
+    safetensors.torch.save_file({k: v.contiguous() for k, v in unet_state_dict(model).items()}, str(paths["diffusion_model"]))
+    encoders = clip.cond_stage_model
+    for role, module in (("clip_l", encoders.clip_l), ("t5xxl", encoders.t5xxl)):
+        tensors = {k.removeprefix("transformer."): v.detach().contiguous() for k, v in module.state_dict().items()}
+        safetensors.torch.save_file(tensors, str(paths[role]))
+    vae = build_vae(seed, latent_channels=16)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in vae.first_stage_model.state_dict().items()}, str(paths["vae"]))
+    return paths
 
 
 # A tiny SD3.5-Medium-shaped MMDiT (ComfyUI's model_detection keys: depth 2 -> hidden 128, 2 heads;

@@ -32,6 +32,7 @@ import tiny_models
 import torch
 
 tiny_models.register()
+tiny_models.register_flux()
 torch.set_num_threads(int(os.environ.get("DMD2_TEST_THREADS", "1")))
 
 from comfyui_dmd2.training import cli, trainer

@@ -1,8 +1,9 @@
 """Where a community checkpoint's model and conditions come from, through ComfyUI.
 
 A single-file SD1.5/SD2.x/SDXL checkpoint (eps or v prediction, with or without zero
-terminal SNR: its ``bases.Family``) is loaded with ComfyUI's own ``comfy`` package (so
-whatever ComfyUI loads, the trainer loads). Its text encoders turn the prompts and the real
+terminal SNR: its ``bases.Family``), or a Flux.1 [dev] model (a diffusion-model file with its
+text encoder files, as ComfyUI's UNETLoader and DualCLIPLoader read them, or a full checkpoint)
+is loaded with ComfyUI's own ``comfy`` package (so whatever ComfyUI loads, the trainer loads). Its text encoders turn the prompts and the real
 images' captions into ``Conditioning`` once (SDXL: plus the pooled vector and size
 conditioning, built by ComfyUI's ``encode_adm``); its VAE turns real images into latents once
 and decodes sample previews. Both are then released. The model itself goes to the one
@@ -44,7 +45,7 @@ class LoadedCheckpoint:
 
     @property
     def arch(self) -> str:
-        """'sd15', 'sd2' or 'sdxl'."""
+        """'sd15', 'sd2', 'sdxl' or 'flux_dev'."""
         return self.family.name
 
 
@@ -85,16 +86,23 @@ def _read_state_dict(path: Path, mmap: bool = False, what: str = "checkpoint") -
 # What a file holds, told from its tensor names alone (kohya / diffusers / LDM conventions).
 _LORA_MARKS = ("lora_down", "lora_up", "lora.down.", "lora.up.", ".lora_A.", ".lora_B.", "lora_unet_", "lora_te", "hada_w1", "lokr_w1")
 _TEXT_MARKS = ("text_model.", "transformer.resblocks.", "text_projection", "token_embedding", "cond_stage_model.", "conditioner.")
-_VAE_MARKS = ("encoder.down", "decoder.up", "quant_conv", "first_stage_model.", "encoder.conv_in", "decoder.conv_in")
+_VAE_MARKS = ("encoder.down", "decoder.up", "quant_conv", "first_stage_model.", "encoder.conv_in", "decoder.conv_in", "taesd_decoder.")
 _UNET_MARKS = ("model.diffusion_model.", "input_blocks.", "middle_block.", "time_embed.", "time_embedding.", "down_blocks.")
-WHAT_IS_NEEDED = "--checkpoint takes a full single-file SD1.5/SD2.x/SDXL checkpoint (UNet, text encoder and VAE in one file, as in models/checkpoints)"
+WHAT_IS_NEEDED = ("--checkpoint takes a full single-file SD1.5/SD2.x/SDXL checkpoint (UNet, text encoder and VAE in one file, as in "
+                  "models/checkpoints) or a Flux.1 [dev] model (models/diffusion_models, with --text-encoder for its clip_l and "
+                  "t5xxl files)")
+# A Flux.1 transformer's own key names (ComfyUI's, as the models/diffusion_models files have them).
+_FLUX_MARKS = ("double_blocks.0.img_attn.", "single_blocks.0.linear1.")
+FLUX_ARCHS = ("flux_dev", "flux_schnell")
 
 
 def classify_keys(keys) -> tuple[str, str | None]:
     """(kind, arch) of a state dict from its key names: kind is 'checkpoint', 'lora', 'vae',
     'text_encoder', 'unet' or 'unknown'; arch ('sdxl' / 'sd2' / 'sd15') is a guess for
     checkpoints (SDXL's UNet takes a size/pooled-text vector: ``label_emb``; SD2.x's text
-    encoder is OpenCLIP's, ``cond_stage_model.model.``), confirmed by ComfyUI's loader."""
+    encoder is OpenCLIP's, ``cond_stage_model.model.``), confirmed by ComfyUI's loader. A Flux.1
+    transformer is 'unet' (a diffusion-model file) or 'checkpoint' (with text encoders or VAE)
+    of arch 'flux_dev' or 'flux_schnell' ([dev] embeds its guidance: ``guidance_in``)."""
     keys = list(keys)
     has = lambda marks: any(m in k for k in keys for m in marks)  # noqa: E731
     if has(_LORA_MARKS):
@@ -102,6 +110,10 @@ def classify_keys(keys) -> tuple[str, str | None]:
     unet = has(_UNET_MARKS)
     text = has(_TEXT_MARKS)
     vae = has(_VAE_MARKS)
+    if has(_FLUX_MARKS):
+        arch = "flux_dev" if has(("guidance_in.",)) else "flux_schnell"
+        prefixed = any(k.startswith("model.diffusion_model.") for k in keys)
+        return ("checkpoint" if prefixed and (text or vae) else "unet"), arch
     if unet and any(k.startswith("model.diffusion_model.") for k in keys) and (text or vae):
         if any(k.startswith(("model.diffusion_model.label_emb.", "conditioner.embedders.1.")) for k in keys):
             return "checkpoint", "sdxl"
@@ -116,8 +128,11 @@ def classify_keys(keys) -> tuple[str, str | None]:
     return "unknown", None
 
 
-def refuse_non_checkpoint(path: Path, kind: str) -> None:
-    """Name what a file that is no full checkpoint is, and what --checkpoint needs instead."""
+def refuse_non_checkpoint(path: Path, kind: str, arch: str | None = None) -> None:
+    """Name what a file that is no full checkpoint is, and what --checkpoint needs instead (a
+    Flux diffusion-model file is a model: its text encoders come as their own files)."""
+    if kind == "unet" and arch in FLUX_ARCHS:
+        return
     what = {
         "lora": "a LoRA (it only holds low-rank updates for a model; train on the model it was made for)",
         "vae": "a VAE (an image autoencoder only)",
@@ -150,12 +165,14 @@ def peek_family(path: str | Path) -> bases.Family:
     family must agree."""
     path = Path(path)
     kind, arch = peek_checkpoint(path)
-    refuse_non_checkpoint(path, kind)
+    refuse_non_checkpoint(path, kind, arch)
     ensure_comfy()
     import comfy.model_base
     import comfy.model_detection
 
     state = header_tensors(path)
+    if arch in FLUX_ARCHS:
+        return _peek_flux(path, state, kind)
     if arch == "sd2" and SD2_V_TEST_KEY in state:  # its 320 values: the only weight read before loading
         state[SD2_V_TEST_KEY] = _read_one(path, SD2_V_TEST_KEY)
     config = comfy.model_detection.model_config_from_unet(state, "model.diffusion_model.")
@@ -167,6 +184,22 @@ def peek_family(path: str | Path) -> bases.Family:
         raise UnsupportedModel(f"{path.name} samples with {kind.name} ({type(config).__name__}): only eps- and v-prediction "
                                "SD1.5/SD2.x/SDXL bases on the DDPM timestep table are supported")
     return bases.get_family(arch, prediction, bool(config.sampling_settings.get("zsnr", False)))
+
+
+def _peek_flux(path: Path, state: dict, kind: str) -> bases.Family:
+    """The Flux family ComfyUI's detection makes of a header: [dev] (guidance embedded), or a
+    refusal of [schnell] and of Flux variants the trainer does not distil (inpainting, Flux.2)."""
+    import comfy.model_detection
+    import comfy.supported_models as sm
+
+    prefix = "model.diffusion_model." if kind == "checkpoint" else ""
+    config = comfy.model_detection.model_config_from_unet(state, prefix)
+    if config is None or not isinstance(config, sm.Flux) or isinstance(config, (sm.FluxInpaint, sm.Flux2)):
+        found = "no diffusion model" if config is None else type(config).__name__
+        raise UnsupportedModel(f"ComfyUI reads {found} in {path}: the trainer distils Flux.1 [dev] (and SD1.5/SD2.x/SDXL)")
+    if isinstance(config, sm.FluxSchnell):
+        raise UnsupportedModel(SCHNELL_REFUSAL.format(name=path.name))
+    return bases.FLUX_DEV
 
 
 def _read_one(path: Path, key: str) -> torch.Tensor:
@@ -215,9 +248,13 @@ def detect_family(model) -> bases.Family:
         family = bases.family_of(model)
     except bases.FamilyError as exc:
         raise UnsupportedModel(str(exc)) from None
-    if family.prediction == "flow":  # bases knows how to sample Flux (#25); the trainer does not distil flow models yet
-        raise UnsupportedModel(f"{name} is a flow-matching model ({family.label}): dmd2-train distils SD1.5, SD2.x and SDXL "
-                               "(eps or v prediction); flow models are not supported by the trainer yet")
+    if family.name == "flux_schnell":
+        raise UnsupportedModel(SCHNELL_REFUSAL.format(name=name))
+    if family.name == "flux_dev":  # flux_family already told it apart from inpainting, Flux.2, Chroma
+        return family
+    if family.prediction == "flow":
+        raise UnsupportedModel(f"{name} is a flow-matching model ({family.label}): dmd2-train distils Flux.1 [dev], SD1.5, "
+                               "SD2.x and SDXL")
     if family.prediction not in ("eps", "v"):
         raise UnsupportedModel(f"{name} model samples with {family.prediction} prediction: that is a few-step student's UNet, "
                                "not a teacher; distil from the eps- or v-prediction base it was made from")
@@ -228,18 +265,96 @@ def detect_family(model) -> bases.Family:
     return family
 
 
+# [schnell] is refused, not warned about: it is already timestep-distilled (adversarial diffusion
+# distillation to 1-4 steps), so its output at an intermediate time is its own jump towards a
+# sample, not the data's score there; a DMD2 real score read from it is wrong, whatever the student.
+SCHNELL_REFUSAL = ("{name} is FLUX.1 [schnell], which is already distilled to few steps: its output at intermediate "
+                   "times is not the data's score, so it cannot be the DMD2 teacher (real score); distil FLUX.1 [dev] "
+                   "or a [dev] finetune")
+
 ZSNR_EPS_REFUSAL = ("{name} model samples with eps prediction and zero terminal SNR: an eps network has no clean-sample "
                     "prediction at the last timestep (alpha = 0 there), so it cannot be distilled; zero-terminal-SNR models "
                     "are v-prediction (ModelSamplingDiscrete set to v_prediction with zsnr)")
 
 
 def detect_arch(model) -> str:
-    """``detect_family(model).name``: 'sd15', 'sd2' or 'sdxl'."""
+    """``detect_family(model).name``: 'sd15', 'sd2', 'sdxl' or 'flux_dev'."""
     return detect_family(model).name
 
 
-def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None) -> LoadedCheckpoint:
-    """Load a single-file checkpoint with ComfyUI's loader; refuse clearly what is unsupported."""
+# Flux.1's text encoders, as ComfyUI's DualCLIPLoader (type flux) takes them from models/text_encoders.
+FLUX_TEXT_ENCODERS = {"clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}
+
+
+def text_encoder_role(path: str | Path) -> str | None:
+    """'clip_l' or 't5xxl' for a Flux text encoder file (from its header: CLIP's text_model
+    layers below CLIP-H's 23, or a T5 encoder stack); None for anything else."""
+    keys = list(header_tensors(path))
+    if any(k.startswith("encoder.block.") and ".SelfAttention." in k for k in keys):
+        return "t5xxl"
+    clip = [k for k in keys if k.startswith("text_model.encoder.layers.")]
+    if clip and not any(k.startswith("text_model.encoder.layers.22.") for k in clip):
+        return "clip_l"
+    return None
+
+
+def check_text_encoders(model_path: str | Path, kind: str, arch: str | None, text_encoders, vae: str | Path | None = None,
+                        images: bool = False) -> dict[str, Path]:
+    """Before anything loads: the text encoder files a model needs, by role ({'clip_l': path,
+    't5xxl': path}; empty where the checkpoint carries its own), and the VAE file if given. A
+    Flux diffusion-model file needs both of Flux's; an SD checkpoint takes none; real images
+    need a VAE. Each refusal is one line naming the file or the flag to add."""
+    model_path = Path(model_path)
+    flux = arch in FLUX_ARCHS
+    if text_encoders and not flux:
+        raise CheckpointError(f"--text-encoder is for Flux.1 models: {model_path.name} is an SD checkpoint and carries its own")
+    if vae:
+        vae = Path(vae)
+        if not vae.is_file():
+            raise CheckpointError(f"VAE not found: {vae}")
+        vae_kind, _ = classify_keys(header_tensors(vae))
+        if vae_kind != "vae":
+            raise CheckpointError(f"{vae} is {_KIND_WORDS.get(vae_kind, 'not a model file ComfyUI reads')}, not a VAE: --vae takes "
+                                  "the model's autoencoder (Flux.1: ae.safetensors, models/vae)")
+        if not flux:
+            raise CheckpointError(f"--vae is for Flux.1 models: {model_path.name} is an SD checkpoint and carries its own")
+    roles: dict[str, Path] = {}
+    for given in text_encoders or ():
+        path = Path(given)
+        if not path.is_file():
+            raise CheckpointError(f"text encoder not found: {path}")
+        role = text_encoder_role(path)
+        if role is None:
+            what = _KIND_WORDS.get(classify_keys(header_tensors(path))[0], "another text encoder")
+            raise CheckpointError(f"{path} is {what}, not one of Flux.1's text encoders (clip_l, t5xxl)")
+        if role in roles:
+            raise CheckpointError(f"--text-encoder: {roles[role].name} and {path.name} are both {role}; Flux.1 takes one clip_l "
+                                  "and one t5xxl file")
+        roles[role] = path
+    missing = [role for role in FLUX_TEXT_ENCODERS if role not in roles]
+    if flux and kind == "unet" and missing:
+        flags = " ".join(f"--text-encoder {FLUX_TEXT_ENCODERS[role]}" for role in missing)
+        raise CheckpointError(f"{model_path.name} is a Flux diffusion model without its text encoders: add {flags} "
+                              f"(models/text_encoders; the files ComfyUI's DualCLIPLoader reads with type flux)")
+    if flux and roles and missing:
+        raise CheckpointError(f"--text-encoder: Flux.1 takes both clip_l and t5xxl; add --text-encoder {FLUX_TEXT_ENCODERS[missing[0]]}")
+    if flux and kind == "unet" and images and not vae:
+        raise CheckpointError(f"--images: the real images are encoded with the model's VAE, which {model_path.name} does not "
+                              "hold: add --vae ae.safetensors (models/vae)")
+    return roles
+
+
+_KIND_WORDS = {"lora": "a LoRA", "vae": "a VAE", "text_encoder": "a text encoder", "unet": "a diffusion model",
+               "checkpoint": "a full checkpoint", "unknown": "not a model file ComfyUI reads"}
+
+
+def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None, text_encoders: dict[str, Path] | None = None,
+                    vae: str | Path | None = None) -> LoadedCheckpoint:
+    """Load a single-file checkpoint, or a Flux diffusion-model file, with ComfyUI's loaders
+    (CheckpointLoaderSimple's, UNETLoader's); ``text_encoders`` ({role: path}, from
+    ``check_text_encoders``) through DualCLIPLoader's (type flux), ``vae`` through VAELoader's.
+    Refuse clearly what is unsupported. A Flux model may come without a VAE (``vae`` None:
+    no real images, no sample grids)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -247,20 +362,41 @@ def load_checkpoint(path: str | Path, weight_dtype: torch.dtype | None = None) -
     import comfy.sd
 
     state_dict, metadata = _read_state_dict(path)
-    kind, _ = classify_keys(state_dict)
-    refuse_non_checkpoint(path, kind)
+    kind, arch = classify_keys(state_dict)
+    refuse_non_checkpoint(path, kind, arch)
     options = {"dtype": weight_dtype} if weight_dtype is not None else {}
     try:
-        out = comfy.sd.load_state_dict_guess_config(state_dict, output_vae=True, output_clip=True, model_options=options, metadata=metadata)
+        if kind == "unet":  # a Flux diffusion-model file: the UNETLoader's route
+            model, clip, vae_model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=options, metadata=metadata), None, None
+            out = None if model is None else (model,)
+        else:
+            out = comfy.sd.load_state_dict_guess_config(state_dict, output_vae=True, output_clip=not text_encoders,
+                                                        model_options=options, metadata=metadata)
+            if out is not None:
+                model, clip, vae_model = out[0], out[1], out[2]
+        del state_dict
+        if out is None or model is None:
+            raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path} (unsupported architecture)")
+        if text_encoders:
+            clip = comfy.sd.load_clip([str(text_encoders[role]) for role in FLUX_TEXT_ENCODERS], clip_type=comfy.sd.CLIPType.FLUX)
+        if vae:
+            vae_model = comfy.sd.VAE(sd=_read_state_dict(Path(vae), what="VAE")[0])
+    except (CheckpointError, UnsupportedModel):
+        raise
     except Exception as exc:
         raise CheckpointError(f"ComfyUI could not load {path}: {type(exc).__name__}: {exc}") from exc
-    if out is None or out[0] is None:
-        raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path} (unsupported architecture)")
-    model, clip, vae = out[0], out[1], out[2]
     family = detect_family(model)
-    if clip is None or vae is None:
-        raise CheckpointError(f"{path} holds no {'text encoder' if clip is None else 'VAE'}: a full single-file checkpoint is needed")
-    return LoadedCheckpoint(path=path, family=family, model=model, clip=clip, vae=vae)
+    flux = family.prediction == "flow"
+    if clip is None:
+        raise CheckpointError(f"{path} holds no text encoder: " + ("add --text-encoder clip_l.safetensors --text-encoder "
+                              "t5xxl_fp16.safetensors" if flux else "a full single-file checkpoint is needed"))
+    if vae_model is None and not flux:
+        raise CheckpointError(f"{path} holds no VAE: a full single-file checkpoint is needed")
+    channels = model.model.latent_format.latent_channels
+    if vae_model is not None and vae_model.latent_channels != channels:
+        raise CheckpointError(f"the VAE {Path(vae).name if vae else path.name} makes {vae_model.latent_channels}-channel latents, "
+                              f"the model takes {channels}: give the model's own VAE (Flux.1: ae.safetensors)")
+    return LoadedCheckpoint(path=path, family=family, model=model, clip=clip, vae=vae_model)
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""``dmd2-train``: distil a community SD1.5/SDXL checkpoint into a few-step DMD2 LoRA.
+"""``dmd2-train``: distil a community SD1.5/SDXL checkpoint (or a Flux.1 [dev] model) into a few-step DMD2 LoRA.
 
     dmd2-train --checkpoint model.safetensors --prompts prompts.txt --output runs/mine \\
         [--images real/] [--config run.toml] [--set key=value ...]
+    dmd2-train --checkpoint flux1-dev.safetensors --text-encoder clip_l.safetensors \\
+        --text-encoder t5xxl_fp16.safetensors [--vae ae.safetensors] --prompts ... --output ...
 
 Settings come from the per-architecture defaults (the architecture is read from the
 checkpoint), then the TOML file, then the command line. The algorithm's keys are those of
@@ -104,6 +106,13 @@ examples:
              --init-lora ComfyUI/models/loras/dmd2_sdxl_4step_lora_fp16.safetensors \\
              --prompts prompts.txt --images real_images/ --output runs/myFinetune-from-dmd2
 
+  # a Flux.1 [dev] finetune (models/diffusion_models) -> 4-step LoRA; its text encoders and VAE
+  # as ComfyUI's DualCLIPLoader (type flux) and VAELoader read them (docs/training.md, "Flux.1 [dev]")
+  dmd2-train --checkpoint ComfyUI/models/diffusion_models/myFluxFinetune.safetensors \\
+             --text-encoder ComfyUI/models/text_encoders/clip_l.safetensors \\
+             --text-encoder ComfyUI/models/text_encoders/t5xxl_fp16.safetensors \\
+             --vae ComfyUI/models/vae/ae.safetensors --prompts prompts.txt --output runs/myFlux-4step
+
   From a ComfyUI install without installing the pack, with ComfyUI's own Python:
     python ComfyUI/custom_nodes/comfyui-dmd2/dmd2_train.py --checkpoint ... (same flags)
 
@@ -130,22 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     run = RunConfig()
     p = argparse.ArgumentParser(
         prog="dmd2-train",
-        description="Distil an SD1.5/SDXL single-file checkpoint into a few-step DMD2 LoRA for ComfyUI. "
+        description="Distil an SD1.5/SDXL single-file checkpoint or a Flux.1 [dev] model into a few-step DMD2 LoRA for ComfyUI. "
         "Writes the LoRA (the generator's moving average), a workflow that uses it, sample grids, "
         "loss curves and resumable checkpoints into --output.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with run and dmd2 keys (default: none)")
-    p.add_argument("--checkpoint", metavar="FILE", help="the SD1.5/SDXL single-file checkpoint to distil, .safetensors preferred (required)")
+    p.add_argument("--checkpoint", metavar="FILE", help="the SD1.5/SDXL single-file checkpoint to distil, .safetensors preferred, or a "
+                   "Flux.1 [dev] model (a models/diffusion_models file, or a full checkpoint) (required)")
+    p.add_argument("--text-encoder", dest="text_encoders", action="append", metavar="FILE",
+                   help="Flux.1: a text encoder file, given twice: clip_l and t5xxl (models/text_encoders, what ComfyUI's "
+                   "DualCLIPLoader reads with type flux); needed with a diffusion-model file (default: the checkpoint's own)")
+    p.add_argument("--vae", metavar="FILE", help="Flux.1: the VAE file (ae.safetensors, models/vae); needed with --images, and for "
+                   "the sample grids (default: the checkpoint's own; none for a diffusion-model file: no sample grids)")
     p.add_argument("--prompts", metavar="FILE", help="text file, one training prompt per line, # comments (required)")
     p.add_argument("--images", metavar="DIR", help="folder of real images, captions in image.txt / image.caption (default: none, and no GAN loss)")
     p.add_argument("--output", metavar="DIR", help="output folder; a folder with checkpoints is resumed (required)")
     p.add_argument("--steps", type=int, help=f"DMD2 training iterations, >= 1 ({_defaults('steps')})")
     p.add_argument("--seed", type=int, help=f"random seed ({_defaults('seed')})")
-    p.add_argument("--resolution", type=int, help="image side in pixels, a multiple of 8 (default: 1024 for SDXL, 512 for SD1.5)")
+    p.add_argument("--resolution", type=int, help="image side in pixels, a multiple of 8 (default: 1024 for SDXL and Flux.1, 512 for SD1.5)")
     p.add_argument("--timesteps", help="the student's schedule: 4-step (999,749,499,249), 1-step (399 for SDXL, 999 for SD1.5, "
-                   "as in the reference) or a list such as 999,499 (default: 4-step)")
+                   "as in the reference; 999 for Flux.1 [dev]) or a list such as 999,499 (default: 4-step)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help=f"samples per micro-batch and process ({_defaults('batch_size')})")
     p.add_argument("--grad-accum", type=int, dest="grad_accum", help=f"micro-batches accumulated per update ({_defaults('grad_accum')})")
     p.add_argument("--ema-decay", type=float, dest="ema_decay", help=f"generator moving average per generator update, 0 = off ({_defaults('ema_decay')})")
@@ -256,9 +271,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
         for name, table in tables.items():
             route(table, f"[{name}] of {path}")
         # Paths in the file are relative to the file.
-        for key in ("checkpoint", "prompts", "images", "output", "init_lora"):
+        for key in ("checkpoint", "prompts", "images", "output", "init_lora", "vae"):
             if run_values.get(key) and not Path(run_values[key]).is_absolute():
                 run_values[key] = str(path.parent / run_values[key])
+        if isinstance(run_values.get("text_encoders"), list):
+            run_values["text_encoders"] = [str(path.parent / p) for p in run_values["text_encoders"]]
     route(parse_overrides(args.overrides), "--set")
     for key in run_keys | DMD2_FLAGS:
         value = getattr(args, key, None)
@@ -331,6 +348,12 @@ def workflow_ui(checkpoint_name: str, lora_name: str, prompt: str, resolution: i
                          40, 240, 340, 90))
         links[0] = [1, 1, 0, 8, 0, "MODEL"]
         links.append([9, 8, 0, 2, 0, "MODEL"])
+    return _ui_graph(specs, links)
+
+
+def _ui_graph(specs, links) -> dict:
+    """A litegraph workflow from node specs (id, type, widget values, inputs, outputs, x, y, w,
+    h) and links ([link id, from node, from slot, to node, to slot, type])."""
     nodes = []
     for order, (node_id, kind, widgets, inputs, outputs, x, y, width, height) in enumerate(specs):
         nodes.append({
@@ -343,6 +366,93 @@ def workflow_ui(checkpoint_name: str, lora_name: str, prompt: str, resolution: i
             "widgets_values": widgets,
         })
     return {"last_node_id": max(s[0] for s in specs), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def flux_preset(timesteps: Sequence[int]) -> str | None:
+    """The DMD2Generate flow preset that samples a Flux.1 [dev] student trained on ``timesteps``
+    (the N-step trailing list on the flow grid is the preset's N times, on the model's shift)."""
+    from ..nodes.families import FLOW_RECIPES
+
+    return next((r.name for r in FLOW_RECIPES if r.rule == "dmd2" and r.base == "flux_dev"
+                 and bases.FLUX_DEV.trailing_timesteps(r.steps) == tuple(timesteps)), None)
+
+
+def flux_workflow(model_name: str, lora_name: str, prompt: str, resolution: int, preset: str, clip_names: Sequence[str] | None,
+                  vae_name: str | None, checkpoint: bool = False, seed: int = 0) -> tuple[dict, dict]:
+    """(API graph, UI graph) sampling a Flux.1 [dev] LoRA: the model (UNETLoader, or
+    CheckpointLoaderSimple for a full checkpoint), its text encoders (DualCLIPLoader type flux,
+    ``clip_names`` clip_l then t5xxl; None: the checkpoint's), its VAE (VAELoader; None: the
+    checkpoint's), the LoRA, DMD2Generate on the flow preset (its embedded guidance 3.5),
+    decode, save. The 16-channel latent comes from EmptySD3LatentImage."""
+    loader = ("CheckpointLoaderSimple", {"ckpt_name": model_name}) if checkpoint else ("UNETLoader", {"unet_name": model_name, "weight_dtype": "default"})
+    api = {"1": {"class_type": loader[0], "inputs": loader[1]}}
+    clip, vae = ["1", 1], ["1", 2]
+    if clip_names:
+        api["8"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": clip_names[0], "clip_name2": clip_names[1], "type": "flux"}}
+        clip = ["8", 0]
+    if vae_name:
+        api["9"] = {"class_type": "VAELoader", "inputs": {"vae_name": vae_name}}
+        vae = ["9", 0]
+    api.update({
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": prompt}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": resolution, "height": resolution, "batch_size": 1}},
+        "5": {"class_type": "DMD2Generate", "inputs": {"model": ["2", 0], "positive": ["3", 0], "latent_image": ["4", 0], "seed": seed,
+                                                     "preset": preset, "custom_timesteps": "", "cfg": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": vae}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "dmd2"}},
+    })
+    outputs = [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")] if checkpoint else [("MODEL", "MODEL")]
+    specs = [(1, loader[0], list(loader[1].values()), [], outputs, 40, 60, 340, 100 if checkpoint else 90)]
+    if clip_names:
+        specs.append((8, "DualCLIPLoader", [*clip_names, "flux", "default"], [], [("CLIP", "CLIP")], 40, 240, 340, 130))
+    if vae_name:
+        specs.append((9, "VAELoader", [vae_name], [], [("VAE", "VAE")], 40, 440, 340, 60))
+    specs += [
+        (2, "LoraLoaderModelOnly", [lora_name, 1.0], [("model", "MODEL")], [("MODEL", "MODEL")], 510, 60, 340, 90),
+        (3, "CLIPTextEncode", [prompt], [("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], 510, 240, 340, 140),
+        (4, "EmptySD3LatentImage", [resolution, resolution, 1], [], [("LATENT", "LATENT")], 510, 470, 340, 110),
+        (5, "DMD2Generate", [seed, "fixed", preset, "", 1.0], [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")],
+         [("LATENT", "LATENT")], 980, 60, 340, 190),
+        (6, "VAEDecode", [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")], 1450, 60, 210, 50),
+        (7, "SaveImage", ["dmd2"], [("images", "IMAGE")], [], 1450, 200, 400, 440),
+    ]
+    ends = [(["1", 0], 2, 0, "MODEL"), (clip, 3, 0, "CLIP"), (["2", 0], 5, 0, "MODEL"), (["3", 0], 5, 1, "CONDITIONING"),
+            (["4", 0], 5, 2, "LATENT"), (["5", 0], 6, 0, "LATENT"), (vae, 6, 1, "VAE"), (["6", 0], 7, 0, "IMAGE")]
+    links = [[i, int(src[0]), src[1], dst, slot, kind] for i, (src, dst, slot, kind) in enumerate(ends, start=1)]
+    return api, _ui_graph(specs, links)
+
+
+def write_flux_workflows(output: Path, run: RunConfig, kind: str, text_encoders: dict, lora_name: str, prompt: str, resolution: int,
+                         timesteps: Sequence[int]) -> None:
+    """workflow_api.json and workflow.json for a Flux.1 [dev] run, naming the files as ComfyUI
+    lists them (or by file name, said in a line, when they are outside its model folders); none
+    when no flow preset samples the trained timesteps (said in a line)."""
+    from .data import write_text_atomic
+
+    preset = flux_preset(timesteps)
+    if preset is None:
+        log.info("no workflow written: DMD2Generate has no flow preset for timesteps %s (it samples the 4- and 8-step "
+                 "trailing lists); sample the LoRA with a sampler on those flow times", ",".join(map(str, timesteps)))
+        return
+
+    def name(path: Path, folder: str) -> str:
+        found = comfy_model_name(path, folder)
+        if found is None:
+            log.info("the workflow names %s by its file name: it is outside ComfyUI's %s folder, put it there to use the workflow",
+                     path.name, folder)
+        return found or path.name
+
+    checkpoint = kind == "checkpoint"
+    model_name = name(Path(run.checkpoint), "checkpoints" if checkpoint else "diffusion_models")
+    clip_names = [name(Path(text_encoders[role]), "text_encoders") for role in ("clip_l", "t5xxl")] if text_encoders else None
+    vae_name = name(Path(run.vae), "vae") if run.vae else (None if checkpoint else "ae.safetensors")
+    if not run.vae and not checkpoint:
+        log.info("the workflow names the VAE ae.safetensors (Flux.1's, models/vae): no --vae was given")
+    api, ui = flux_workflow(model_name, lora_name, prompt, resolution, preset, clip_names, vae_name, checkpoint)
+    write_text_atomic(output / "workflow_api.json", json.dumps(api, indent=2))
+    write_text_atomic(output / "workflow.json", json.dumps(ui, indent=2))
+    log.info("wrote %s: copy it into ComfyUI's models/loras and open %s", output / lora_name, output / "workflow.json")
 
 
 # --- checks before loading ------------------------------------------------------------------
@@ -470,7 +580,7 @@ def train(argv: Sequence[str] | None = None):
     """Run the command; returns (trainer, backend, output folder). Raises on bad input, and
     ``Stopped`` when a signal stopped it (after saving a checkpoint)."""
     from . import checkpoint as C
-    from .config import FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
+    from .config import FULL_FAKE_SCORE_LR, RUN_ARCH_DEFAULTS, ConfigError, DMD2Config
     from .data import (
         cache_key,
         check_resolution,
@@ -502,12 +612,16 @@ def train(argv: Sequence[str] | None = None):
     image_paths = list_images(run.images) if run.images else []
     captions = [read_caption(p) for p in image_paths]
     kind, arch = C.peek_checkpoint(run.checkpoint)  # the header only, for .safetensors
-    C.refuse_non_checkpoint(Path(run.checkpoint), kind)
+    C.refuse_non_checkpoint(Path(run.checkpoint), kind, arch)
+    if arch in C.FLUX_ARCHS:
+        C.peek_family(run.checkpoint)  # [schnell] and other Flux variants refused before anything else
     if "arch" in dmd2_values and dmd2_values["arch"] != arch:
         raise ConfigError(f"config says arch={dmd2_values['arch']!r} but {run.checkpoint} is an {arch} checkpoint")
+    run = dataclasses.replace(run, **{k: v for k, v in RUN_ARCH_DEFAULTS.get(arch, {}).items() if k not in given})
     init = read_init_lora(run.init_lora) if run.init_lora else None
     if init is not None:
-        check_init_arch(init, checkpoint_context_dim(run.checkpoint), f"{Path(run.checkpoint).name} ({bases.get_family(arch).label})")
+        check_init_arch(init, checkpoint_context_dim(run.checkpoint), f"{Path(run.checkpoint).name} ({bases.get_family(arch).label})",
+                        flux_model=arch in C.FLUX_ARCHS)
         run = adopt_init_lora(run, init, log.info)
     config = DMD2Config.for_arch(arch, **{k: v for k, v in dmd2_values.items() if k != "arch"})
     run, layout = one_step_layout(run, arch, config.generator_timesteps, given)
@@ -524,6 +638,8 @@ def train(argv: Sequence[str] | None = None):
     check_resolution(resolution)
     if args.estimate:
         return estimate(run, config, arch, resolution, args.memory_budget, with_images=bool(image_paths), world_size=args.world_size)
+    # Flux.1: its text encoder and VAE files, checked before any weight is read.
+    text_encoders = C.check_text_encoders(run.checkpoint, kind, arch, run.text_encoders, run.vae, images=bool(image_paths))
     device = resolve_device(run.device)
     if run.mixed_precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ConfigError("--mixed-precision bf16: this GPU has no bf16; use --mixed-precision fp16 (trained with loss "
@@ -551,7 +667,7 @@ def train(argv: Sequence[str] | None = None):
 
         precision = run.mixed_precision or default_precision(device)
         base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision] if on_gpu else torch.float32
-        loaded = C.load_checkpoint(run.checkpoint, weight_dtype=base_dtype)
+        loaded = C.load_checkpoint(run.checkpoint, weight_dtype=base_dtype, text_encoders=text_encoders, vae=run.vae or None)
         if loaded.arch != arch:
             raise C.UnsupportedModel(f"{run.checkpoint} looked like an {arch} checkpoint but ComfyUI loads it as {loaded.arch}")
         family = loaded.family  # on the model's own sigma table
@@ -568,11 +684,15 @@ def train(argv: Sequence[str] | None = None):
 
         # 2. Encode once (cached by checkpoint hash and inputs), then drop the encoders.
         ckpt_hash = file_sha256(run.checkpoint, cache if dist.main else None)
+        # Flux: the conditions come from the text encoder files, the latents from the VAE file.
+        te_hashes = [file_sha256(p, cache if dist.main else None) for p in text_encoders.values()]
+        vae_hash = file_sha256(run.vae, cache if dist.main else None) if run.vae else None
         texts = C.RunTexts(prompts, sample_prompts, captions)
         check_same_inputs(dist, checkpoint=ckpt_hash, prompts=texts.all(), images=[(p.name, p.stat().st_size) for p in image_paths],
                           settings=resume_settings(run, config, resolution, family) | init_settings(run, init)
-                          | {"shard_fake_score": run.shard_fake_score})
-        text_file = cache / f"text-{cache_key(ckpt_hash, texts.all(), resolution)}.safetensors"
+                          | {"shard_fake_score": run.shard_fake_score}, text_encoders=te_hashes, vae=vae_hash)
+        text_source = [ckpt_hash, *te_hashes] if te_hashes else ckpt_hash
+        text_file = cache / f"text-{cache_key(text_source, texts.all(), resolution)}.safetensors"
         cached = load_cached(text_file)
         if cached is None:
             encoded = C.encode_prompts(loaded, texts.all(), resolution)
@@ -583,7 +703,7 @@ def train(argv: Sequence[str] | None = None):
         real_latents = None
         if image_paths:
             stats = [(p.name, p.stat().st_size, p.stat().st_mtime) for p in image_paths]
-            latent_file = cache / f"latents-{cache_key(ckpt_hash, stats, resolution)}.safetensors"
+            latent_file = cache / f"latents-{cache_key([ckpt_hash, vae_hash] if vae_hash else ckpt_hash, stats, resolution)}.safetensors"
             cached_latents = load_cached(latent_file)
             if cached_latents is None:
                 cached_latents = {"latents": C.encode_images(loaded, image_paths, resolution)}
@@ -591,6 +711,11 @@ def train(argv: Sequence[str] | None = None):
                     save_cached(latent_file, cached_latents)
             real_latents = cached_latents["latents"]
         loaded.clip = None  # the text encoders are not needed any more
+        if on_gpu:  # ComfyUI's manager keeps what it loaded for encoding (Flux: T5-XXL, 9.5 GB in fp16) on the
+            import comfy.model_management  # GPU; the backend places the base itself, so nothing would evict them
+
+            comfy.model_management.unload_all_models()
+            comfy.model_management.soft_empty_cache()
         data, sample_conds = texts.split(conds, real_latents, config.uncond)
 
         # 3. The run (backend and trainer on the frozen base), resumed from the newest checkpoint.
@@ -634,8 +759,11 @@ def train(argv: Sequence[str] | None = None):
     seeds = [run.sample_seeds[i % len(run.sample_seeds)] for i in range(len(sample_conds))]
     labels = [f"{prompt} (seed {seed})" for prompt, seed in zip(sample_prompts, seeds)]
 
+    if dist.main and loaded.vae is None:
+        log.info("no --vae: no sample grids are drawn (the LoRA and the workflow are written as usual)")
+
     def write_samples(step: int) -> None:
-        if not dist.main:
+        if not dist.main or loaded.vae is None:
             return
         images = C.decode_latents(loaded, training.sample(sample_conds, seeds))
         title = f"step {step}/{total} ({config.generator_updates(step)} generator updates), {len(config.generator_timesteps)}-step"
@@ -683,17 +811,20 @@ def train(argv: Sequence[str] | None = None):
         training.export(output / lora_name, metadata)
         if run.export_raw:
             training.export(output / lora_name.replace(".safetensors", "_raw.safetensors"), metadata, averaged=False)
-        ckpt_name = comfy_model_name(Path(run.checkpoint))
-        if ckpt_name is None:
-            ckpt_name = Path(run.checkpoint).name
-            log.info("the workflow names the checkpoint %s: it is outside ComfyUI's checkpoints folder, put it there to use the workflow", ckpt_name)
-        # No ModelSamplingDiscrete node (``sampling_node``): the workflow's CheckpointLoaderSimple
-        # reads the file as this run did (ComfyUI's same loader: v_pred/ztsnr keys, SD2's test).
-        graph = workflow_api(ckpt_name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
-        write_text_atomic(output / "workflow_api.json", json.dumps(graph, indent=2))
-        ui = workflow_ui(ckpt_name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
-        write_text_atomic(output / "workflow.json", json.dumps(ui, indent=2))
-        log.info("wrote %s: copy it into ComfyUI's models/loras and open %s", output / lora_name, output / "workflow.json")
+        if family.prediction == "flow":
+            write_flux_workflows(output, run, kind, text_encoders, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
+        else:
+            ckpt_name = comfy_model_name(Path(run.checkpoint))
+            if ckpt_name is None:
+                ckpt_name = Path(run.checkpoint).name
+                log.info("the workflow names the checkpoint %s: it is outside ComfyUI's checkpoints folder, put it there to use the workflow", ckpt_name)
+            # No ModelSamplingDiscrete node (``sampling_node``): the workflow's CheckpointLoaderSimple
+            # reads the file as this run did (ComfyUI's same loader: v_pred/ztsnr keys, SD2's test).
+            graph = workflow_api(ckpt_name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
+            write_text_atomic(output / "workflow_api.json", json.dumps(graph, indent=2))
+            ui = workflow_ui(ckpt_name, lora_name, sample_prompts[0], resolution, config.generator_timesteps)
+            write_text_atomic(output / "workflow.json", json.dumps(ui, indent=2))
+            log.info("wrote %s: copy it into ComfyUI's models/loras and open %s", output / lora_name, output / "workflow.json")
     dist.barrier()
     return training.trainer, training.backend, output
 

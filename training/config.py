@@ -52,6 +52,27 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 for _name, _values in ARCH_DEFAULTS.items():
     _values.update(generator_timesteps=bases.get_family(_name).trailing_timesteps(4), uncond=bases.get_family(_name).uncond)
 
+# Flux.1 [dev] (#25). Its real score is the base called with its embedded guidance 3.5
+# (``bases.flux.FLUX_GUIDANCE``, passed by the backend to every forward): NVIDIA FastGen's Flux DMD2
+# config sets ``net.guidance_scale = 3.5`` and no CFG, and the FLUX.1-dev model card's example uses
+# guidance_scale=3.5; so real_guidance_scale is 1 (no second, unconditional pass). The student's
+# timesteps are the 4-step trailing list on the flow training grid, 999, 749, 499, 249 = the flow
+# times 1, 0.75, 0.5, 0.25 shifted toward noise by the model's own shift (3.16 at 1024 px; the
+# shift DMD2 issue #62 and FastGen's Flux students found necessary). FastGen's Flux DMD2 runs
+# full fine-tuning at 1e-5 (generator, fake score and discriminator alike) with a generator GAN
+# weight of 0.03; a LoRA update scaled by alpha/rank = 1/8 needs a larger rate, so the rates,
+# the 5:1 update ratio and the GAN weights are SDXL's LoRA values (the DMD2 SDXL LoRA script;
+# ours for LoRA F). ``uncond`` is the empty prompt: read only for real images without a caption
+# (scored unconditionally), never for guidance.
+ARCH_DEFAULTS["flux_dev"] = {**ARCH_DEFAULTS["sdxl"], "real_guidance_scale": 1.0, "uncond": "empty",
+                             "generator_timesteps": bases.FLUX_DEV.trailing_timesteps(4)}
+
+# Run defaults that differ per arch (``RunConfig`` keys a run leaves unset). Flux.1 [dev]: LoRA
+# rank 32, alpha 4 (the DMD2 SDXL LoRA's alpha/rank of 1/8, so a learning rate means the same
+# step): at rank 64 the "dmd2" set of its 19 double and 38 single blocks is 224 M parameters per
+# LoRA, LoRA G and F with AdamW 7.2 GB beside a 12 GB fp8 base on a 24 GB card; rank 32 halves it.
+RUN_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {"flux_dev": {"lora_rank": 32, "lora_alpha": 4.0}}
+
 
 # The fake score's rate when it is a full network (``dmd2-train --fake-score full``): SDXL the
 # reference's ``--guidance_lr`` 5e-5 (X4L, where it equals the LoRA generator's rate). SD1.5's
@@ -61,13 +82,14 @@ for _name, _values in ARCH_DEFAULTS.items():
 # throughout (the fake score lags, the DM gradient shrinks; docs/digits.md, "The full fake
 # score's rate"), so SD1.5 (and SD2.x, which takes its defaults) runs at half the generator's
 # rate, 2.5e-5. ``lr_fake_score`` above is for a LoRA F (docs/training.md).
-FULL_FAKE_SCORE_LR = {"sdxl": 5e-5, "sd15": 2.5e-5, "sd2": 2.5e-5}
+FULL_FAKE_SCORE_LR = {"sdxl": 5e-5, "sd15": 2.5e-5, "sd2": 2.5e-5, "flux_dev": 1e-5}  # Flux: FastGen's Flux DMD2 fake-score rate
 
 
 # Student schedules by name, from each family: its 4-step trailing list (999, 749, 499, 249:
 # the reference's) and its 1-step conditioning timestep (the reference's 1-step students
 # condition at 399 for SDXL, experiments/sdxl/sdxl_cond399_*.sh, and at its default 999 for
-# SD1.5, the released dmd2_sd15_1step_unet_fid8.35.bin; SD2.x at 999).
+# SD1.5, the released dmd2_sd15_1step_unet_fid8.35.bin; SD2.x at 999; Flux.1 [dev] at 999, pure
+# noise on the flow grid, as FastGen's 1-step flow students start).
 TIMESTEP_PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
     name: {"4-step": bases.get_family(name).trailing_timesteps(4), "1-step": (bases.get_family(name).one_step_timestep,)}
     for name in ARCH_DEFAULTS
@@ -156,7 +178,7 @@ class DMD2Config:
 
     @classmethod
     def for_arch(cls, arch: str, **overrides: Any) -> DMD2Config:
-        """The reference defaults for ``arch`` ('sdxl', 'sd15' or 'sd2'), then ``overrides``.
+        """The reference defaults for ``arch`` ('sdxl', 'sd15', 'sd2' or 'flux_dev'), then ``overrides``.
         ``generator_timesteps`` may name a preset of the arch (``TIMESTEP_PRESETS``)."""
         if arch not in ARCH_DEFAULTS:
             raise ConfigError(f"unknown arch {arch!r}; expected one of {sorted(ARCH_DEFAULTS)}")

@@ -343,6 +343,12 @@ class InitLoRA:
                 return int(value.shape[1])
         return None
 
+    def is_flux(self) -> bool:
+        """Whether it adapts a Flux.1 transformer (kohya's lora_unet_double_blocks_0_..., ComfyUI's or
+        diffusers' paths: double/single blocks, transformer_blocks beside single_transformer_blocks)."""
+        flat = [k.replace(".", "_") for k in self.tensors]
+        return any("double_blocks_" in k or "single_blocks_" in k or "single_transformer_blocks_" in k for k in flat)
+
     def settings(self, fake_score_too: bool) -> dict:
         """What a resume must match (``checkpoints/step_N/settings.json``)."""
         return {"init_lora": {"file": self.name, "sha256": self.sha256, "fake_score_too": bool(fake_score_too)}}
@@ -391,10 +397,17 @@ def read_init_lora(path: str | Path) -> InitLoRA:
     return InitLoRA(path, tensors, ranks[0], alpha, file_sha256(path))
 
 
-def check_init_arch(init: InitLoRA, model_context_dim: int | None, model_name: str) -> None:
+def check_init_arch(init: InitLoRA, model_context_dim: int | None, model_name: str, flux_model: bool = False) -> None:
     """Refuse a LoRA made for another architecture, naming both (before the model loads:
-    ``model_context_dim`` is read from the checkpoint's header)."""
+    ``model_context_dim`` is read from the checkpoint's header; ``flux_model``: the model is a
+    Flux.1 transformer, whose LoRAs adapt its double and single blocks)."""
     dim = init.context_dim()
+    flux_lora = init.is_flux()
+    if flux_lora != flux_model:
+        made_for = "Flux.1 (double/single blocks)" if flux_lora else (
+            f"{_CONTEXT_FAMILIES.get(dim, 'an SD UNet')} (cross-attention dim {dim})" if dim else "an SD UNet")
+        raise LoRAError(f"init LoRA {init.name} was made for {made_for}, but {model_name} is "
+                        f"{'a Flux.1 model' if flux_model else 'an SD UNet'}")
     if dim is None or model_context_dim is None or dim == model_context_dim:
         return
 

@@ -43,6 +43,8 @@ class RunConfig:
     """What the command needs besides the algorithm: inputs, outputs, sizes, cadence."""
 
     checkpoint: str = ""
+    text_encoders: tuple[str, ...] = ()  # Flux.1: its clip_l and t5xxl files (DualCLIPLoader's), unless the checkpoint holds them
+    vae: str = ""  # Flux.1: its VAE file (ae.safetensors), for --images and the sample grids
     prompts: str = ""
     output: str = ""
     images: str = ""  # optional folder of real images (captions: image.txt / image.caption): the GAN loss
@@ -520,7 +522,7 @@ def resume_settings(run: RunConfig, config, resolution: int, family=None) -> dic
     settings are those of the versions before it); None: an eps base, the sampling unrecorded."""
     from .lora import resolve_targets
 
-    targets = resolve_targets(run.lora_targets)
+    targets = resolve_targets(run.lora_targets, *([family.network] if family is not None and family.network is not None else []))
     dmd2 = {k: v for k, v in config.to_dict().items() if k not in ("steps", "ema_on_cpu")}
     if dmd2.get("fake_loss_weighting") == "native":
         dmd2["fake_loss_weighting"] = "eps" if family is None else family.prediction
@@ -695,7 +697,7 @@ class Stopped(Exception):
 
 # kohya's ``ss_base_model_version`` of each base (sd-scripts' names; v-prediction SD1.5 has none of its own).
 SS_BASE_MODEL_VERSION = {("sdxl", "eps"): "sdxl_base_v1-0", ("sdxl", "v"): "sdxl_base_v1-0", ("sd15", "eps"): "sd_v1",
-                         ("sd15", "v"): "sd_v1", ("sd2", "eps"): "sd_v2", ("sd2", "v"): "sd_v2_768_v"}
+                         ("sd15", "v"): "sd_v1", ("sd2", "eps"): "sd_v2", ("sd2", "v"): "sd_v2_768_v", ("flux_dev", "flow"): "flux1"}
 
 
 class TrainingRun:
@@ -726,8 +728,9 @@ class TrainingRun:
             from .shard import device_mesh, shard_module
 
             shard = functools.partial(shard_module, mesh=device_mesh(self.dist, device))
+        channels = getattr(getattr(base_model, "latent_format", None), "latent_channels", 4)  # Flux: 16
         self.backend = SharedBaseBackend(
-            base_model, data, (4, resolution // 8, resolution // 8),
+            base_model, data, (channels, resolution // 8, resolution // 8),
             lora_rank=run.lora_rank, lora_alpha=run.lora_alpha, lora_targets=run.lora_targets, fake_score_rank=run.fake_score_rank or None,
             full_copies=("fake_score",) if run.fake_score == "full" else (),
             device=device, mixed_precision=run.mixed_precision or None,
@@ -882,6 +885,8 @@ class TrainingRun:
             "dmd2_config": json.dumps({"run": dataclasses.asdict(self.run), "dmd2": config.to_dict()}),
             "ss_base_model_version": SS_BASE_MODEL_VERSION.get((arch, self.family.prediction), "sd_v1"),
             "dmd2_init_lora": "" if self.init is None else f"{self.init.name} (sha256 {self.init.sha256})",
+            # the teacher's guidance input (Flux.1 [dev]: 3.5), what the student was distilled at
+            **({} if self.family.guidance is None else {"dmd2_embedded_guidance": self.family.guidance}),
         }
 
     def close(self) -> None:
