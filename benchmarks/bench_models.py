@@ -32,8 +32,9 @@ MODELS["sd15"] = ("sd15", {**MODELS["mid-sd15"][1], "model_channels": 320})  # S
 MODELS["tiny-sd15"] = ("sd15", {**MODELS["mid-sd15"][1], "model_channels": 32})  # the test models' width
 # Flux.1 [dev] as ComfyUI detects it from the released file (flux1-dev.safetensors: 19 double
 # and 38 single blocks, width 3072, 24 heads, T5-XXL 4096 context, CLIP-L 768 vector, embedded
-# guidance; 11.9 B parameters), and a mid-size one of the same structure for the CPU (width 768,
-# 12 heads of 64, 2 + 4 blocks: 0.24 B).
+# guidance; 11.9 B parameters); for the CPU, a mid-size one of the same structure (width 768,
+# 12 heads of 64, 2 + 4 blocks: 85 M) and one at Flux.1's width with 2 + 4 blocks (1.3 B: the
+# full-size layers, whose per-layer fp8 -> bf16 casts are the full model's).
 MODELS["flux-dev"] = ("flux_dev", {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
     "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
@@ -41,6 +42,7 @@ MODELS["flux-dev"] = ("flux_dev", {
 })
 MODELS["mid-flux"] = ("flux_dev", {**MODELS["flux-dev"][1], "hidden_size": 768, "num_heads": 12, "depth": 2,
                                    "depth_single_blocks": 4, "axes_dim": [8, 28, 28]})
+MODELS["wide-flux"] = ("flux_dev", {**MODELS["flux-dev"][1], "depth": 2, "depth_single_blocks": 4})
 
 
 def model_config(name: str, dtype: torch.dtype, compute: torch.dtype | None = None):

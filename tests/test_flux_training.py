@@ -14,7 +14,12 @@ import tiny_models
 import torch
 from comfyui_dmd2 import bases
 from comfyui_dmd2.bases.flux import DOUBLE_BLOCK_TARGETS, SINGLE_BLOCK_TARGETS
-from comfyui_dmd2.training.backend import Conditioning, SharedBaseBackend, TrainingData, export_generator_lora
+from comfyui_dmd2.training.backend import (
+    Conditioning,
+    SharedBaseBackend,
+    TrainingData,
+    export_generator_lora,
+)
 from comfyui_dmd2.training.config import DMD2Config
 from comfyui_dmd2.training.trainer import DMD2Trainer
 

@@ -312,3 +312,20 @@ def test_fp8_base_on_a_device_without_fp8_falls_back_to_bf16_in_one_line(monkeyp
     assert line == "fp8 base weights: mps cannot hold float8 tensors; the base is kept in bfloat16 instead (twice its memory)"
     with pytest.raises(ValueError, match="base dtype must be auto"):
         memory.base_weight_dtype("fp4", torch.bfloat16, "cpu")
+
+
+def test_base_dtype_fp8_loads_the_base_in_fp8_and_trains(tiny_checkpoints, tmp_path, capsys):
+    """``dmd2-train --base-dtype fp8`` (here on the tiny SD1.5, on the CPU): the frozen base is
+    loaded in float8 e4m3fn through ComfyUI's manual-cast layers and stays so, the LoRA trains
+    and is exported; ``--estimate`` names the base's storage in its first line."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\nblue sky\n")
+    common = ["--checkpoint", str(tiny_checkpoints["sd15"]), "--resolution", str(RES), "--lora-rank", "4", "--base-dtype", "fp8"]
+    trainer, backend, output = cli.train([*common, "--prompts", str(prompts), "--output", str(tmp_path / "out"), "--steps", "2",
+                                          "--grad-accum", "1", "--set", "warmup_steps=0", "--sample-every", "0", "--quiet"])
+    frozen = {k: v for k, v in backend.unet.state_dict().items() if ".adapters." not in k and v.is_floating_point()}
+    assert frozen and {v.dtype for v in frozen.values()} == {torch.float8_e4m3fn}
+    assert trainer.step_count == 2 and all(torch.isfinite(p).all() for _, p in backend.generator_parameters())
+    assert list(output.glob("*.safetensors"))
+    assert cli.main([*common, "--estimate"]) == 0
+    assert "base weights float8_e4m3fn computed in bf16" in capsys.readouterr().out.splitlines()[0]
