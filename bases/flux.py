@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .core import (
     MODEL_READERS,
@@ -76,22 +77,48 @@ class _ResidualCopy(torch.Tensor):
         return self + other
 
 
+class _FakeResidualCopy(_ResidualCopy, FakeTensor):
+    """The same for the fake tensors of the memory estimate (``FakeTensorMode``), which cannot be
+    re-wrapped (``as_subclass``) and whose operations give plain fake tensors: the class of a
+    view is set instead, and each ``+=`` result gets it too."""
+
+    def __iadd__(self, other):
+        return _as_class(FakeTensor.__add__(self, other), _FakeResidualCopy)
+
+
+def _as_class(t, cls):
+    t.__class__ = cls
+    return t
+
+
 _STREAMS = ("img", "txt", "x")  # the double blocks' two streams, the single blocks' one
+
+
+def _residual_copy(v):
+    if type(v) is torch.Tensor:
+        return v.as_subclass(_ResidualCopy)
+    if type(v) is FakeTensor:  # a view: the caller's tensor keeps its class
+        return _as_class(v.view_as(v), _FakeResidualCopy)
+    return v
+
+
+def _plain(v):
+    if type(v) is _FakeResidualCopy:
+        return _as_class(v, FakeTensor)  # a result made inside the block: no one else holds it
+    return v.as_subclass(torch.Tensor) if isinstance(v, _ResidualCopy) else v
 
 
 def _residuals_out_of_place(module, args, kwargs):
     """Forward pre-hook of a Flux block while gradients are on: its streams as _ResidualCopy."""
     if not torch.is_grad_enabled():
         return None
-    wrap = lambda v: v.as_subclass(_ResidualCopy) if type(v) is torch.Tensor else v
-    return (wrap(args[0]), *args[1:]) if args else args, {k: wrap(v) if k in _STREAMS else v for k, v in kwargs.items()}
+    return (_residual_copy(args[0]), *args[1:]) if args else args, {k: _residual_copy(v) if k in _STREAMS else v for k, v in kwargs.items()}
 
 
 def _plain_outputs(module, args, kwargs, output):
     """Forward hook: the block's outputs back as plain tensors (the rest of the model's in-place
     code runs on them as ComfyUI wrote it)."""
-    plain = lambda v: v.as_subclass(torch.Tensor) if isinstance(v, _ResidualCopy) else v
-    return tuple(plain(v) for v in output) if isinstance(output, tuple) else plain(output)
+    return tuple(_plain(v) for v in output) if isinstance(output, tuple) else _plain(output)
 
 
 class FluxNetwork(TransformerNetwork):

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import MODELS, model_config, random_data, random_model  # noqa: E402
+from bench_models import MODELS, dmd2_config, model_config, random_data, random_model  # noqa: E402
 
 
 def rss_gib() -> float:
@@ -55,6 +55,9 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     p.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"])
+    p.add_argument("--base-dtype", default="auto", choices=["auto", "fp8", "bf16", "fp16", "fp32"],
+                   help="the frozen base's weights (fp8: e4m3fn, each layer computed in --precision); auto: --precision's dtype")
+    p.add_argument("--ema-on-cpu", action="store_true", help="the generator's moving average in CPU memory (not counted)")
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--skip-measure", action="store_true", help="only the estimate")
     p.add_argument("--compare-reference", action="store_true",
@@ -69,39 +72,41 @@ def main() -> None:
 
     ensure_comfy(cpu=True)
     from comfyui_dmd2.training import memory as M
-    from comfyui_dmd2.training.config import DMD2Config
-    from comfyui_dmd2.training.run import RunConfig, TrainingRun
+    from comfyui_dmd2.training.run import RunConfig
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
     run = RunConfig(checkpoint="-", prompts="-", output="-", images="-", lora_rank=args.rank, mixed_precision=args.precision,
                     gradient_checkpointing=args.gradient_checkpointing, device="cpu", fake_score=args.fake_score,
                     fake_score_rank=args.fake_score_rank, lora_targets=tuple(args.lora_targets.split(",")))
     arch = MODELS[args.model][0]
-    config = DMD2Config.for_arch(arch, batch_size=args.batch_size, grad_accum=args.grad_accum)
+    config = dmd2_config(arch, batch_size=args.batch_size, grad_accum=args.grad_accum, ema_on_cpu=args.ema_on_cpu)
+    base_dtype, _ = M.base_weight_dtype(args.base_dtype, dtype, "cpu")  # the CPU holds fp8: no fallback
     fake = "full" if args.fake_score == "full" else f"LoRA rank {args.fake_score_rank or args.rank}"
+    base_name = str(base_dtype).removeprefix("torch.")
     figures = {"model": args.model, "resolution": args.resolution, "rank": args.rank, "fake_score": fake,
-               "lora_targets": args.lora_targets, "batch": args.batch_size,
+               "lora_targets": args.lora_targets, "batch": args.batch_size, "base_dtype": base_name, "ema_on_cpu": args.ema_on_cpu,
                "grad_accum": args.grad_accum, "precision": args.precision, "checkpointing": args.gradient_checkpointing}
 
     start = time.perf_counter()
     _, fake_config = model_config(args.model, dtype)
-    estimate = M.estimate_model(fake_config, run, config, args.resolution, gpu=True, with_images=True)
+    estimate = M.estimate_model(fake_config, run, config, args.resolution, gpu=True, with_images=True, base_dtype=args.base_dtype)
     figures["estimate_s"] = time.perf_counter() - start
     figures["estimate_gib"] = estimate.peak / M.GiB
     figures["estimate_parts_gib"] = {name: size / M.GiB for name, size in estimate.parts()}
     figures["forward_equivalents"] = estimate.forward_equivalents()
     print(f"{args.model} at {args.resolution} px, rank {args.rank}, fake score {fake}, targets {args.lora_targets}, "
           f"batch {args.batch_size} x {args.grad_accum}, "
-          f"{args.precision}, checkpointing {args.gradient_checkpointing}")
+          f"{args.precision}, base weights {base_name}, checkpointing {args.gradient_checkpointing}, "
+          f"moving average {'in CPU memory' if args.ema_on_cpu else 'on the device'}")
     print(f"estimate : {estimate.peak / M.GiB:7.2f} GiB  ({figures['estimate_s']:.0f} s on fake tensors)")
 
     if not args.skip_measure:
-        _, base = random_model(args.model, dtype)
+        _, base = random_model(args.model, base_dtype, compute=dtype)
         data = random_data(base.model_config.unet_config, args.resolution, prompts=2, real=2)
         rss_before = rss_gib()
-        training = TrainingRun(base, data, run, M.profiling_config(config), args.resolution, Path("."), device="cpu")
+        training = M.training_run(base, data, run, M.profiling_config(config), args.resolution, Path("."), device="cpu")
         start = time.perf_counter()
-        measured = M.profile_iterations(training, config)
+        measured = M.profile_iterations(training, config, ema_on_device=not args.ema_on_cpu)
         figures["measure_s"] = time.perf_counter() - start
         figures["measured_gib"] = measured.peak / M.GiB
         figures["measured_parts_gib"] = {name: size / M.GiB for name, size in measured.parts()}
@@ -119,7 +124,8 @@ def main() -> None:
     if args.compare_reference:
         start = time.perf_counter()
         _, fake_config = model_config(args.model, dtype)
-        full = M.estimate_model(fake_config, dataclasses.replace(run, fake_score="full"), config, args.resolution, gpu=True, with_images=True)
+        full = M.estimate_model(fake_config, dataclasses.replace(run, fake_score="full"), config, args.resolution, gpu=True, with_images=True,
+                                base_dtype=args.base_dtype)
         reference = full.peak + full.base_weights  # + the generator's own frozen copy of the base
         figures["full_fake_score_estimate_gib"] = full.peak / M.GiB
         figures["reference_estimate_gib"] = reference / M.GiB
@@ -132,7 +138,8 @@ def main() -> None:
     for n in (int(v) for v in args.world_size.split(",") if v):
         start = time.perf_counter()
         _, fake_config = model_config(args.model, dtype)
-        each = M.estimate_model(fake_config, run, config, args.resolution, gpu=True, with_images=True, world_size=n)
+        each = M.estimate_model(fake_config, run, config, args.resolution, gpu=True, with_images=True, world_size=n,
+                                base_dtype=args.base_dtype)
         figures.setdefault("per_gpu_estimate_gib", {})[n] = each.peak / M.GiB
         print(f"{n} processes: {each.peak / M.GiB:7.2f} GiB per GPU (of which {each.unshard_transient / M.GiB:.2f} GiB gathered "
               f"fake-score blocks; {time.perf_counter() - start:.0f} s)")

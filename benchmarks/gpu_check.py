@@ -9,9 +9,13 @@ exports it and loaded by ComfyUI's stock LoRA loader (every key used). Beside it
 estimate ``dmd2-train --estimate`` makes for the same settings (computed on the CPU in a
 parallel process while the GPU trains). Prints one table; ``--json`` keeps the figures.
 
-    bash benchmarks/gpu_check.sh                       # SDXL 1024, batch 1 and 2, bf16 (+ fp16)
+    bash benchmarks/gpu_check.sh                       # SDXL 1024, batch 1 and 2, bf16 (+ fp16); Flux.1 [dev] 1024 fp8 and bf16 base
     python benchmarks/gpu_check.py --device cpu --model mid-sd15 --resolution 64 --iterations 2 --precisions no   # smoke test
     python benchmarks/gpu_check.py --model sd15 --resolution 512 --batches 1 --precisions bf16 --fake-score full --iterations 10
+    python benchmarks/gpu_check.py --model flux-dev --resolution 1024 --rank 32 --batches 1 --precisions bf16 --base-dtype fp8 --iterations 10
+
+``--base-dtype fp8`` stores the random base in float8 e4m3fn, each layer computed in bf16
+through ComfyUI's manual-cast layers (``dmd2-train --base-dtype fp8``).
 """
 
 from __future__ import annotations
@@ -39,29 +43,32 @@ def start_estimate(args, precision: str, batch: int, out: Path) -> subprocess.Po
         return None
     cmd = [sys.executable, str(HERE / "bench_memory_estimate.py"), "--skip-measure", "--model", args.model,
            "--resolution", str(args.resolution), "--rank", str(args.rank), "--batch-size", str(batch), "--grad-accum", "1",
-           "--precision", precision, "--fake-score", args.fake_score, "--threads", "1", "--json", str(out)]
+           "--precision", precision, "--fake-score", args.fake_score, "--base-dtype", args.base_dtype,
+           "--threads", "1", "--json", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
 
 
 def check_one(args, precision: str, batch: int, folder: Path) -> dict:
-    from bench_models import random_data, random_model
-
+    from bench_models import dmd2_config, random_data, random_model
+    from comfyui_dmd2.training import memory
     from comfyui_dmd2.training.backend import export_generator_lora
-    from comfyui_dmd2.training.config import DMD2Config
-    from comfyui_dmd2.training.run import RunConfig, TrainingRun
+    from comfyui_dmd2.training.run import RunConfig
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision]
-    arch, base = random_model(args.model, dtype, device)
+    base_dtype, fallback = memory.base_weight_dtype(args.base_dtype, dtype, device)
+    if fallback:
+        print(fallback)
+    arch, base = random_model(args.model, base_dtype, device, compute=dtype)
     data = random_data(base.model_config.unet_config, args.resolution)
     run = RunConfig(checkpoint="-", prompts="-", output=str(folder), images="-", lora_rank=args.rank, mixed_precision=precision,
                     gradient_checkpointing="auto", device=str(device), fake_score=args.fake_score)
-    config = DMD2Config.for_arch(arch, batch_size=batch, grad_accum=1, steps=args.iterations)
+    config = dmd2_config(arch, batch_size=batch, grad_accum=1, steps=args.iterations)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    training = TrainingRun(base, data, run, config, args.resolution, folder, device=str(device))
+    training = memory.training_run(base, data, run, config, args.resolution, folder, device=str(device))
     trainer = training.trainer
     times: dict[str, list[float]] = {"generator": [], "fake": []}
     finite = True
@@ -73,7 +80,8 @@ def check_one(args, precision: str, batch: int, folder: Path) -> dict:
         if i >= 2 or args.iterations <= 2:  # the first iterations allocate and tune kernels
             times["generator" if metrics["generator_updated"] else "fake"].append(time.perf_counter() - start)
         finite &= all(math.isfinite(v) for k, v in metrics.items() if k.startswith("loss"))
-    result = {"precision": precision, "batch": batch, "iterations": args.iterations, "losses_finite": finite,
+    result = {"precision": precision, "base_dtype": str(base_dtype).removeprefix("torch."), "batch": batch,
+              "iterations": args.iterations, "losses_finite": finite,
               "generator_s": min(times["generator"], default=float("nan")), "fake_s": min(times["fake"], default=float("nan"))}
     if on_gpu:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -116,6 +124,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,2")
     p.add_argument("--precisions", default="bf16,fp16", help="fp16 is run where asked (GPUs without bf16 use it)")
     p.add_argument("--iterations", type=int, default=50, help="for batch 1 in the first precision; 10 for the others")
+    p.add_argument("--base-dtype", default="auto", choices=["auto", "fp8", "bf16", "fp16"],
+                   help="the frozen base's weights, as dmd2-train --base-dtype (auto: the precision's dtype)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-estimate", action="store_true")
     p.add_argument("--json", metavar="FILE")
@@ -149,8 +159,8 @@ def main() -> None:
         for line in estimates_file.read_text().splitlines():
             e = json.loads(line)
             estimates[(e["precision"], e["batch"])] = e["estimate_gib"]
-    print(f"{args.model} at {args.resolution} px, LoRA rank {args.rank}, fake score {args.fake_score}, GAN on, "
-          f"gradient checkpointing on, grad_accum 1")
+    print(f"{args.model} at {args.resolution} px, LoRA rank {args.rank}, fake score {args.fake_score}, base weights "
+          f"{args.base_dtype}, GAN on, gradient checkpointing on, grad_accum 1")
     print(f"{'precision':9s} {'batch':>5s} {'peak GiB':>9s} {'estimate':>9s} {'ratio':>6s} {'gen s/it':>9s} {'fake s/it':>9s} {'finite':>7s}  LoRA in ComfyUI")
     for r in results:
         if "error" in r:

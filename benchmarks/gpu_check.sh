@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (benchmarks/gpu_check.py): full-size SDXL at 1024 px, batch 1 and 2, bf16
 # and fp16, 50 iterations, export and ComfyUI's stock LoRA loader; then SD1.5 at 512 with a
-# full fake score (--fake-score full: bf16, batch 1, 10 iterations). About 7 minutes on an
-# H100/H200. Needs torch with CUDA and ComfyUI (COMFYUI_PATH, or the test env's copy). With 2
-# GPUs or more, then the 2-GPU NCCL run below (the tests' tiny models: needs the test env).
+# full fake score (--fake-score full: bf16, batch 1, 10 iterations): about 7 minutes on an
+# H100/H200; then Flux.1 [dev] at 1024 with an fp8 and a bf16 base (not yet timed). Needs
+# torch with CUDA and ComfyUI (COMFYUI_PATH, or the test env's copy). With 2 GPUs or more,
+# then the 2-GPU NCCL run below (the tests' tiny models: needs the test env).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -15,6 +16,16 @@ status=$?
 # the 1-step layout's full fake score where it is meant to fit: SD1.5 at 512
 "$PY" benchmarks/gpu_check.py --json "${OUT:-output}/gpu_check.jsonl" --model sd15 --resolution 512 --batches 1 \
     --precisions bf16 --fake-score full --iterations 10 || status=$?
+# Flux.1 [dev] (#25): the full-size transformer (random weights, 11.9 B parameters) at 1024 px,
+# batch 1, LoRA rank 32 on the "dmd2" targets, GAN on, checkpointing per block: the base in fp8
+# (e4m3fn, each layer computed in bf16: the 24 GB layout) and in bf16, 10 iterations each,
+# torch.cuda.max_memory_allocated against the estimate (docs/training.md's table). Written
+# without a GPU: not yet run (the estimate of each takes some minutes on one CPU thread, run
+# beside the GPU's iterations; the bf16 base needs a GPU of 40 GB or more).
+for base in fp8 bf16; do
+    "$PY" benchmarks/gpu_check.py --json "${OUT:-output}/gpu_check.jsonl" --model flux-dev --resolution 1024 --rank 32 \
+        --batches 1 --precisions bf16 --base-dtype $base --iterations 10 || status=$?
+done
 # several GPUs (#26): dmd2-train under torchrun on NCCL, 2 ranks on the tiny test models, 10
 # iterations, SIGTERM to one rank after 5, resume, export; with the command's own group
 # (cpu:gloo,cuda:nccl) and with an NCCL-only group made before it; then the full fake score

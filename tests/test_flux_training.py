@@ -6,7 +6,9 @@ kohya LoRA that ComfyUI's stock loader applies key for key."""
 import copy
 
 import comfy.lora
+import comfy.model_patcher
 import comfy.sd
+import comfy.supported_models
 import pytest
 import tiny_models
 import torch
@@ -171,3 +173,36 @@ def test_flux_training_resumes_bit_identically(flux_dev):
     for k, p in resumed_backend.generator_parameters():
         assert torch.equal(p, straight[k]), k
     resumed_backend.close()
+
+
+def test_an_fp8_base_trains_through_comfyuis_manual_cast_and_merged_layers_cast_it():
+    """A Flux base stored in float8 e4m3fn, each layer computed in bf16 by ComfyUI's manual-cast
+    layers (ComfyUI's fp8 loading; ``--base-dtype fp8``): LoRA G/F and the head train on it and
+    the base stays fp8 and unchanged; the merged mode (``lora_merged``) casts the fp8 weight
+    before adding the delta (fp8 has no arithmetic) and gives the unmerged output."""
+    from comfyui_dmd2.training import memory
+
+    model_config = comfy.supported_models.Flux(dict(tiny_models.FLUX_CONFIG))
+    memory.set_base_dtype(model_config, torch.float8_e4m3fn, torch.bfloat16)
+    base = model_config.get_model({})
+    tiny_models.init_weights_(base.diffusion_model, 0)
+    assert {p.dtype for p in base.diffusion_model.parameters()} == {torch.float8_e4m3fn}
+    before = {k: v.clone() for k, v in base.diffusion_model.state_dict().items()}
+    x = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(3))
+    cond = Conditioning(context=torch.cat([conditioning(0).context] * 2), y=torch.cat([conditioning(0).y] * 2))
+    outputs = []
+    for merged in (False, True):
+        torch.manual_seed(0)
+        backend = backend_for(comfy.model_patcher.ModelPatcher(base, "cpu", "cpu"), mixed_precision="bf16", lora_merged=merged)
+        with torch.no_grad():
+            for _, p in backend.generator_parameters():
+                p.add_(0.01)
+            outputs.append(backend.generator_x0(x, torch.tensor([999, 249]), cond))
+        history = DMD2Trainer(config(steps=2), backend).run(progress=False)
+        assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in history)
+        frozen = {k.replace(".base.", "."): v for k, v in backend.unet.state_dict().items() if ".adapters." not in k}
+        assert frozen.keys() == before.keys()
+        for key, value in frozen.items():  # the trained copy's base: still fp8, bit for bit
+            assert value.dtype == torch.float8_e4m3fn and torch.equal(value.view(torch.uint8), before[key].view(torch.uint8)), key
+        backend.close()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)  # bf16 compute, two orders of adds

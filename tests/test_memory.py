@@ -206,3 +206,126 @@ def test_work_report_counts_the_warm_start_teacher_forwards_of_fresh_pairs_and_a
     unguided = dataclasses.replace(config, regression_pairs=10_000, real_guidance_scale=1.0, regression_steps=10)
     assert "a pool of 10,000 pairs x 50 = 500,000" in memory.work_report(profile, unguided)[1] and "3.9x more than" in memory.work_report(profile, unguided)[1]
     assert len(memory.work_report(profile, dataclasses.replace(config, regression_steps=0))) == 1
+
+
+# --- Flux (#25): the estimate on a flow transformer, an fp8 base -----------------------------
+
+FLUX_RES = 128  # 8x8 tokens beside the prompt's 256 T5 tokens
+
+
+def _flux_config(**overrides) -> DMD2Config:
+    """The memory-relevant Flux settings (no CFG pass: the guidance is embedded; 4 steps) on
+    the defaults the tests use elsewhere for the tiny Flux (tests/test_flux_training.py)."""
+    return DMD2Config.for_arch("sd15", **{"real_guidance_scale": 1.0, "generator_timesteps": (999, 749, 499, 249), **overrides})
+
+
+def _flux_model_config(base_dtype: torch.dtype, compute: torch.dtype = torch.bfloat16):
+    import comfy.supported_models
+    import tiny_models
+
+    model_config = comfy.supported_models.Flux(dict(tiny_models.FLUX_CONFIG))
+    memory.set_base_dtype(model_config, base_dtype, compute)
+    return model_config
+
+
+def _flux_measured_peak(base_dtype: torch.dtype, run: RunConfig, config: DMD2Config, tmp_path: Path) -> int:
+    """One generator-update iteration of a real run on the tiny Flux (base in ``base_dtype``,
+    bf16 autocast, as on a GPU), a 256-token prompt as ComfyUI's Flux tokenizer pads it."""
+    import tiny_models
+
+    base = _flux_model_config(base_dtype).get_model({})
+    tiny_models.init_weights_(base.diffusion_model, 0)
+    gen = torch.Generator().manual_seed(0)
+    shapes = memory.fake_conditioning(base.model_config.unet_config)
+    cond = lambda: Conditioning(torch.randn(shapes.context.shape, generator=gen), torch.randn(shapes.y.shape, generator=gen))  # noqa: E731
+    latent = FLUX_RES // 8
+    data = TrainingData([cond(), cond()], cond(), real_latents=torch.randn(3, 16, latent, latent, generator=gen))
+    training = memory.training_run(base, data, run, config, FLUX_RES, tmp_path, device="cpu")
+    assert training.backend.latent_shape == (16, latent, latent)
+    return memory.measure_peak(training, steps=1)
+
+
+@pytest.mark.parametrize("base_dtype", ["bf16", "fp8"])
+def test_flux_estimate_matches_the_measured_peak(base_dtype, tmp_path):
+    """Fake tensors against real ones on the tiny Flux: LoRA G/F on the double and single
+    blocks, GAN head on the token grid, two accumulated micro-batches, gradient checkpointing
+    per block, bf16 autocast; the base in bf16, or in fp8 computed in bf16 through ComfyUI's
+    manual-cast layers (the estimate's base is then half as large)."""
+    run = RunConfig(checkpoint="-", prompts="-", output="-", images="-", lora_rank=8, mixed_precision="bf16",
+                    gradient_checkpointing="on", device="cpu")
+    config = _flux_config(batch_size=1, grad_accum=2)
+    estimate = memory.estimate_model(_flux_model_config(torch.bfloat16), run, config, FLUX_RES, gpu=True, with_images=True,
+                                     base_dtype=base_dtype)
+    measured = _flux_measured_peak(memory.BASE_DTYPES[base_dtype], run, config, tmp_path)
+    assert abs(estimate.peak / measured - 1) < 0.15, (estimate.peak, measured)
+    assert sum(size for _, size in estimate.parts()) == estimate.peak
+    assert estimate.accumulated_gradients > 0 and estimate.ema > 0 and estimate.gan_head > 0
+    weights = sum(p.numel() for p in _flux_model_config(torch.bfloat16).get_model({}).diffusion_model.parameters())
+    assert estimate.base_weights == weights * (1 if base_dtype == "fp8" else 2)
+
+
+def _flux_header(dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
+    """What ``checkpoint.header_tensors`` gives for a Flux.1 file (meta tensors), at Flux.1's
+    own width (ComfyUI's detection takes 24 heads of 128 and Flux.1's rope axes: a narrower
+    Flux cannot be read from a file) with one double and one single block."""
+    import comfy.supported_models
+    import tiny_models
+
+    config = {**tiny_models.FLUX_CONFIG, "hidden_size": 3072, "num_heads": 24, "axes_dim": [16, 56, 56]}
+    model = comfy.supported_models.Flux(config).get_model({}, device="meta").diffusion_model
+    return {prefix + k: v.to(dtype) for k, v in model.state_dict().items()}
+
+
+def test_flux_estimate_reads_a_diffusion_model_file_header(monkeypatch):
+    """``estimate_run`` on a Flux file of models/diffusion_models (keys without the checkpoint's
+    "model.diffusion_model." prefix) or a full checkpoint: ComfyUI's detection builds the model
+    from the header alone; an fp8 file is estimated with an fp8 base ("auto", as ComfyUI keeps
+    it), a bf16 file in bf16 unless fp8 is asked for."""
+    headers = {"flux_bf16.safetensors": _flux_header(torch.bfloat16), "flux_fp8.safetensors": _flux_header(torch.float8_e4m3fn),
+               "flux_ckpt.safetensors": _flux_header(torch.bfloat16, "model.diffusion_model."),
+               "other.safetensors": {"not.a.model": torch.zeros(2, device="meta")}}
+    monkeypatch.setattr(C, "header_tensors", lambda path: headers[Path(path).name])
+    run = RunConfig(checkpoint="-", prompts="-", output="-", images="-", lora_rank=4, mixed_precision="bf16",
+                    gradient_checkpointing="on", device="cpu")
+    config = _flux_config(batch_size=1, grad_accum=1)
+    bf16, fp8_file, fp8_asked, checkpoint = (
+        memory.estimate_run(name, run, config, FLUX_RES, with_images=False, base_dtype=dtype)
+        for name, dtype in (("flux_bf16.safetensors", "auto"), ("flux_fp8.safetensors", "auto"), ("flux_bf16.safetensors", "fp8"),
+                            ("flux_ckpt.safetensors", "auto")))
+    weights = sum(v.numel() for v in headers["flux_bf16.safetensors"].values())
+    assert bf16.base_weights == checkpoint.base_weights == 2 * weights and fp8_file.base_weights == fp8_asked.base_weights == weights
+    assert bf16.gan_head == 0 and fp8_file.peak == fp8_asked.peak < bf16.peak == checkpoint.peak
+    with pytest.raises(C.UnsupportedModel, match="does not recognise a diffusion model"):
+        memory.estimate_run("other.safetensors", run, config, FLUX_RES)
+
+
+def test_fp8_base_on_a_device_without_fp8_falls_back_to_bf16_in_one_line(monkeypatch):
+    """--base-dtype fp8 where float8 tensors cannot be held (MPS): bf16 storage (the same
+    computation, twice the base's memory) and one line saying so; where they can (CPU, every
+    CUDA GPU: each layer is computed in bf16, fp8 matrix units are not needed), fp8."""
+    assert memory.base_weight_dtype("fp8", torch.bfloat16, "cpu") == (torch.float8_e4m3fn, None)
+    assert memory.base_weight_dtype("auto", torch.bfloat16, "cpu") == (torch.bfloat16, None)
+    assert memory.base_weight_dtype("auto", torch.bfloat16, "cpu", torch.float8_e4m3fn) == (torch.float8_e4m3fn, None)
+    monkeypatch.setattr(memory, "fp8_storage_supported", lambda device: False)
+    dtype, line = memory.base_weight_dtype("fp8", torch.bfloat16, "mps")
+    assert dtype == torch.bfloat16 and "\n" not in line
+    assert line == "fp8 base weights: mps cannot hold float8 tensors; the base is kept in bfloat16 instead (twice its memory)"
+    with pytest.raises(ValueError, match="base dtype must be auto"):
+        memory.base_weight_dtype("fp4", torch.bfloat16, "cpu")
+
+
+def test_base_dtype_fp8_loads_the_base_in_fp8_and_trains(tiny_checkpoints, tmp_path, capsys):
+    """``dmd2-train --base-dtype fp8`` (here on the tiny SD1.5, on the CPU): the frozen base is
+    loaded in float8 e4m3fn through ComfyUI's manual-cast layers and stays so, the LoRA trains
+    and is exported; ``--estimate`` names the base's storage in its first line."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\nblue sky\n")
+    common = ["--checkpoint", str(tiny_checkpoints["sd15"]), "--resolution", str(RES), "--lora-rank", "4", "--base-dtype", "fp8"]
+    trainer, backend, output = cli.train([*common, "--prompts", str(prompts), "--output", str(tmp_path / "out"), "--steps", "2",
+                                          "--grad-accum", "1", "--set", "warmup_steps=0", "--sample-every", "0", "--quiet"])
+    frozen = {k: v for k, v in backend.unet.state_dict().items() if ".adapters." not in k and v.is_floating_point()}
+    assert frozen and {v.dtype for v in frozen.values()} == {torch.float8_e4m3fn}
+    assert trainer.step_count == 2 and all(torch.isfinite(p).all() for _, p in backend.generator_parameters())
+    assert list(output.glob("*.safetensors"))
+    assert cli.main([*common, "--estimate"]) == 0
+    assert "base weights float8_e4m3fn computed in bf16" in capsys.readouterr().out.splitlines()[0]

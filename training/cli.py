@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the GPU memory one training iteration needs at its peak (with its parts) and the work per "
                    "iteration, then exit: nothing is written and no weight is read (the run's own code on fake tensors, "
                    "about 1 minute for SD1.5, 3 for SDXL on a CPU); --prompts and --output are then optional (default: off)")
+    p.add_argument("--base-dtype", dest="base_dtype", choices=["auto", "fp8", "bf16", "fp16", "fp32"], default="auto",
+                   help="the frozen base's weights: fp8 holds them in float8 e4m3fn and computes each layer in the autocast "
+                   "dtype, as ComfyUI loads an fp8 model (half the memory of bf16; any CUDA GPU, no fp8 compute needed; "
+                   "bf16 instead, said in one line, where fp8 cannot be held); auto: fp8 for an fp8 file, else the autocast "
+                   "dtype (default: auto)")
     p.add_argument("--memory-budget", dest="memory_budget", type=float, metavar="GIB",
                    help="with --estimate: say whether the run fits this much GPU memory and which settings make it fit "
                    "(default: the GPU's own memory if there is one)")
@@ -637,7 +642,8 @@ def train(argv: Sequence[str] | None = None):
     resolution = run.resolution or bases.default_resolution(peeked)
     check_resolution(resolution)
     if args.estimate:
-        return estimate(run, config, arch, resolution, args.memory_budget, with_images=bool(image_paths), world_size=args.world_size)
+        return estimate(run, config, arch, resolution, args.memory_budget, with_images=bool(image_paths), world_size=args.world_size,
+                        base_dtype=args.base_dtype)
     # Flux.1: its text encoder and VAE files, checked before any weight is read.
     text_encoders = C.check_text_encoders(run.checkpoint, kind, arch, run.text_encoders, run.vae, images=bool(image_paths))
     device = resolve_device(run.device)
@@ -667,6 +673,11 @@ def train(argv: Sequence[str] | None = None):
 
         precision = run.mixed_precision or default_precision(device)
         base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision] if on_gpu else torch.float32
+        from .memory import base_weight_dtype, header_dtype
+
+        base_dtype, fallback = base_weight_dtype(args.base_dtype, base_dtype, device, header_dtype(C.header_tensors(run.checkpoint)))
+        if fallback:
+            log.warning("%s", fallback)
         loaded = C.load_checkpoint(run.checkpoint, weight_dtype=base_dtype, text_encoders=text_encoders, vae=run.vae or None)
         if loaded.arch != arch:
             raise C.UnsupportedModel(f"{run.checkpoint} looked like an {arch} checkpoint but ComfyUI loads it as {loaded.arch}")
@@ -839,25 +850,32 @@ def checkpoint_context_dim(path: str | Path) -> int | None:
     return None
 
 
-def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: float | None, with_images: bool, world_size: int = 1) -> None:
+def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: float | None, with_images: bool, world_size: int = 1,
+             base_dtype: str = "auto") -> None:
     """``--estimate``: the memory and work of one iteration, printed; nothing written or loaded."""
     from . import memory
+    from .checkpoint import header_tensors
 
     gpu = not (run.device or "cuda").startswith("cpu")
     run = memory.target_settings(run, gpu)
     precision, checkpointing = run.mixed_precision, run.gradient_checkpointing == "on"
     where = "the GPU" if gpu else "the CPU"
     fake = "a full copy" if run.fake_score == "full" else f"LoRA rank {run.fake_score_rank or run.lora_rank}"
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision] if gpu else torch.float32
+    dtype, _ = memory.base_weight_dtype(base_dtype, compute, "cpu", memory.header_dtype(header_tensors(run.checkpoint)))
+    stored = str(dtype).removeprefix("torch.") + (f" computed in {precision}" if dtype != compute else "")
     if world_size > 1:
         where += f" (each of {world_size} processes)"
         if run.fake_score == "full":
             fake += f" {'sharded over them' if run.shard_fake_score else 'whole on each'}"
     print(f"estimating one iteration on {where}: {bases.get_family(arch).label} at {resolution} px, "
           f"batch {config.batch_size} x {config.grad_accum} accumulated, LoRA rank {run.lora_rank}, fake score {fake}, {precision}, "
-          f"gradient checkpointing {'on' if checkpointing else 'off'}, GAN {'on' if with_images else 'off (no --images)'}, "
+          f"base weights {stored}, gradient checkpointing {'on' if checkpointing else 'off'}, "
+          f"GAN {'on' if with_images else 'off (no --images)'}, "
           f"moving average {'off' if config.ema_decay == 0 else ('in CPU memory' if config.ema_on_cpu else 'on ' + where)}; "
           f"no weight is read (the run's own code on fake tensors)...", flush=True)
-    profile = memory.estimate_run(run.checkpoint, run, config, resolution, gpu=gpu, with_images=with_images, world_size=world_size)
+    profile = memory.estimate_run(run.checkpoint, run, config, resolution, gpu=gpu, with_images=with_images, world_size=world_size,
+                                  base_dtype=base_dtype)
     for line in memory.report(profile):
         print(line)
     for line in memory.work_report(profile, config):

@@ -124,10 +124,18 @@ class LoRALayer(nn.Module):
         name = self.switch.active
         if name is not None and self.switch.merged:
             base = self.base
-            weight = base.weight + self.adapters[name].delta_weight().to(base.weight.dtype)
+            weight, bias = base.weight, base.bias
+            if getattr(base, "comfy_cast_weights", False):
+                # ComfyUI's manual-cast layer (an fp8 or bf16 base computed in another dtype):
+                # the weight cast to the input's dtype as its own forward does; an fp8 weight
+                # cannot take the delta in place of it (fp8 has no arithmetic).
+                from comfy.ops import cast_bias_weight
+
+                weight, bias = cast_bias_weight(base, x)
+            weight = weight + self.adapters[name].delta_weight().to(weight.dtype)
             if isinstance(base, nn.Conv2d):
-                return base._conv_forward(x, weight, base.bias)
-            return F.linear(x, weight, base.bias)
+                return base._conv_forward(x, weight, bias)
+            return F.linear(x, weight, bias)
         out = self.base(x, *args, **kwargs)
         if name is not None:
             out = out + self.adapters[name](x).to(out.dtype)

@@ -99,6 +99,15 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
+def _batch_bytes(batch) -> int:
+    """Bytes of a ``trainer.Batch``'s tensors (its conditions and real latents)."""
+    tensors = []
+    for field in dataclasses.fields(batch):
+        value = getattr(batch, field.name)  # a tensor, or a condition (``backend.Conditioning``: context and y)
+        tensors += [value] if isinstance(value, torch.Tensor) else [getattr(value, "context", None), getattr(value, "y", None)]
+    return _storages_bytes([t for t in tensors if isinstance(t, torch.Tensor)])
+
+
 def _prime(optimizer) -> None:
     """Create the optimiser's state (AdamW makes it at its first step) without changing a
     weight: one step at learning rate 0 on zero gradients. The profiled iteration then holds
@@ -134,6 +143,7 @@ class IterationProfile:
     fake_updates_per_generator_update: int
     shards: int = 1  # processes a full fake score is sharded over (its weights, gradients, AdamW state: 1/shards each)
     unshard_transient: int = 0  # the gathered fake-score blocks at a time (FSDP2), part of ``peak``
+    batch_data: int = 0  # the other micro-batches' conditions and latents (grad_accum > 1), part of ``peak``
 
     @property
     def static(self) -> int:
@@ -157,12 +167,15 @@ class IterationProfile:
             ("trained weights: G, F, GAN head (fp32)", self.trainable),
             ("generator moving average", self.ema),
             ("optimizer state (AdamW)", self.optimizer_state),
-            ("activations, gradients, temporaries at the peak", self.activations - self.accumulated_gradients - self.unshard_transient),
+            ("activations, gradients, temporaries at the peak",
+             self.activations - self.accumulated_gradients - self.unshard_transient - self.batch_data),
         ]
         if self.shards > 1:
             parts.append((f"fake-score blocks gathered (sharded over {self.shards})", self.unshard_transient))
         if self.accumulated_gradients:
             parts.append(("gradients held between micro-batches", self.accumulated_gradients))
+        if self.batch_data:
+            parts.append(("the other micro-batches' conditions and latents", self.batch_data))
         return parts
 
     def scaled(self, rank_ratio: float = 1.0, pixel_ratio: float = 1.0, ema: bool = True) -> int:
@@ -327,7 +340,8 @@ def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device:
     state primed, then one generator-update iteration and one fake-score-only iteration,
     tracked and FLOP-counted. ``config`` is the run's own configuration: with ``grad_accum``
     > 1 the gradients held between micro-batches are added (an upper bound: the larger group
-    in full). On fake tensors pass ``scalars_as_one``; ``ema_on_device=False`` leaves the
+    in full), and so is the batch data of the other micro-batches (the trainer draws the whole
+    batch at once: with Flux's 256 x 4096 T5 tokens, 4 MiB a condition). On fake tensors pass ``scalars_as_one``; ``ema_on_device=False`` leaves the
     moving average out (held on the CPU while the rest is on the GPU).
 
     ``shards`` > 1: the peak of one of that many processes that shard a full fake score
@@ -346,11 +360,13 @@ def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device:
     with tracker:
         x_t = torch.zeros((1, *backend.latent_shape), device=backend.device)
         t = torch.full((1,), 500, dtype=torch.long, device=backend.device)
-        cond = backend.sample_batch(1).cond
+        batch = backend.sample_batch(config.batch_size)
+        batch_data = _batch_bytes(batch) * (config.grad_accum - 1)
+        cond = batch.cond[:1]
         with torch.no_grad():
             backend.raw(x_t, t, cond, None)
         unet_flops = tracker.flops
-        del x_t, t, cond
+        del x_t, t, cond, batch
         tracker.reset_peak()
         for _ in range(2):
             tracker.flops = 0.0
@@ -371,7 +387,7 @@ def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device:
     grads = int(max(_storages_bytes(trainer.generator_params), fake_grads)) if config.grad_accum > 1 else 0
     off_device = 0 if ema_on_device else ema_bytes
     return IterationProfile(
-        peak=tracker.peak - off_device + grads + transient,
+        peak=tracker.peak - off_device + grads + transient + batch_data,
         base_weights=_storages_bytes(parts["base"]),
         trainable=int(_storages_bytes(parts["trainable"]) - unsharded),
         gan_head=_storages_bytes(getattr(backend, "gan_head_parameters", list)()),
@@ -385,30 +401,104 @@ def profile_iterations(run, config, scalars_as_one: bool = False, ema_on_device:
         fake_updates_per_generator_update=config.fake_updates_per_generator_update,
         shards=shards if parts["sharded"] else 1,
         unshard_transient=transient,
+        batch_data=batch_data,
     )
 
 
 # --- the estimate: the run's own code on fake tensors ---------------------------------------
 
+# The frozen base's storage (``--base-dtype``): "fp8" holds its weights in float8 e4m3fn and
+# computes each layer in the autocast dtype through ComfyUI's manual-cast layers (what ComfyUI
+# does with an fp8 diffusion model: ``set_inference_dtype(float8_e4m3fn, bfloat16)``); "bf16"
+# and "fp16" hold them in that dtype; "auto": fp8 where the file stores fp8 (as ComfyUI's
+# ``unet_dtype`` keeps it), else the autocast dtype.
+BASE_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# T5-XXL tokens of a Flux prompt: ComfyUI's Flux tokenizer pads to at least 256
+# (comfy/text_encoders/flux.py, T5XXLTokenizer min_length=256); CLIP's 77 for the SD UNets.
+FLUX_CONTEXT_TOKENS = 256
 
-def estimate_run(path, run, config, resolution: int, gpu: bool = True, with_images: bool | None = None, world_size: int = 1) -> IterationProfile:
-    """What one training iteration of ``dmd2-train`` on checkpoint ``path`` holds at its
-    peak, on the GPU (``gpu``) or the CPU, without reading a weight: the model is built from
-    the checkpoint's header (``estimate_model``). ``run``/``config``: the run's ``RunConfig``
-    and ``DMD2Config``; ``with_images`` (default: ``run.images`` set) turns the GAN term on;
-    ``world_size``: the processes of the run (the per-GPU peak, a full fake score sharded
-    over them unless ``run.shard_fake_score`` is off)."""
+
+def header_model_config(tensors: dict):
+    """ComfyUI's model config for a checkpoint's or a diffusion-model file's tensors (meta
+    tensors: ``checkpoint.header_tensors``), found as ``comfy.sd.load_diffusion_model`` finds
+    it: under the prefix most keys carry ("model.diffusion_model." in a checkpoint, none in a
+    Flux file of models/diffusion_models). None when ComfyUI recognises no diffusion model."""
+    import comfy.model_detection
+
+    for prefix in dict.fromkeys(("model.diffusion_model.", comfy.model_detection.unet_prefix_from_state_dict(tensors), "")):
+        keys = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if keys:
+            model_config = comfy.model_detection.model_config_from_unet(keys, "")
+            if model_config is not None:
+                return model_config
+    return None
+
+
+def fp8_storage_supported(device) -> bool:
+    """Whether ``device`` holds float8 tensors and casts them (CUDA of any generation and the CPU
+    do; MPS does not). fp8 *compute* (Ada, Hopper) is not needed: each layer runs in bf16."""
+    try:
+        torch.zeros(1, dtype=torch.float8_e4m3fn, device=device).to(torch.bfloat16)
+    except (RuntimeError, TypeError, AssertionError):
+        return False
+    return True
+
+
+def base_weight_dtype(base_dtype: str, compute: torch.dtype, device="cuda", file_dtype: torch.dtype | None = None) -> tuple[torch.dtype, str | None]:
+    """(storage dtype of the frozen base, one line to print or None) for ``--base-dtype``
+    ("auto", "fp8", "bf16", "fp16", "fp32") with layers computed in ``compute`` on ``device``;
+    ``file_dtype``: the weights' dtype in the file ("auto" keeps fp8 from an fp8 file).
+
+    fp8 on a device that cannot hold fp8 tensors falls back to bf16 storage (the same
+    computation with twice the base's memory; the line says so) rather than refusing: the
+    run is unchanged but for its memory, which ``--estimate`` shows."""
+    if base_dtype not in ("auto", *BASE_DTYPES):
+        raise ValueError(f"base dtype must be auto, {', '.join(BASE_DTYPES)}; got {base_dtype!r}")
+    if base_dtype == "auto":
+        dtype = file_dtype if file_dtype in FP8_TYPES else compute
+    else:
+        dtype = BASE_DTYPES[base_dtype]
+    if dtype in FP8_TYPES and not fp8_storage_supported(device):
+        fallback = compute if compute != torch.float32 else torch.bfloat16
+        return fallback, (f"fp8 base weights: {torch.device(device).type} cannot hold float8 tensors; the base is "
+                          f"kept in {str(fallback).removeprefix('torch.')} instead (twice its memory)")
+    return dtype, None
+
+
+def set_base_dtype(model_config, dtype: torch.dtype, compute: torch.dtype) -> None:
+    """Build ``model_config``'s model with weights in ``dtype``, computed in ``compute`` through
+    ComfyUI's manual-cast layers where the two differ (as ``load_diffusion_model`` does)."""
+    model_config.set_inference_dtype(dtype, None if dtype == compute else compute)
+
+
+def header_dtype(tensors: dict) -> torch.dtype | None:
+    """The dtype most of the file's weights are stored in (fp8, bf16, ...)."""
+    import comfy.utils
+
+    return comfy.utils.weight_dtype(tensors)
+
+
+def estimate_run(path, run, config, resolution: int, gpu: bool = True, with_images: bool | None = None, world_size: int = 1,
+                 base_dtype: str = "auto") -> IterationProfile:
+    """What one training iteration of ``dmd2-train`` on checkpoint (or Flux diffusion-model
+    file) ``path`` holds at its peak, on the GPU (``gpu``) or the CPU, without reading a weight:
+    the model is built from the file's header (``estimate_model``). ``run``/``config``: the
+    run's ``RunConfig`` and ``DMD2Config``; ``with_images`` (default: ``run.images`` set) turns
+    the GAN term on; ``world_size``: the processes of the run (the per-GPU peak, a full fake
+    score sharded over them unless ``run.shard_fake_score`` is off); ``base_dtype``: the
+    frozen base's storage (``base_weight_dtype``)."""
     from ..comfy_env import ensure_comfy
     from .checkpoint import UnsupportedModel, header_tensors
 
     ensure_comfy()
-    import comfy.model_detection
-
-    model_config = comfy.model_detection.model_config_from_unet(header_tensors(path), "model.diffusion_model.")
+    tensors = header_tensors(path)
+    model_config = header_model_config(tensors)
     if model_config is None:
         raise UnsupportedModel(f"ComfyUI does not recognise a diffusion model in {path}")
     images = bool(run.images) if with_images is None else with_images
-    return estimate_model(model_config, run, config, resolution, gpu, images, world_size)
+    return estimate_model(model_config, run, config, resolution, gpu, images, world_size, base_dtype=base_dtype,
+                          file_dtype=header_dtype(tensors))
 
 
 def target_settings(run, gpu: bool):
@@ -428,28 +518,56 @@ def target_settings(run, gpu: bool):
     return dataclasses.replace(run, mixed_precision=precision, gradient_checkpointing=checkpointing)
 
 
-def estimate_model(model_config, run, config, resolution: int, gpu: bool, with_images: bool, world_size: int = 1) -> IterationProfile:
-    """``profile_iterations`` of the run's own backend and trainer on a model of ComfyUI
-    ``model_config`` made of fake tensors (no weights, no compute), with the settings the run
-    would use on the GPU (``gpu``: bf16 unless told otherwise, gradient checkpointing on
-    'auto') or the CPU, simulated on fake CPU tensors under the same autocast."""
+def fake_conditioning(unet_config: dict, tokens: int | None = None):
+    """A (1, ...) ``backend.Conditioning`` of the shapes the model takes: SD's CLIP context (77
+    tokens) and ADM vector, Flux's T5 tokens (``FLUX_CONTEXT_TOKENS``) and pooled CLIP-L vector."""
+    from .backend import Conditioning
+
+    if "context_in_dim" in unet_config:  # Flux
+        return Conditioning(torch.zeros(1, tokens or FLUX_CONTEXT_TOKENS, unet_config["context_in_dim"]),
+                            torch.zeros(1, unet_config["vec_in_dim"]))
+    adm = unet_config.get("adm_in_channels")
+    return Conditioning(torch.zeros(1, tokens or 77, unet_config["context_dim"]), torch.zeros(1, adm) if adm else None)
+
+
+def training_run(base, data, run, config, resolution: int, folder, device: str):
+    """``run.TrainingRun`` on ``base`` with its latents of the model's own channel count (16 for
+    Flux): the run builds SD's 4-channel latent shape; the rest of what it builds (the GAN
+    head's token grid) reads only the latent's height and width."""
     from pathlib import Path
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .backend import Conditioning, TrainingData
     from .run import TrainingRun
 
+    training = TrainingRun(base, data, run, config, resolution, Path(folder), device=device)
+    backend, channels = training.backend, base.latent_format.latent_channels
+    if backend.latent_shape[0] != channels:
+        backend.latent_shape = (channels, *backend.latent_shape[1:])
+    return training
+
+
+def estimate_model(model_config, run, config, resolution: int, gpu: bool, with_images: bool, world_size: int = 1,
+                   base_dtype: str = "auto", file_dtype: torch.dtype | None = None) -> IterationProfile:
+    """``profile_iterations`` of the run's own backend and trainer on a model of ComfyUI
+    ``model_config`` (an SD UNet or a Flux transformer) made of fake tensors (no weights, no
+    compute), with the settings the run would use on the GPU (``gpu``: bf16 unless told
+    otherwise, gradient checkpointing on 'auto') or the CPU, simulated on fake CPU tensors under
+    the same autocast; the base stored as ``base_dtype`` says (``base_weight_dtype``; fp8 as on
+    a GPU, which every CUDA device holds)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .backend import TrainingData
+
     simulated = dataclasses.replace(target_settings(run, gpu), device="cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[simulated.mixed_precision] if gpu else torch.float32
-    model_config.set_inference_dtype(dtype, None)
-    unet = model_config.unet_config
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[simulated.mixed_precision] if gpu else torch.float32
+    dtype, _ = base_weight_dtype(base_dtype, compute, "cpu", file_dtype)
+    set_base_dtype(model_config, dtype, compute)
     latent = resolution // 8
+    channels = model_config.latent_format.latent_channels
     with FakeTensorMode():
         base = model_config.get_model({})
-        cond = Conditioning(torch.zeros(1, 77, unet["context_dim"]), torch.zeros(1, unet["adm_in_channels"]) if unet.get("adm_in_channels") else None)
+        cond = fake_conditioning(model_config.unet_config)
         # two of each: every value read from a fake tensor is 1 (a valid index)
-        data = TrainingData([cond, cond], cond, real_latents=torch.zeros(2, 4, latent, latent) if with_images else None)
-        training = TrainingRun(base, data, simulated, profiling_config(config), resolution, Path("."), device="cpu")
+        data = TrainingData([cond, cond], cond, real_latents=torch.zeros(2, channels, latent, latent) if with_images else None)
+        training = training_run(base, data, simulated, profiling_config(config), resolution, ".", device="cpu")
         shards = world_size if run.fake_score == "full" and run.shard_fake_score else 1
         return profile_iterations(training, config, scalars_as_one=True, ema_on_device=not (gpu and config.ema_on_cpu), shards=shards)
