@@ -386,3 +386,12 @@ def test_the_train_node_refuses_a_schnell_model_with_its_reason():
     with pytest.raises(TrainingInputError) as info:
         model_family(tiny_models.build_flux(schnell=True))
     assert "already distilled" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_estimate_reads_a_flux_file_and_names_the_fp8_base(files, capsys, no_loading):
+    """`dmd2-train --estimate` on a Flux diffusion-model file: no text encoder, no weight read,
+    the run's own code on fake tensors; the banner names the family and the base's storage."""
+    cli.main(["--checkpoint", str(files["diffusion_model"]), "--estimate", "--resolution", "128", "--base-dtype", "fp8"])
+    out = capsys.readouterr().out
+    assert "Flux.1 [dev] at 128 px" in out and "base weights float8_e4m3fn computed in bf16" in out
+    assert "peak memory:" in out and "trained weights: G, F, GAN head (fp32)" in out

@@ -206,6 +206,9 @@ def test_work_report_counts_the_warm_start_teacher_forwards_of_fresh_pairs_and_a
     unguided = dataclasses.replace(config, regression_pairs=10_000, real_guidance_scale=1.0, regression_steps=10)
     assert "a pool of 10,000 pairs x 50 = 500,000" in memory.work_report(profile, unguided)[1] and "3.9x more than" in memory.work_report(profile, unguided)[1]
     assert len(memory.work_report(profile, dataclasses.replace(config, regression_steps=0))) == 1
+    # under torchrun the processes share the pool's build: 625 rounds of 4 batches of 4 pairs, 2,500 pairs each
+    shared = memory.work_report(profile, dataclasses.replace(config, regression_pairs=10_000), world_size=4)[1]
+    assert "a pool of 10,000 pairs x 100, built once by 4 processes: 250,000 each" in shared
 
 
 # --- Flux (#25): the estimate on a flow transformer, an fp8 base -----------------------------

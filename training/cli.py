@@ -759,7 +759,7 @@ def train(argv: Sequence[str] | None = None):
         if config.regression_steps:
             from .memory import warm_start_report
 
-            log.info("%s", warm_start_report(config))
+            log.info("%s", warm_start_report(config, dist.world_size))
         if start:
             log.info("resuming at step %d of %d", start, total)
         else:
@@ -878,7 +878,7 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
                                   base_dtype=base_dtype)
     for line in memory.report(profile):
         print(line)
-    for line in memory.work_report(profile, config):
+    for line in memory.work_report(profile, config, world_size):
         print(line)
     if budget_gib is None and gpu and torch.cuda.is_available():
         budget_gib = torch.cuda.get_device_properties(torch.device(run.device or "cuda")).total_memory / memory.GiB

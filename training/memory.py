@@ -255,7 +255,7 @@ def report(profile: IterationProfile) -> list[str]:
     return lines
 
 
-def work_report(profile: IterationProfile, config) -> list[str]:
+def work_report(profile: IterationProfile, config, world_size: int = 1) -> list[str]:
     """The whole run's work per process in UNet forward-equivalents (``--estimate`` gives
     no time: it depends on the GPU): DMD2's iterations, and the regression warm start's
     teacher forwards with fresh pairs and with the run's pool (``pool.warm_start_forwards``;
@@ -264,24 +264,26 @@ def work_report(profile: IterationProfile, config) -> list[str]:
     lines = [(f"work of the run (per process, UNet forward-equivalents): DMD2 {config.steps:,} iterations x "
               f"{config.samples_per_iteration} samples = {dmd2:,.0f}")]
     if config.regression_steps:
-        lines.append(f"  {warm_start_report(config)}")
+        lines.append(f"  {warm_start_report(config, world_size)}")
     return lines
 
 
-def warm_start_report(config) -> str:
+def warm_start_report(config, world_size: int = 1) -> str:
     """The regression warm start's teacher UNet forwards per process, fresh pairs against the
-    run's pool (``pool.warm_start_forwards``): ``--estimate``'s line and the start-up log's."""
+    run's pool (``pool.warm_start_forwards``: ``world_size`` processes share its build):
+    ``--estimate``'s line and the start-up log's."""
     from .pool import teacher_forwards_per_pair, warm_start_forwards
 
-    forwards, per_pair = warm_start_forwards(config), teacher_forwards_per_pair(config)
+    forwards, per_pair = warm_start_forwards(config, world_size), teacher_forwards_per_pair(config)
     fresh = (f"fresh pairs {config.regression_steps:,} iterations x {config.samples_per_iteration} samples x {per_pair} = "
              f"{forwards['fresh']:,}")
     if not config.regression_pairs:
         return f"regression warm start, teacher UNet forwards: {fresh} (--regression-pairs N: N x {per_pair} instead)"
     ratio = forwards["fresh"] / forwards["pool"]
     reuse = config.regression_steps * config.samples_per_iteration / config.regression_pairs
-    return (f"regression warm start, teacher UNet forwards: a pool of {config.regression_pairs:,} pairs x {per_pair} = "
-            f"{forwards['pool']:,}, built once, each pair drawn {reuse:.1f}x on average; "
+    pool = (f"a pool of {config.regression_pairs:,} pairs x {per_pair} = {forwards['pool']:,}, built once" if world_size == 1 else
+            f"a pool of {config.regression_pairs:,} pairs x {per_pair}, built once by {world_size} processes: {forwards['pool']:,} each")
+    return (f"regression warm start, teacher UNet forwards: {pool}, each pair drawn {reuse:.1f}x on average; "
             + (f"{ratio:.1f}x fewer than {fresh}" if ratio >= 1 else f"{1 / ratio:.1f}x more than {fresh}"))
 
 
