@@ -34,7 +34,7 @@ from comfy_api.latest import io
 
 from .. import bases
 from ..training import checkpoint as C
-from ..training.config import ARCH_DEFAULTS, FULL_FAKE_SCORE_LR, ConfigError, DMD2Config
+from ..training.config import ARCH_DEFAULTS, ConfigError, DMD2Config, with_fake_score_rate
 from ..training.data import check_resolution, data_fingerprints, prompt_lines
 from ..training.lora import TARGET_SETS, LoRAError, check_init_arch, read_init_lora
 from ..training.run import (
@@ -300,8 +300,7 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
     run, layout = resolve_layout(run, arch, timesteps, fake_score, fake_score_rank, lora_targets)  # after the init's rank, as the command
     if layout is not None:
         say(layout, log_it=True, toast=True)
-    if run.fake_score == "full" and lr_fake_score == _defaults("lr_fake_score"):  # a LoRA F's rate is 10-50x too high for a full network
-        config = dataclasses.replace(config, lr_fake_score=FULL_FAKE_SCORE_LR[arch])
+    config = with_fake_score_rate(config, run.fake_score, rate_given=lr_fake_score != _defaults("lr_fake_score"))
     run.validate()
     # The data is part of what a resume must match. Edited prompts under the same name are
     # refused (naming them), not started as a new run under another name: the user chose the

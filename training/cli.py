@@ -585,7 +585,7 @@ def train(argv: Sequence[str] | None = None):
     """Run the command; returns (trainer, backend, output folder). Raises on bad input, and
     ``Stopped`` when a signal stopped it (after saving a checkpoint)."""
     from . import checkpoint as C
-    from .config import FULL_FAKE_SCORE_LR, RUN_ARCH_DEFAULTS, ConfigError, DMD2Config
+    from .config import RUN_ARCH_DEFAULTS, ConfigError, DMD2Config, with_fake_score_rate
     from .data import (
         cache_key,
         check_resolution,
@@ -632,8 +632,7 @@ def train(argv: Sequence[str] | None = None):
     run, layout = one_step_layout(run, arch, config.generator_timesteps, given)
     if layout is not None:
         log.info("%s", layout)
-    if run.fake_score == "full" and "lr_fake_score" not in dmd2_values:  # a full network's rate unless one is given
-        config = dataclasses.replace(config, lr_fake_score=FULL_FAKE_SCORE_LR[arch])
+    config = with_fake_score_rate(config, run.fake_score, rate_given="lr_fake_score" in dmd2_values)
     if config.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {config.steps} (with 0 the LoRA would be exported untrained)")
     # The base's family as ComfyUI will load it (its sampling is part of what a resume must

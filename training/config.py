@@ -334,3 +334,12 @@ def load_config(
     arch = override_values.get("arch") or arch or file_values.get("arch") or "sdxl"
     values.pop("arch", None)
     return DMD2Config.for_arch(str(arch), **values)
+
+
+def with_fake_score_rate(config: DMD2Config, fake_score: str, rate_given: bool) -> DMD2Config:
+    """``config`` with a full fake score's own rate (``FULL_FAKE_SCORE_LR``) unless the user gave
+    one: a LoRA F's default rate is 10-50x too high for a full network. The command and the
+    node both decide the rate here."""
+    if fake_score == "full" and not rate_given:
+        return dataclasses.replace(config, lr_fake_score=FULL_FAKE_SCORE_LR[config.arch])
+    return config
