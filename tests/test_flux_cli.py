@@ -395,3 +395,12 @@ def test_estimate_reads_a_flux_file_and_names_the_fp8_base(files, capsys, no_loa
     out = capsys.readouterr().out
     assert "Flux.1 [dev] at 128 px" in out and "base weights float8_e4m3fn computed in bf16" in out
     assert "peak memory:" in out and "trained weights: G, F, GAN head (fp32)" in out
+
+
+def test_estimate_with_a_24_gib_budget_holds_a_flux_base_in_fp8(files, capsys, no_loading):
+    """--memory-budget 24 on a Flux file, --base-dtype left at auto: the estimate is for the fp8
+    base the run would hold on such a card, and says why."""
+    cli.main(["--checkpoint", str(files["diffusion_model"]), "--estimate", "--resolution", "128", "--memory-budget", "24"])
+    out = capsys.readouterr().out
+    assert "Flux.1 [dev] with a bfloat16 base needs about 30 GiB to train at 1024 px: on 24 GiB the base is held in fp8" in out
+    assert "base weights float8_e4m3fn computed in" in out

@@ -302,6 +302,20 @@ def test_flux_estimate_reads_a_diffusion_model_file_header(monkeypatch):
         memory.estimate_run("other.safetensors", run, config, FLUX_RES)
 
 
+def test_auto_holds_a_flux_base_in_fp8_on_a_gpu_its_bf16_base_does_not_fit(monkeypatch):
+    """"auto" on a bf16 Flux.1 [dev] file: fp8 on a 24 GiB card (bf16 trains in 29.8 GiB, fp8 in
+    18.9, the full-size estimates), with a line saying so; bf16 on an 80 GiB card, for SD on any
+    card, and where the GPU memory is unknown."""
+    monkeypatch.setattr(memory, "fp8_storage_supported", lambda device: True)  # every CUDA GPU holds fp8; none is here
+    dtype, line = memory.base_weight_dtype("auto", torch.bfloat16, "cuda", torch.bfloat16, "flux_dev", 24.0)
+    assert dtype == torch.float8_e4m3fn and "\n" not in line
+    assert line.startswith("Flux.1 [dev] with a bfloat16 base needs about 30 GiB") and "--base-dtype bf16 keeps it" in line
+    assert memory.base_weight_dtype("auto", torch.bfloat16, "cuda", torch.bfloat16, "flux_dev", 80.0) == (torch.bfloat16, None)
+    assert memory.base_weight_dtype("auto", torch.bfloat16, "cuda", torch.bfloat16, "sdxl", 24.0) == (torch.bfloat16, None)
+    assert memory.base_weight_dtype("auto", torch.bfloat16, "cuda", torch.bfloat16, "flux_dev", None) == (torch.bfloat16, None)
+    assert memory.base_weight_dtype("bf16", torch.bfloat16, "cuda", torch.bfloat16, "flux_dev", 24.0) == (torch.bfloat16, None)
+
+
 def test_fp8_base_on_a_device_without_fp8_falls_back_to_bf16_in_one_line(monkeypatch):
     """--base-dtype fp8 where float8 tensors cannot be held (MPS): bf16 storage (the same
     computation, twice the base's memory) and one line saying so; where they can (CPU, every

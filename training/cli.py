@@ -674,7 +674,9 @@ def train(argv: Sequence[str] | None = None):
         base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision] if on_gpu else torch.float32
         from .memory import base_weight_dtype, header_dtype
 
-        base_dtype, fallback = base_weight_dtype(args.base_dtype, base_dtype, device, header_dtype(C.header_tensors(run.checkpoint)))
+        gpu_gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30 if on_gpu else None
+        base_dtype, fallback = base_weight_dtype(args.base_dtype, base_dtype, device, header_dtype(C.header_tensors(run.checkpoint)),
+                                                 arch, gpu_gib)
         if fallback:
             log.warning("%s", fallback)
         loaded = C.load_checkpoint(run.checkpoint, weight_dtype=base_dtype, text_encoders=text_encoders, vae=run.vae or None)
@@ -861,7 +863,13 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
     where = "the GPU" if gpu else "the CPU"
     fake = "a full copy" if run.fake_score == "full" else f"LoRA rank {run.fake_score_rank or run.lora_rank}"
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision] if gpu else torch.float32
-    dtype, _ = memory.base_weight_dtype(base_dtype, compute, "cpu", memory.header_dtype(header_tensors(run.checkpoint)))
+    if budget_gib is None and gpu and torch.cuda.is_available():
+        budget_gib = torch.cuda.get_device_properties(torch.device(run.device or "cuda")).total_memory / memory.GiB
+    dtype, note = memory.base_weight_dtype(base_dtype, compute, "cpu", memory.header_dtype(header_tensors(run.checkpoint)), arch,
+                                           budget_gib if gpu else None)
+    if note:
+        print(note)
+    base_dtype = next((name for name, value in memory.BASE_DTYPES.items() if value == dtype), base_dtype)  # as chosen
     stored = str(dtype).removeprefix("torch.") + (f" computed in {precision}" if dtype != compute else "")
     if world_size > 1:
         where += f" (each of {world_size} processes)"
@@ -879,8 +887,6 @@ def estimate(run: RunConfig, config, arch: str, resolution: int, budget_gib: flo
         print(line)
     for line in memory.work_report(profile, config, world_size):
         print(line)
-    if budget_gib is None and gpu and torch.cuda.is_available():
-        budget_gib = torch.cuda.get_device_properties(torch.device(run.device or "cuda")).total_memory / memory.GiB
     if budget_gib is not None:
         if not gpu:
             print("(--memory-budget is about GPU memory; this estimate is for the CPU)")

@@ -447,25 +447,40 @@ def fp8_storage_supported(device) -> bool:
     return True
 
 
-def base_weight_dtype(base_dtype: str, compute: torch.dtype, device="cuda", file_dtype: torch.dtype | None = None) -> tuple[torch.dtype, str | None]:
+# Flux.1 [dev] trains at 1024 px, rank 32, in 29.8 GiB with a bf16 base and 18.9 GiB with an fp8
+# one (docs/training.md, the full-size estimates): below this much GPU memory "auto" holds a Flux
+# base in fp8.
+FLUX_BF16_BASE_GIB = 40.0
+
+
+def base_weight_dtype(base_dtype: str, compute: torch.dtype, device="cuda", file_dtype: torch.dtype | None = None,
+                      arch: str | None = None, gpu_gib: float | None = None) -> tuple[torch.dtype, str | None]:
     """(storage dtype of the frozen base, one line to print or None) for ``--base-dtype``
     ("auto", "fp8", "bf16", "fp16", "fp32") with layers computed in ``compute`` on ``device``;
-    ``file_dtype``: the weights' dtype in the file ("auto" keeps fp8 from an fp8 file).
+    ``file_dtype``: the weights' dtype in the file ("auto" keeps fp8 from an fp8 file). "auto"
+    also holds a Flux.1 [dev] base (``arch``) in fp8 on a GPU of ``gpu_gib`` below
+    ``FLUX_BF16_BASE_GIB``, where its bf16 base would not leave room to train (the line says so).
 
     fp8 on a device that cannot hold fp8 tensors falls back to bf16 storage (the same
     computation with twice the base's memory; the line says so) rather than refusing: the
     run is unchanged but for its memory, which ``--estimate`` shows."""
     if base_dtype not in ("auto", *BASE_DTYPES):
         raise ValueError(f"base dtype must be auto, {', '.join(BASE_DTYPES)}; got {base_dtype!r}")
+    note = None
     if base_dtype == "auto":
         dtype = file_dtype if file_dtype in FP8_TYPES else compute
+        if arch == "flux_dev" and dtype not in FP8_TYPES and gpu_gib is not None and gpu_gib < FLUX_BF16_BASE_GIB:
+            dtype = torch.float8_e4m3fn
+            note = (f"Flux.1 [dev] with a {str(compute).removeprefix('torch.')} base needs about 30 GiB to train at 1024 px: "
+                    f"on {gpu_gib:.0f} GiB the base is held in fp8, computed in {str(compute).removeprefix('torch.')} "
+                    "(--base-dtype bf16 keeps it)")
     else:
         dtype = BASE_DTYPES[base_dtype]
     if dtype in FP8_TYPES and not fp8_storage_supported(device):
         fallback = compute if compute != torch.float32 else torch.bfloat16
         return fallback, (f"fp8 base weights: {torch.device(device).type} cannot hold float8 tensors; the base is "
                           f"kept in {str(fallback).removeprefix('torch.')} instead (twice its memory)")
-    return dtype, None
+    return dtype, note
 
 
 def set_base_dtype(model_config, dtype: torch.dtype, compute: torch.dtype) -> None:
