@@ -159,6 +159,25 @@ def euler_steps(steps: int) -> tuple[int, ...]:
     return trailing_timesteps(steps)
 
 
+# The students (``students.StudentSettings``, the product path): the SD digits' demo recipes
+# carried over (``demo.ONE_STEP_STUDENT``/``FOUR_STEP_STUDENT``: rank 8, the regression warm
+# start onto the teacher's 10 Euler steps, 1600 DMD2 iterations, the GAN on paired real digits)
+# with Flux's target sets: the 1-step student adapts every layer ("all": the modulation, the
+# embeddings, the in/out projections) with a full fake score, at t = 1 (pure noise, x0 = x - v);
+# the 4-step student is LoRA on the attention and MLP layers ("dmd2") at t = 1, .75, .5, .25.
+TEACHER_STEPS = 2000  # 1500 for the UNet; the Flux teacher at 2000 (batch 128): Euler 50 1.29, Euler 4 2.74
+
+
+def student_recipes() -> dict[str, object]:
+    """{"1-step": StudentSettings, "4-step": StudentSettings} for the Flux teacher."""
+    from dataclasses import replace
+
+    from .demo import FOUR_STEP_STUDENT, ONE_STEP_STUDENT
+
+    return {"1-step": replace(ONE_STEP_STUDENT, timesteps=(999,), lora_targets=("all",)),
+            "4-step": replace(FOUR_STEP_STUDENT, lora_targets=("dmd2",))}
+
+
 FOUR_STEP_PRESET = "DMD2 flow 4-step (Flux dev shift)"
 ONE_STEP_PRESET = "DMD2 flow 1-step (Flux dev shift)"
 
