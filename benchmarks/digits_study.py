@@ -31,6 +31,11 @@ recipes, and measure the eps formula on it (the ablation); ``--graph`` also samp
 their exported LoRA files in a real ComfyUI graph (and, for the "finetune: " rows, in the
 finetune's metric).
 
+The "flow: " rows (#25) distil the flow-matching teacher (``flow``: ComfyUI's Flux class at a tiny
+size, trained by rectified flow, read as Flux.1 [dev]; trained or cached in ``--cache``) with
+the demo's two recipes on Flux's LoRA target sets, and measure its Euler 50/4/1; ``--graph``
+samples their exported LoRA files with DMD2Generate's flow presets in a real ComfyUI graph.
+
 The "imperfect teacher: " rows (#23, section 3) distil the demo's teacher stopped at 600 of its
 1500 steps (cached in ``--cache``), GAN on and off and the discriminator's candidates, on the
 base digits' metric. The pool rows (#23, section 5) start the demo's 4-step student from a

@@ -55,6 +55,27 @@ def test_the_flux_digits_teacher_is_comfyuis_flux_read_as_flux_dev_on_its_own_sh
         flow.load_denoiser(T.denoiser_state_dict(T.new_teacher()))
 
 
+def test_the_digits_loader_node_loads_either_kind_of_file(tmp_path):
+    """The graph's loader (``DMD2DigitsModelLoader``) gives the Flux teacher's file as a Flux
+    MODEL on its own sampling, and the UNet's file as before."""
+    import importlib.util
+
+    from comfyui_dmd2.nodes.schedules import is_flow
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("digits_node", D.__file__.replace("data.py", "node/__init__.py"))
+    node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node)
+    model = flow.new_teacher(seed=4)
+    save_file(flow.denoiser_state_dict(model), str(tmp_path / "flux.safetensors"))
+    save_file(T.denoiser_state_dict(T.new_teacher()), str(tmp_path / "unet.safetensors"))
+    (flux,) = node.DMD2DigitsModelLoader().load(str(tmp_path / "flux.safetensors"))
+    (unet,) = node.DMD2DigitsModelLoader().load(str(tmp_path / "unet.safetensors"))
+    assert is_flow(flux) and not is_flow(unet)
+    for key, value in flux.model.diffusion_model.state_dict().items():
+        assert torch.equal(value, model.unet.state_dict()[key]), key
+
+
 def test_rectified_flow_training_and_the_euler_sampler(data):
     """The teacher learns v = eps - x0 (its loss falls), and the flow family's DDIM is flow
     Euler: x <- x + (t_next - t) v on t = 1, 0.75, 0.5, 0.25."""
