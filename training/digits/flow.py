@@ -101,16 +101,11 @@ class FlowDenoiser(torch.nn.Module):
         return self.family.to_x0(x_t, self.output(x_t, t, labels), t)
 
 
-def family_of_base(base) -> Family:
-    """The family the pack reads off the model (``bases.family_of``: FLUX_DEV, its shift)."""
+def new_teacher(seed: int = 0) -> FlowDenoiser:
     from ... import bases
 
-    return bases.family_of(base)
-
-
-def new_teacher(seed: int = 0) -> FlowDenoiser:
     base = build_base_model(seed)
-    return FlowDenoiser(base.diffusion_model, family_of_base(base))
+    return FlowDenoiser(base.diffusion_model, bases.family_of(base))  # FLUX_DEV on its own shift
 
 
 def load_denoiser(state: dict[str, torch.Tensor], family: Family | None = None) -> FlowDenoiser:
@@ -151,13 +146,7 @@ def training_conditioning(labels: torch.Tensor):
     return Conditioning(context=y[:, None], y=y)
 
 
-def euler_steps(steps: int) -> tuple[int, ...]:
-    """The trainer timesteps of an N-step flow Euler sampler (``teacher.sample_ddim`` is flow
-    Euler on a flow family: DDIM's eta-0 step keeps x0 and eps, which is Euler on v)."""
-    from ...bases import trailing_timesteps
-
-    return trailing_timesteps(steps)
-
+TEACHER_STEPS = 2000  # at batch 128 (the UNet teachers: 1500): Euler 50 1.29, Euler 4 2.74 (docs/digits.md)
 
 # The students (``students.StudentSettings``, the product path): the SD digits' demo recipes
 # carried over (``demo.ONE_STEP_STUDENT``/``FOUR_STEP_STUDENT``: rank 8, the regression warm
@@ -165,9 +154,6 @@ def euler_steps(steps: int) -> tuple[int, ...]:
 # with Flux's target sets: the 1-step student adapts every layer ("all": the modulation, the
 # embeddings, the in/out projections) with a full fake score, at t = 1 (pure noise, x0 = x - v);
 # the 4-step student is LoRA on the attention and MLP layers ("dmd2") at t = 1, .75, .5, .25.
-TEACHER_STEPS = 2000  # 1500 for the UNet; the Flux teacher at 2000 (batch 128): Euler 50 1.29, Euler 4 2.74
-
-
 def student_recipes() -> dict[str, object]:
     """{"1-step": StudentSettings, "4-step": StudentSettings} for the Flux teacher."""
     from dataclasses import replace
