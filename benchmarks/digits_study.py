@@ -31,6 +31,11 @@ recipes, and measure the eps formula on it (the ablation); ``--graph`` also samp
 their exported LoRA files in a real ComfyUI graph (and, for the "finetune: " rows, in the
 finetune's metric).
 
+The "flow: " rows (#25) distil the flow-matching teacher (``flow``: ComfyUI's Flux class at a tiny
+size, trained by rectified flow, read as Flux.1 [dev]; trained or cached in ``--cache``) with
+the demo's two recipes on Flux's LoRA target sets, and measure its Euler 50/4/1; ``--graph``
+samples their exported LoRA files with DMD2Generate's flow presets in a real ComfyUI graph.
+
 The "imperfect teacher: " rows (#23, section 3) distil the demo's teacher stopped at 600 of its
 1500 steps (cached in ``--cache``), GAN on and off and the discriminator's candidates, on the
 base digits' metric. The pool rows (#23, section 5) start the demo's 4-step student from a
@@ -277,6 +282,21 @@ def vpred_rows() -> dict[str, tuple]:
     }
 
 
+FLOW = "flow: "  # the Flux-class teacher's rows (#25): rectified flow, the same metric as the base teacher's
+
+
+def flow_rows() -> dict[str, tuple]:
+    """The flow teacher's students (``flow.student_recipes``): the demo's two recipes on ComfyUI's
+    Flux class, three trainings each."""
+    from comfyui_dmd2.training.digits.flow import student_recipes
+
+    recipes, main = student_recipes(), (0, 1, 2)
+    return {
+        FLOW + "1-step LoRA G r8 (all layers) at 999, full fake score": (recipes["1-step"], main),
+        FLOW + "4-step LoRA r8 (attention + MLP)": (recipes["4-step"], main),
+    }
+
+
 def _yardstick(teacher_file: str, samples: int, seeds: int, style: str = ""):
     """The demo's metric for one study: ``fd(sample)`` is the mean ± std over ``seeds`` of the
     Fréchet distance of ``sample(labels, seed)`` to the reference pool. Returns it, the data
@@ -285,6 +305,7 @@ def _yardstick(teacher_file: str, samples: int, seeds: int, style: str = ""):
     from safetensors.torch import load_file
 
     from comfyui_dmd2.training.digits import data as D
+    from comfyui_dmd2.training.digits import flow
     from comfyui_dmd2.training.digits import metric as M
     from comfyui_dmd2.training.digits import teacher as T
     from comfyui_dmd2.training.digits.finetune import shifted_data
@@ -298,7 +319,8 @@ def _yardstick(teacher_file: str, samples: int, seeds: int, style: str = ""):
     def fd(sample) -> dict:
         return M.summarize([M.frechet_distance(space.features(sample(labels, seed)), reference) for seed in range(seeds)])
 
-    return fd, data, T.load_denoiser(load_file(teacher_file)), reference
+    state = load_file(teacher_file)
+    return fd, data, (flow.load_denoiser if flow.is_flow_file(state) else T.load_denoiser)(state), reference
 
 
 def _job(job: tuple) -> dict:
@@ -357,6 +379,7 @@ def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int,
     from comfyui_dmd2.training.digits import data as D
     from comfyui_dmd2.training.digits.comfy_runner import DigitsComfyRunner
     from comfyui_dmd2.training.digits.demo import dmd2_schedule
+    from comfyui_dmd2.training.digits.flow import flow_preset
 
     fd, _, _, _ = _yardstick(teacher_file, samples, seeds, style)
     out: dict[str, dict] = {}
@@ -364,7 +387,8 @@ def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int,
         for r in results:
             if not r.get("file") or r["settings"].get("read_as"):  # the ablation samples as its trainer read it: in-process only
                 continue
-            preset, custom = dmd2_schedule(tuple(r["settings"]["timesteps"]))
+            timesteps = tuple(r["settings"]["timesteps"])
+            preset, custom = (flow_preset(timesteps), "") if r["name"].startswith(FLOW) else dmd2_schedule(timesteps)
             lora = comfy.install_lora(Path(r["file"]))
             expected = D.balanced_labels(samples)
 
@@ -376,12 +400,14 @@ def graph_rows(results: list[dict], teacher_file: str, samples: int, seeds: int,
     return out
 
 
-def teacher_rows(teacher_file: str, samples: int, seeds: int) -> dict:
+def teacher_rows(teacher_file: str, samples: int, seeds: int, sampler: str = "DDIM") -> dict:
+    """The teacher's deterministic sampler at 50, 4 and 1 steps (``sampler``: its name; DDIM on
+    the flow teacher is flow Euler) and the real-vs-real floor."""
     from comfyui_dmd2.training.digits import metric as M
     from comfyui_dmd2.training.digits import teacher as T
 
     fd, _, teacher, reference = _yardstick(teacher_file, samples, seeds)
-    out = {f"teacher DDIM {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
+    out = {f"teacher {sampler} {steps}": fd(lambda labels, s, steps=steps: T.sample_ddim(teacher, labels, steps, s)) for steps in (50, 4, 1)}
     floors = [M.real_floor(reference, samples, seed) for seed in range(seeds)]
     out["real vs real (matched floor)"] = M.summarize([f["matched"] for f in floors])
     return out
@@ -550,7 +576,7 @@ def main() -> int:
     parser.add_argument("--training-seeds", default="", help="train only these training seeds of each row (e.g. 0; default: the row's)")
     parser.add_argument("--base-teacher-rows", action="store_true", help="with finetune or v-pred rows: the base teacher's rows too")
     parser.add_argument("--teachers-only", action="store_true", help="the chosen rows' teacher rows only (train no student)")
-    parser.add_argument("--graph", action="store_true", help="v-pred and finetune rows: also sample each exported LoRA in a real ComfyUI graph")
+    parser.add_argument("--graph", action="store_true", help="v-pred, finetune and flow rows: also sample each exported LoRA in a real ComfyUI graph")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "comfyui-dmd2", help="where the demo's teacher is cached")
     args = parser.parse_args()
     from comfyui_dmd2.comfy_env import ensure_comfy
@@ -565,7 +591,7 @@ def main() -> int:
     from comfyui_dmd2.training.digits import teacher as T
     from comfyui_dmd2.training.digits.demo import FULL, finetune_for, release_for, teacher_for
 
-    all_rows = rows() | finetune_rows() | vpred_rows() | imperfect_rows()
+    all_rows = rows() | finetune_rows() | vpred_rows() | imperfect_rows() | flow_rows()
     chosen = [r.strip() for r in args.rows.split(";") if r.strip()] or list(all_rows)
     unknown = [r for r in chosen if r not in all_rows]
     if unknown:
@@ -574,8 +600,9 @@ def main() -> int:
     finetune = any(name.startswith(FINETUNE) for name in chosen)
     vpred = any(name.startswith(VPRED) for name in chosen)
     imperfect = any(name.startswith(IMPERFECT) for name in chosen)
-    base_rows = not (finetune or vpred or imperfect) or args.base_teacher_rows
-    if base_rows or not all(name.startswith(VPRED) for name in chosen):  # the eps teacher (v-pred rows alone need none)
+    flow = any(name.startswith(FLOW) for name in chosen)
+    base_rows = not (finetune or vpred or imperfect or flow) or args.base_teacher_rows
+    if base_rows or not all(name.startswith((VPRED, FLOW)) for name in chosen):  # the eps teacher (v-pred and flow rows alone need none)
         teacher = teacher_for(D.load_digits_data(), FULL, args.cache)
         teacher_file = str(args.out / "teacher.safetensors")
         save_file(T.denoiser_state_dict(teacher), teacher_file)
@@ -587,6 +614,12 @@ def main() -> int:
         imperfect_file = str(args.out / f"teacher_s{IMPERFECT_TEACHER_STEPS}.safetensors")
         save_file(T.denoiser_state_dict(teacher_for(D.load_digits_data(), replace(FULL, teacher_steps=IMPERFECT_TEACHER_STEPS), args.cache)),
                   imperfect_file)
+    if flow:  # the Flux-class teacher (#25), trained by rectified flow, cached in --cache too
+        from comfyui_dmd2.training.digits import flow as FL
+
+        flow_teacher_file = str(args.out / "teacher_flux.safetensors")
+        save_file(FL.denoiser_state_dict(teacher_for(D.load_digits_data(), replace(FULL, teacher_steps=FL.TEACHER_STEPS), args.cache,
+                                                     family=FL.DIGITS_FLOW)), flow_teacher_file)
     if finetune:
         # the finetune and the release LoRA: the demo's (cached in --cache like its teacher)
         base = T.denoiser_state_dict(teacher)
@@ -600,6 +633,8 @@ def main() -> int:
             return (name, settings, seed, v_teacher_file, args.samples, args.seeds, 1, "")
         if name.startswith(IMPERFECT):
             return (name, settings, seed, imperfect_file, args.samples, args.seeds, 1, "")
+        if name.startswith(FLOW):
+            return (name, settings, seed, flow_teacher_file, args.samples, args.seeds, 1, "")
         if not name.startswith(FINETUNE):
             return (name, settings, seed, teacher_file, args.samples, args.seeds, 1, "")
         if settings.init_lora == "release":
@@ -643,13 +678,17 @@ def main() -> int:
         teachers |= {IMPERFECT + k: v for k, v in teacher_rows(imperfect_file, args.samples, args.seeds).items()}
     if vpred:
         teachers |= vpred_teacher_rows(v_teacher_file, args.samples, args.seeds)
+    if flow:
+        teachers |= {FLOW + k: v for k, v in teacher_rows(flow_teacher_file, args.samples, args.seeds, "Euler").items()}
     if finetune:
         teachers |= finetune_teacher_rows(finetune_file, teacher_file, release_file, FULL.style, FULL.strengths, args.samples, args.seeds)
     text = table(rows_out, teachers)
-    if args.graph and (vpred or finetune):
+    if args.graph and (vpred or finetune or flow):
         from comfyui_dmd2.training.digits import metric as M
 
         graph = graph_rows([r for r in results if r["name"].startswith(VPRED)], v_teacher_file, args.samples, args.seeds) if vpred else {}
+        if flow:
+            graph |= graph_rows([r for r in results if r["name"].startswith(FLOW)], flow_teacher_file, args.samples, args.seeds)
         if finetune:  # in the finetune's own metric (its mirrored digits)
             graph |= graph_rows([r for r in results if r["name"].startswith(FINETUNE)], finetune_file, args.samples, args.seeds,
                                 FULL.style)

@@ -183,6 +183,8 @@ _DMD2_FLOW_CARD = ("DMD2 update in flow time: x0 = x - t*v, re-noised to t_next 
                    "FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)); [dev]'s shifted grid, guidance 3.5")
 
 FLOW_RECIPES: tuple[FlowRecipe, ...] = (
+    # the 1-step student's (the digits' Flux teacher, #25): x0 = x - v from pure noise at t = 1
+    FlowRecipe("DMD2 flow 1-step (Flux dev shift)", "dmd2_flow", "flux_dev", 1, "dmd2", guidance=3.5, source=_DMD2_FLOW_CARD),
     FlowRecipe("DMD2 flow 4-step (Flux dev shift)", "dmd2_flow", "flux_dev", 4, "dmd2", guidance=3.5, source=_DMD2_FLOW_CARD),
     FlowRecipe("DMD2 flow 8-step (Flux dev shift)", "dmd2_flow", "flux_dev", 8, "dmd2", guidance=3.5, source=_DMD2_FLOW_CARD),
     FlowRecipe("FLUX.1-schnell 4-step (euler, unshifted)", "schnell", "flux_schnell", 4, "euler", source=_SCHNELL_CARD),

@@ -42,6 +42,7 @@ class FlowCard:
 FLOW_CARDS = {
     # DMD2 in flow time (x0 = x - t*v, then (1-t_next)*x0 + t_next*fresh noise) on [dev]'s own shifted grid at
     # 1024 px and guidance 3.5 (NVIDIA FastGen's Flux DMD2 config: net.guidance_scale = 3.5, 4 student steps).
+    "DMD2 flow 1-step (Flux dev shift)": FlowCard(DEV_SCHEDULER, 1, 3.5, stochastic=True),
     "DMD2 flow 4-step (Flux dev shift)": FlowCard(DEV_SCHEDULER, 4, 3.5, stochastic=True),
     "DMD2 flow 8-step (Flux dev shift)": FlowCard(DEV_SCHEDULER, 8, 3.5, stochastic=True),
     # https://huggingface.co/black-forest-labs/FLUX.1-schnell : pipe(prompt, guidance_scale=0.0, num_inference_steps=4,

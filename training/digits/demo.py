@@ -112,18 +112,22 @@ def _bar(total: int, desc: str, position: int = 0):
 
 def teacher_for(data, settings: DemoSettings, cache_dir: Path | None, family=None):
     """The teacher: from ``cache_dir`` when it was trained with these settings, else trained.
-    ``family``: the teacher's (default the eps ``teacher.DIGITS``; ``DIGITS_V``: v, ZTSNR)."""
+    ``family``: the teacher's (default the eps ``teacher.DIGITS``; ``DIGITS_V``: v, ZTSNR;
+    ``flow.DIGITS_FLOW``: the Flux teacher, rectified flow)."""
     from safetensors.torch import load_file, save_file
 
+    from . import flow
     from . import teacher as T
 
     family = family or T.DIGITS
+    is_flow = family.prediction == "flow"  # the Flux teacher (``flow``, #25)
     sampling = "" if family == T.DIGITS else "_" + family.sampling_label.replace(" + ", "_")
     key = f"digits_teacher{sampling}_s{settings.teacher_steps}_b{settings.teacher_batch}.safetensors"
     path = cache_dir / key if cache_dir is not None else None
+    kind = flow if is_flow else T
     if path is not None and path.is_file():
         print(f"reusing the cached teacher {path}")
-        return T.load_denoiser(load_file(str(path)))
+        return kind.load_denoiser(load_file(str(path)))
     bar = _bar(settings.teacher_steps, "teacher")
 
     def progress(step, loss):
@@ -132,12 +136,12 @@ def teacher_for(data, settings: DemoSettings, cache_dir: Path | None, family=Non
             bar.set_postfix(loss=f"{loss:.3f}")
 
     teacher = T.train_teacher(data, steps=settings.teacher_steps, batch_size=settings.teacher_batch, progress=progress,
-                              family=family)
+                              family=family, model=flow.new_teacher() if is_flow else None)
     bar.close()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file(T.denoiser_state_dict(teacher), str(tmp))
+        save_file(kind.denoiser_state_dict(teacher), str(tmp))
         os.replace(tmp, path)
     return teacher
 

@@ -7,7 +7,8 @@ own label. The student leaves as the same kohya LoRA file ``dmd2-train`` writes
 (``export_generator_lora``), which ComfyUI's stock ``LoraLoaderModelOnly`` puts on the teacher.
 ``full_copies`` makes a network a fully trained copy instead: the fake score alone is
 ``dmd2-train --fake-score full`` (the demo's 1-step student), both is the reference's layout
-(the study's ablation rows).
+(the study's ablation rows). The Flux teacher (``flow``, #25) takes the same path: its class
+token and vector as each prompt, LoRA on its Flux target sets.
 """
 
 from __future__ import annotations
@@ -82,16 +83,28 @@ class StudentSettings:
         )
 
 
-def training_data(data: DigitsData, gan: bool = True) -> TrainingData:
+def _is_flow(family: Family) -> bool:
+    return family.prediction == "flow"
+
+
+def training_data(data: DigitsData, gan: bool = True, flow: bool = False) -> TrainingData:
     """Each training digit's label as its prompt; with the GAN, the digit itself as its real
-    latent (paired: a real digit is always scored under its own label)."""
-    prompts = [Conditioning(y=one_hot(label.view(1))) for label in data.train_y]
-    uncond = Conditioning(y=one_hot(torch.tensor([NULL_CLASS])))
+    latent (paired: a real digit is always scored under its own label). ``flow``: the Flux
+    teacher's prompts (the class as its token and its vector, ``flow.training_conditioning``)."""
+    from .flow import training_conditioning
+
+    condition = training_conditioning if flow else (lambda labels: Conditioning(y=one_hot(labels)))
+    prompts = [condition(label.view(1)) for label in data.train_y]
+    uncond = condition(torch.tensor([NULL_CLASS]))
     return TrainingData(prompts, uncond, real_latents=data.train_x if gan else None, paired=gan)
 
 
 def teacher_base_model(teacher: DigitsDenoiser):
     """A ComfyUI ``BaseModel`` holding a copy of the teacher's weights."""
+    if _is_flow(teacher.family):
+        from .flow import base_model_of
+
+        return base_model_of(teacher)
     base = build_base_model(family=teacher.family)
     base.diffusion_model.load_state_dict(teacher.unet.state_dict())
     return base
@@ -105,7 +118,7 @@ def student_family(teacher: DigitsDenoiser, settings: StudentSettings) -> Family
 
 def student_backend(teacher: DigitsDenoiser, data: DigitsData, settings: StudentSettings, seed: int = 0) -> SharedBaseBackend:
     return SharedBaseBackend(
-        teacher_base_model(teacher), training_data(data, settings.gan), (1, 8, 8),
+        teacher_base_model(teacher), training_data(data, settings.gan, _is_flow(teacher.family)), (1, 8, 8),
         lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_targets=settings.lora_targets, device="cpu",
         gradient_checkpointing=False, seed=seed, full_copies=settings.full_copies,
         fake_score_rank=settings.fake_score_rank or None,
@@ -128,7 +141,7 @@ class Student:
         from safetensors.torch import save_file
 
         if "generator" not in self.settings.full_copies:
-            meta = {"dmd2_arch": "digits", "dmd2_timesteps": ",".join(map(str, self.settings.timesteps)), "dmd2_steps": self.trainer.step_count}
+            meta = {"dmd2_arch": "digits_flux" if _is_flow(self.family) else "digits", "dmd2_timesteps": ",".join(map(str, self.settings.timesteps)), "dmd2_steps": self.trainer.step_count}
             return export_generator_lora(self.trainer, self.backend, path, meta, averaged=averaged)
         with self.trainer.averaged_generator() if averaged else contextlib.nullcontext():
             save_file(denoiser_state_dict(self.denoiser()), str(path))
@@ -137,8 +150,9 @@ class Student:
     def denoiser(self) -> DigitsDenoiser:
         """The generator as a plain digits denoiser (for sampling in-process): the base UNet
         with the current adapter merged in, or the full copy."""
-        from .teacher import load_denoiser
+        from . import flow, teacher
 
+        load_denoiser = flow.load_denoiser if _is_flow(self.family) else teacher.load_denoiser
         unet = self.backend.copies.get("generator")
         if unet is not None:
             return load_denoiser({k: v.detach().clone() for k, v in unet.state_dict().items()}, self.family)

@@ -169,12 +169,16 @@ def train_teacher(
     progress: Callable[[int, float], None] | None = None,
     init: DigitsDenoiser | None = None,
     family: bases.Family = DIGITS,
+    model: torch.nn.Module | None = None,
 ) -> DigitsDenoiser:
     """Plain DDPM training (MSE in the family's own output, eps or v; t uniform in [0, 999]);
     returns the EMA weights. ``init``: start from these weights instead of fresh ones (a
-    finetune of that model, in its family)."""
+    finetune of that model, in its family). ``model``: a fresh denoiser of another kind to
+    train instead, in its own family (the Flux teacher, ``flow.new_teacher``: rectified flow,
+    its v on t = (k + 1) / 1000)."""
     torch.manual_seed(seed)
-    model = new_teacher(seed, family) if init is None else load_denoiser(denoiser_state_dict(init))
+    if model is None:
+        model = new_teacher(seed, family) if init is None else load_denoiser(denoiser_state_dict(init))
     family = model.family
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -204,8 +208,10 @@ def train_teacher(
 
 def training_target(family: bases.Family, x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The output the UNet should give at x_t = add_noise(x0, noise, t): the noise itself for
-    eps (bit for bit the demo's teacher), else the family's output for the clean x0 (for v:
-    a*eps - s*x0; it divides by s >= 0.029, never by a)."""
+    eps (bit for bit the demo's teacher), the velocity eps - x0 for flow, else the family's
+    output for the clean x0 (for v: a*eps - s*x0; it divides by s >= 0.029, never by a)."""
+    if family.prediction == "flow":
+        return noise - x0
     return noise if family.prediction == "eps" else family.from_x0(x_t, x0, t)
 
 
@@ -246,5 +252,7 @@ def comfy_model(model: DigitsDenoiser):
 
 def comfy_conditioning(labels: torch.Tensor) -> list:
     """CONDITIONING for a batch of class labels: the one-hot class as ``pooled_output`` (the
-    model's adm input); the cross-attention tensor is a placeholder the UNet never reads."""
-    return [[torch.zeros(len(labels), 1, 1), {"pooled_output": one_hot(labels)}]]
+    UNet's adm input, the Flux teacher's ``y``) and as the one cross-attention token (the Flux
+    teacher's text token, ``flow``; the UNet has no cross-attention and never reads it)."""
+    y = one_hot(labels)
+    return [[y[:, None], {"pooled_output": y}]]

@@ -6,11 +6,11 @@ The demo's runner (``training/digits/comfy_runner.py``) links this folder into a
 ComfyUI base directory next to the pack itself.
 """
 
-from comfyui_dmd2.training.digits import data, teacher
+from comfyui_dmd2.training.digits import data, flow, teacher
 
 
 class DMD2DigitsModelLoader:
-    """A digits UNet file (safetensors, as the demo writes it) -> MODEL."""
+    """A digits model file (safetensors, as the demo writes it: the UNet, or the Flux teacher) -> MODEL."""
 
     CATEGORY = "DMD2/digits demo"
     RETURN_TYPES = ("MODEL",)
@@ -18,12 +18,15 @@ class DMD2DigitsModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"path": ("STRING", {"default": "", "tooltip": "Path of a digits model .safetensors file."})}}
+        return {"required": {"path": ("STRING", {"default": "", "tooltip": "Path of a digits model .safetensors file (UNet or Flux)."})}}
 
     def load(self, path):
         from safetensors.torch import load_file
 
-        return (teacher.comfy_model(teacher.load_denoiser(load_file(path))),)
+        state = load_file(path)
+        if flow.is_flow_file(state):  # the Flux teacher's file (#25)
+            return (flow.comfy_model(flow.load_denoiser(state)),)
+        return (teacher.comfy_model(teacher.load_denoiser(state)),)
 
 
 class DMD2DigitsClassConditioning:
