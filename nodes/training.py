@@ -274,6 +274,11 @@ def train_lora(model, clip, vae, prompts: str, lora_name: str, preset: str, cust
             "DMD2TrainLoRA trains on the base model, so connect the checkpoint loader's MODEL directly"
         )
     timesteps = timesteps_for_preset(preset, custom_timesteps, family.process.num_train_timesteps)  # Flux: its 1000-step flow grid
+    if preset == DMD2_ONE_STEP and family.prediction == "flow":
+        # A flow student's one step starts from pure noise (t = 1, grid index 999): the time its
+        # sampler feeds it (DMD2 Generate's flow 1-step preset) and the command's 1-step preset.
+        timesteps = [family.one_step_timestep]
+        say(f"{DMD2_ONE_STEP} on {family.label}: trained at 999 (t = 1, pure noise), the flow 1-step time", log_it=True)
     values = dict(steps=steps, seed=seed, generator_timesteps=tuple(timesteps), lr_generator=lr_generator,
                   lr_fake_score=lr_fake_score, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
                   regression_steps=regression_steps, regression_pairs=regression_pairs)

@@ -164,7 +164,8 @@ def test_written_flux_workflow_runs_in_a_real_comfyui(finished, files, comfy_ser
 def test_flux_presets_map_the_trained_timesteps():
     assert cli.flux_preset((999, 749, 499, 249)) == "DMD2 flow 4-step (Flux dev shift)"
     assert cli.flux_preset(bases.FLUX_DEV.trailing_timesteps(8)) == "DMD2 flow 8-step (Flux dev shift)"
-    assert cli.flux_preset((999,)) is None and cli.flux_preset((999, 499)) is None
+    assert cli.flux_preset((999,)) == "DMD2 flow 1-step (Flux dev shift)"
+    assert cli.flux_preset((999, 499)) is None and cli.flux_preset((749,)) is None  # no preset samples those
 
 
 def test_flux_dev_defaults_and_the_sd_ones_unchanged():
@@ -192,12 +193,20 @@ def test_a_flux_init_lora_is_where_the_generator_starts(finished, files, tmp_pat
     assert json.loads((output / "run_config.json").read_text())["run"]["lora_rank"] == 4  # the file's rank
 
 
-def test_a_one_step_flux_run_trains_at_999_and_writes_no_workflow(files, tmp_path, caplog):
+def test_a_one_step_flux_run_trains_at_999_and_its_workflow_samples_the_1_step_preset(files, tmp_path):
     output = tmp_path / "one"
-    with caplog.at_level(logging.INFO, logger="dmd2-train"):
-        cli.train(_args(files, output, 1, "--timesteps", "1-step", "--lora-rank", "4", vae=False))
+    cli.train(_args(files, output, 1, "--timesteps", "1-step", "--lora-rank", "4", vae=False))
     with safe_open(str(output / LORA), "pt") as fh:
         assert fh.metadata()["dmd2_timesteps"] == "999"
+    api = json.loads((output / "workflow_api.json").read_text())
+    (generate,) = [node for node in api.values() if node["class_type"] == "DMD2Generate"]
+    assert generate["inputs"]["preset"] == "DMD2 flow 1-step (Flux dev shift)"
+
+
+def test_a_flux_run_on_timesteps_no_preset_samples_writes_no_workflow(files, tmp_path, caplog):
+    output = tmp_path / "odd"
+    with caplog.at_level(logging.INFO, logger="dmd2-train"):
+        cli.train(_args(files, output, 1, "--timesteps", "749", "--lora-rank", "4", vae=False))
     assert not (output / "workflow.json").exists() and not (output / "workflow_api.json").exists()
     assert any("no workflow written" in r.getMessage() for r in caplog.records)
 
@@ -350,11 +359,21 @@ class _InterruptAt:
             comfy.model_management.interrupt_current_processing(True)
 
 
-def _node(graph, name: str, steps: int = 4, **kwargs):
+def _node(graph, name: str, steps: int = 4, preset: str = "4-step (999,749,499,249)", status=lambda text, toast=False: None, **kwargs):
     from comfyui_dmd2.nodes.training import train_lora
 
-    return train_lora(*graph, "a red cube\na tree by the sea", name, "4-step (999,749,499,249)", "", steps, 0, 4, 4.0, 1e-3, 1e-3, 0.0,
-                      RES, 1, 1, 0, 0, 0, 2, status=lambda text, toast=False: None, **kwargs)
+    return train_lora(*graph, "a red cube\na tree by the sea", name, preset, "", steps, 0, 4, 4.0, 1e-3, 1e-3, 0.0,
+                      RES, 1, 1, 0, 0, 0, 2, status=status, **kwargs)
+
+
+def test_the_train_nodes_1_step_preset_trains_a_flux_model_at_999(flux_graph, tmp_path):
+    """The node's "1-step (399)" is SDXL's time; on a flow model one step starts from pure noise:
+    trained at 999 (t = 1, what DMD2 Generate's flow 1-step preset samples), and it says so."""
+    said = []
+    _, name, _ = _node(flux_graph, "one", steps=1, preset="1-step (399)", status=lambda text, toast=False: said.append(text))
+    with safe_open(str(tmp_path / "loras" / name), "pt") as fh:
+        assert fh.metadata()["dmd2_timesteps"] == "999"
+    assert any("trained at 999 (t = 1, pure noise)" in text for text in said)
 
 
 def test_the_train_node_distils_a_flux_model_and_resumes_an_interrupted_run_bit_identically(flux_graph, tmp_path):
