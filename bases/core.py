@@ -187,8 +187,8 @@ class Network:
 
     #: LoRA target sets: {set name: module-name suffixes}; "dmd2" is the family's default.
     target_sets: ClassVar[dict[str, tuple[str, ...]]] = {}
-    #: where kohya keys come from: "diffusers" module paths (SD) or the model's own paths
-    export_names: str = "model"
+    #: channels the GAN head projects wider features to first (None: it reads them as they are)
+    gan_width: int | None = None
 
     def resolve_targets(self, names) -> tuple[str, ...]:
         """Target names with this architecture's sets expanded, in order, without repeats
@@ -234,7 +234,6 @@ class TransformerNetwork(Network):
     ``diffusion_model.<path>.weight``); the GAN head reads one block's image tokens laid back on
     the token grid, 1x1-projected to ``gan_width`` channels first where the model is wider."""
 
-    export_names = "model"
     gan_width = 1024  # 4x4 convolutions at Flux.1's 3072 channels would be 150 M parameters each
     gan_output_index = 0  # which of the block's outputs holds the image tokens
 

@@ -40,8 +40,9 @@ DOUBLE_BLOCK_TARGETS = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2
 SINGLE_BLOCK_TARGETS = ("linear1", "linear2")
 MODULATION_TARGETS = ("img_mod.lin", "txt_mod.lin", "modulation.lin")
 # "dmd2" is the family's default set (every attention and MLP linear, as FastGen's and the DMD2
-# LoRA's layouts adapt attention and MLPs); "embeddings" adds the input, time, vector, guidance
-# and output projections (the digits' 1-step student needed its UNet counterparts).
+# LoRA's layouts adapt attention and MLPs); "all" adds the modulation and the input, time,
+# vector, guidance and output projections (the digits' 1-step student needed their UNet
+# counterparts).
 EMBEDDING_TARGETS = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
                      "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer", "final_layer.linear",
                      "final_layer.adaLN_modulation.1")

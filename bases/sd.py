@@ -60,7 +60,6 @@ class UNetNetwork(Network):
     paths (``comfy.utils.unet_to_diffusers``); the GAN head reads the mid block's last layer."""
 
     target_sets = UNET_TARGET_SETS
-    export_names = "diffusers"
 
     def weight_paths(self, module, config):
         import comfy.utils

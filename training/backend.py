@@ -341,7 +341,7 @@ class SharedBaseBackend:
             with torch.random.fork_rng(devices=[]):  # same head for the same seed
                 torch.manual_seed(seed + 1)
                 channels, size = self.network.gan_shape(fake_score, self.unet_config, self.latent_shape)
-                self.head = to_device(GANHead(channels, size, getattr(self.network, "gan_width", None)), self.device)
+                self.head = to_device(GANHead(channels, size, self.network.gan_width), self.device)
             self._mid_hook = mid.register_forward_hook(self._capture_mid)
         self.has_gan_head = self.head is not None
         self.rng = torch.Generator().manual_seed(seed * 1000 + 17 + rank)

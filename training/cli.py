@@ -373,13 +373,17 @@ def _ui_graph(specs, links) -> dict:
     return {"last_node_id": max(s[0] for s in specs), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+def _dmd2_flow_recipes() -> list:
+    """DMD2Generate's DMD2 flow presets (the update DMD2 students are sampled with)."""
+    from ..nodes.families import FLOW_RECIPES
+
+    return [r for r in FLOW_RECIPES if r.rule == "dmd2" and r.base == "flux_dev"]
+
+
 def flux_preset(timesteps: Sequence[int]) -> str | None:
     """The DMD2Generate flow preset that samples a Flux.1 [dev] student trained on ``timesteps``
     (the N-step trailing list on the flow grid is the preset's N times, on the model's shift)."""
-    from ..nodes.families import FLOW_RECIPES
-
-    return next((r.name for r in FLOW_RECIPES if r.rule == "dmd2" and r.base == "flux_dev"
-                 and bases.FLUX_DEV.trailing_timesteps(r.steps) == tuple(timesteps)), None)
+    return next((r.name for r in _dmd2_flow_recipes() if bases.FLUX_DEV.trailing_timesteps(r.steps) == tuple(timesteps)), None)
 
 
 def flux_workflow(model_name: str, lora_name: str, prompt: str, resolution: int, preset: str, clip_names: Sequence[str] | None,
@@ -437,8 +441,9 @@ def write_flux_workflows(output: Path, run: RunConfig, kind: str, text_encoders:
 
     preset = flux_preset(timesteps)
     if preset is None:
-        log.info("no workflow written: DMD2Generate has no flow preset for timesteps %s (it samples the 4- and 8-step "
-                 "trailing lists); sample the LoRA with a sampler on those flow times", ",".join(map(str, timesteps)))
+        steps = "-, ".join(str(r.steps) for r in _dmd2_flow_recipes())
+        log.info("no workflow written: DMD2Generate has no flow preset for timesteps %s (it samples the %s-step "
+                 "trailing lists); sample the LoRA with a sampler on those flow times", ",".join(map(str, timesteps)), steps)
         return
 
     def name(path: Path, folder: str) -> str:
@@ -618,8 +623,8 @@ def train(argv: Sequence[str] | None = None):
     captions = [read_caption(p) for p in image_paths]
     kind, arch = C.peek_checkpoint(run.checkpoint)  # the header only, for .safetensors
     C.refuse_non_checkpoint(Path(run.checkpoint), kind, arch)
-    if arch in C.FLUX_ARCHS:
-        C.peek_family(run.checkpoint)  # [schnell] and other Flux variants refused before anything else
+    # Flux: [schnell] and the other Flux variants refused before anything else (SD: peeked below)
+    peeked = C.peek_family(run.checkpoint) if arch in C.FLUX_ARCHS else None
     if "arch" in dmd2_values and dmd2_values["arch"] != arch:
         raise ConfigError(f"config says arch={dmd2_values['arch']!r} but {run.checkpoint} is an {arch} checkpoint")
     run = dataclasses.replace(run, **{k: v for k, v in RUN_ARCH_DEFAULTS.get(arch, {}).items() if k not in given})
@@ -637,7 +642,7 @@ def train(argv: Sequence[str] | None = None):
         raise ConfigError(f"steps must be >= 1, got {config.steps} (with 0 the LoRA would be exported untrained)")
     # The base's family as ComfyUI will load it (its sampling is part of what a resume must
     # match; the default side is the family's: 768 for SD2.x v).
-    peeked = C.peek_family(run.checkpoint)
+    peeked = peeked or C.peek_family(run.checkpoint)
     resolution = run.resolution or bases.default_resolution(peeked)
     check_resolution(resolution)
     if args.estimate:
